@@ -1,0 +1,196 @@
+"""Configuration of a site's local training run (``fed-llama train``).
+
+Every default works on the default backbone; ``client/site.toml`` is the annotated template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: The linear layers of a LLaMA block that LoRA can adapt.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+ICD10_PREFIX = "icd10:"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen base model every site shares."""
+
+    name: str = "smollm2-135m"
+    """A built-in backbone name (``smollm2-135m``), a local Hugging Face LLaMA directory or a
+    ``.gguf`` file."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Weights and compute dtype; fp32 is the fast and exact choice on CPU."""
+
+    quantization: Literal["none", "nf4"] = "none"
+    """``nf4`` loads the frozen backbone in 4-bit NF4 with double quantization (QLoRA)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.name.strip() else ["'name' must not be empty: use 'smollm2-135m'"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a site's examples come from and how they become tokens."""
+
+    source: str = field(default="icd10:cardiology", metadata={"path": True})
+    """A JSONL file of ``{"instruction", "input", "output"}`` or ``{"messages": [...]}``
+    records, or ``icd10:<site>`` for a built-in ICD-10-CM hospital site."""
+
+    heldout: str = field(default="", metadata={"path": True})
+    """A held-out JSONL file. Empty: the ICD-10 site's held-out codes, or a seeded
+    ``val_fraction`` split of ``source``."""
+
+    val_fraction: float = 0.1
+    """Share of ``source`` held out for validation when ``heldout`` is empty (JSONL sources)."""
+
+    max_length: int = 256
+    """Tokens per example after the chat template; longer examples are truncated."""
+
+    skip_bad_lines: bool = False
+    """Skip malformed JSONL records (and report how many) instead of stopping at the first."""
+
+    max_train_records: int = 0
+    """Use at most this many training records (0: all)."""
+
+    max_heldout_records: int = 256
+    """Evaluate on at most this many held-out records, a seeded sample (0: all)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.source.strip():
+            out.append("'source' must name a JSONL file or 'icd10:<site>'")
+        if not 0.0 < self.val_fraction < 1.0:
+            out.append(f"'val_fraction' must be between 0 and 1 (exclusive); got {self.val_fraction}")
+        if self.max_length < 16:
+            out.append(f"'max_length' must be at least 16 tokens; got {self.max_length}")
+        if self.max_train_records < 0:
+            out.append(f"'max_train_records' must be 0 (all) or more; got {self.max_train_records}")
+        if self.max_heldout_records < 0:
+            out.append(
+                f"'max_heldout_records' must be 0 (all) or more; got {self.max_heldout_records}")
+        return out
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The low-rank adapter every site trains (peft's LoRA)."""
+
+    r: int = 8
+    """Rank of the update ``B @ A``."""
+
+    alpha: int = 16
+    """Scaling numerator: the update is ``(alpha / r) * B @ A``."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+
+    target_modules: tuple[str, ...] = ATTENTION_MODULES
+    """Which linear layers get an adapter: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj."""
+
+    include_mlp: bool = False
+    """Also adapt the MLP projections (gate_proj, up_proj, down_proj)."""
+
+    def modules(self) -> tuple[str, ...]:
+        """The target modules, with the MLP projections when ``include_mlp`` is set."""
+        extra = MLP_MODULES if self.include_mlp else ()
+        return tuple(dict.fromkeys(self.target_modules + extra))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"'r' must be at least 1; got {self.r}")
+        if self.alpha < 1:
+            out.append(f"'alpha' must be at least 1; got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"'dropout' must be in [0, 1); got {self.dropout}")
+        known = ATTENTION_MODULES + MLP_MODULES
+        unknown = [m for m in self.target_modules if m not in known]
+        if unknown:
+            out.append(f"'target_modules' has unknown layers {unknown}: use any of {list(known)}")
+        if not self.target_modules:
+            out.append("'target_modules' must name at least one layer, e.g. ['q_proj', 'v_proj']")
+        return out
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer and the loop."""
+
+    max_steps: int = 200
+    """Optimizer steps (each of ``batch_size * grad_accum`` examples)."""
+
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training even before ``max_steps`` (0: no limit)."""
+
+    batch_size: int = 8
+    """Examples per forward pass."""
+
+    grad_accum: int = 1
+    """Forward passes accumulated into one optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate of AdamW (after warm-up, then cosine decay to 10% of it)."""
+
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
+
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+
+    seed: int = 0
+    """Seeds data order, the validation split, adapter initialization and dropout."""
+
+    group_by_length: bool = True
+    """Batch examples of similar length together so little compute is spent on padding."""
+
+    eval_batch_size: int = 16
+    """Examples per forward pass when measuring held-out loss."""
+
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "eval_batch_size": self.eval_batch_size}
+        out += [f"{k!r} must be at least 1; got {v}" for k, v in positive.items() if v < 1]
+        if self.lr <= 0:
+            out.append(f"'lr' must be positive; got {self.lr}")
+        if not 0 <= self.warmup_steps < max(self.max_steps, 1):
+            out.append(f"'warmup_steps' must be in [0, max_steps={self.max_steps}); "
+                       f"got {self.warmup_steps}")
+        if self.max_minutes < 0:
+            out.append(f"'max_minutes' must be 0 (no limit) or more; got {self.max_minutes}")
+        if self.max_grad_norm < 0:
+            out.append(f"'max_grad_norm' must be 0 (off) or more; got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            out.append(f"'weight_decay' must be 0 or more; got {self.weight_decay}")
+        if self.threads < 0:
+            out.append(f"'threads' must be 0 (default) or more; got {self.threads}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A site's local training run: ``fed-llama train CONFIG.toml``."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The frozen base model ([backbone])."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The site's data ([data])."""
+
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """The adapter ([lora])."""
+
+    train: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and loop ([train])."""
