@@ -1,0 +1,115 @@
+"""Adapters on disk: peft's format plus a fed-llama manifest.
+
+An adapter folder holds what ``PeftModel.save_pretrained`` writes (``adapter_config.json`` and
+``adapter_model.safetensors``, loadable by plain ``PeftModel.from_pretrained``) and
+``fed_llama_manifest.json``: the backbone's id and sha256, the method, the rank, a data
+summary, metrics, and the sha256 of each file. A folder is written to a temporary folder beside
+its target and renamed into place, so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fed_llama.errors import AdapterError
+
+MANIFEST = "fed_llama_manifest.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output_dir(out: Path, force: bool, flag: str = "--out") -> None:
+    """Refuse to overwrite a non-empty folder unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{flag} {str(out)!r} is a file, not a folder: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AdapterError(f"{flag} {str(out)!r} already exists and is not empty: choose another "
+                           "folder or pass --force to replace it")
+
+
+def save_adapter(model: Any, out: Path, manifest: dict[str, Any], *, force: bool = False) -> Path:
+    """Save the peft adapter of ``model`` and ``manifest`` into ``out`` atomically."""
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        full = dict(manifest, format_version=FORMAT_VERSION,
+                    files={name: file_sha256(tmp / name) for name in PEFT_FILES})
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(adapter_dir: Path) -> dict[str, Any]:
+    """Check an adapter folder's files and hashes; return its manifest ({} for plain peft)."""
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter {str(adapter_dir)!r} is not a folder: give the folder "
+                           "written by `fed-llama train` (adapter_config.json + "
+                           "adapter_model.safetensors)")
+    missing = [n for n in PEFT_FILES if not (adapter_dir / n).is_file()]
+    if missing:
+        raise AdapterError(f"adapter {str(adapter_dir)!r} lacks {', '.join(missing)}: it is not "
+                           "a complete peft adapter folder")
+    path = adapter_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except ValueError as exc:
+        raise AdapterError(f"adapter {str(adapter_dir)!r}: {MANIFEST} is not valid JSON "
+                           f"({exc})") from None
+    for name, expected in manifest.get("files", {}).items():
+        if file_sha256(adapter_dir / name) != expected:
+            raise AdapterError(f"adapter {str(adapter_dir)!r}: {name} does not match the sha256 "
+                               "in its manifest (corrupted or edited): copy the adapter again")
+    return manifest
+
+
+def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = None) -> Any:
+    """Wrap ``model`` with the adapter in ``adapter_dir`` (inference mode).
+
+    The manifest's backbone hash must match ``backbone_sha256`` when both are known: an adapter
+    trained on other weights would load without complaint and give wrong answers.
+    """
+    from peft import PeftModel
+
+    manifest = read_manifest(adapter_dir)
+    trained_on = manifest.get("backbone", {}).get("sha256")
+    if backbone_sha256 and trained_on and trained_on != backbone_sha256:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} was trained on backbone "
+            f"{manifest['backbone'].get('id')!r} (sha256 {trained_on[:12]}...), not on the one "
+            f"loaded (sha256 {backbone_sha256[:12]}...): use --backbone "
+            f"{manifest['backbone'].get('id')}")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as exc:
+        raise AdapterError(f"adapter {str(adapter_dir)!r} does not fit this backbone "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

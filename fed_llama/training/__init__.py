@@ -1,0 +1,1 @@
+"""Local training of a LoRA/QLoRA adapter on a site's data."""

@@ -1,0 +1,118 @@
+"""The local training loop: AdamW, warm-up + cosine, accumulation, clipping, progress bar."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fed_llama.config.train import OptimConfig
+from fed_llama.data.batching import batch_order, collate
+from fed_llama.data.tokenize import Encoded
+from fed_llama.training.lora import trainable_parameters
+from fed_llama.training.loss import answer_nll
+
+log = logging.getLogger(__name__)
+
+MIN_LR_RATIO = 0.1
+
+
+@dataclass
+class TrainStats:
+    """What a training run did."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    """Non-padding tokens processed (prompt and answer)."""
+    answer_tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    """Mean answer-token loss of each optimizer step."""
+    stopped_by_time: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": round(self.seconds, 2), "tokens": self.tokens,
+                "answer_tokens": self.answer_tokens,
+                "tokens_per_second": round(self.tokens_per_second, 1),
+                "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None,
+                "losses": [round(x, 4) for x in self.losses],
+                "stopped_by_time": self.stopped_by_time}
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to ``MIN_LR_RATIO`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: int, *,
+                  proximal: Any = None, progress: bool = True, desc: str = "train") -> TrainStats:
+    """Train the adapter of ``model`` on ``items`` for ``cfg.max_steps`` optimizer steps.
+
+    ``proximal``, if given, is called with the model and returns a loss term added to each
+    step's loss (FedProx's proximal term).
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    params = trainable_parameters(model)
+    if not params:
+        raise RuntimeError("the model has no trainable parameters: attach an adapter first")
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps))
+    order = batch_order([len(x.input_ids) for x in items], cfg.batch_size, cfg.seed,
+                        cfg.group_by_length)
+    stats = TrainStats()
+    model.train()
+    start = time.perf_counter()
+    deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    bar = tqdm(total=cfg.max_steps, desc=desc, unit="step", disable=not progress, leave=False)
+    try:
+        for _ in range(cfg.max_steps):
+            micro = [collate([items[i] for i in next(order)], pad_id)
+                     for _ in range(cfg.grad_accum)]
+            n_answer = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            step_loss = 0.0
+            for batch in micro:
+                nll, _ = answer_nll(model, batch)
+                loss = nll / max(n_answer, 1)
+                if proximal is not None:
+                    loss = loss + proximal(model) / cfg.grad_accum
+                loss.backward()
+                step_loss += nll.item()
+                stats.tokens += int(batch["attention_mask"].sum())
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            stats.steps += 1
+            stats.answer_tokens += n_answer
+            stats.losses.append(step_loss / max(n_answer, 1))
+            stats.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", tok_s=f"{stats.tokens_per_second:.0f}",
+                            lr=f"{sched.get_last_lr()[0]:.1e}")
+            if time.perf_counter() > deadline:
+                stats.stopped_by_time = True
+                log.warning("stopping after %d steps: train.max_minutes=%s reached",
+                            stats.steps, cfg.max_minutes)
+                break
+    finally:
+        bar.close()
+        model.eval()
+    return stats
