@@ -92,7 +92,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            problems.append(f"unknown key {prefix + key!r} (known keys here: {known})")
+            problems.append(f"unknown key {prefix + key} (known keys here: {known})")
     values: dict[str, Any] = {}
     ok = True
     for name, fld in fields.items():
@@ -103,7 +103,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
         raw = data[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(raw, Mapping):
-                problems.append(f"{where!r} must be a table ([{where}]), got {raw!r}")
+                problems.append(f"{where} must be a table ([{where}]), got {raw!r}")
                 ok = False
                 continue
             sub = _build(hint, raw, where + ".", problems, base_dir)  # type: ignore[arg-type]
@@ -113,7 +113,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
             continue
         error, value = _coerce(hint, raw)
         if error:
-            problems.append(f"{where!r} {error}")
+            problems.append(f"{where} {error}")
             ok = False
             continue
         if fld.metadata.get("path") and value and base_dir is not None:

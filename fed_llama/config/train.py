@@ -30,7 +30,7 @@ class BackboneConfig:
     """``nf4`` loads the frozen backbone in 4-bit NF4 with double quantization (QLoRA)."""
 
     def problems(self) -> list[str]:
-        return [] if self.name.strip() else ["'name' must not be empty: use 'smollm2-135m'"]
+        return [] if self.name.strip() else ["name must not be empty: use 'smollm2-135m'"]
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,16 @@ class DataConfig:
     def problems(self) -> list[str]:
         out = []
         if not self.source.strip():
-            out.append("'source' must name a JSONL file or 'icd10:<site>'")
+            out.append("source must name a JSONL file or 'icd10:<site>'")
         if not 0.0 < self.val_fraction < 1.0:
-            out.append(f"'val_fraction' must be between 0 and 1 (exclusive); got {self.val_fraction}")
+            out.append(f"val_fraction must be between 0 and 1 (exclusive); got {self.val_fraction}")
         if self.max_length < 16:
-            out.append(f"'max_length' must be at least 16 tokens; got {self.max_length}")
+            out.append(f"max_length must be at least 16 tokens; got {self.max_length}")
         if self.max_train_records < 0:
-            out.append(f"'max_train_records' must be 0 (all) or more; got {self.max_train_records}")
+            out.append(f"max_train_records must be 0 (all) or more; got {self.max_train_records}")
         if self.max_heldout_records < 0:
             out.append(
-                f"'max_heldout_records' must be 0 (all) or more; got {self.max_heldout_records}")
+                f"max_heldout_records must be 0 (all) or more; got {self.max_heldout_records}")
         return out
 
 
@@ -104,17 +104,17 @@ class LoraSpec:
     def problems(self) -> list[str]:
         out = []
         if self.r < 1:
-            out.append(f"'r' must be at least 1; got {self.r}")
+            out.append(f"r must be at least 1; got {self.r}")
         if self.alpha < 1:
-            out.append(f"'alpha' must be at least 1; got {self.alpha}")
+            out.append(f"alpha must be at least 1; got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            out.append(f"'dropout' must be in [0, 1); got {self.dropout}")
+            out.append(f"dropout must be in [0, 1); got {self.dropout}")
         known = ATTENTION_MODULES + MLP_MODULES
         unknown = [m for m in self.target_modules if m not in known]
         if unknown:
-            out.append(f"'target_modules' has unknown layers {unknown}: use any of {list(known)}")
+            out.append(f"target_modules has unknown layers {unknown}: use any of {list(known)}")
         if not self.target_modules:
-            out.append("'target_modules' must name at least one layer, e.g. ['q_proj', 'v_proj']")
+            out.append("target_modules must name at least one layer, e.g. ['q_proj', 'v_proj']")
         return out
 
 
@@ -162,20 +162,20 @@ class OptimConfig:
         out = []
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "eval_batch_size": self.eval_batch_size}
-        out += [f"{k!r} must be at least 1; got {v}" for k, v in positive.items() if v < 1]
+        out += [f"{k} must be at least 1; got {v}" for k, v in positive.items() if v < 1]
         if self.lr <= 0:
-            out.append(f"'lr' must be positive; got {self.lr}")
+            out.append(f"lr must be positive; got {self.lr}")
         if not 0 <= self.warmup_steps < max(self.max_steps, 1):
-            out.append(f"'warmup_steps' must be in [0, max_steps={self.max_steps}); "
+            out.append(f"warmup_steps must be in [0, max_steps={self.max_steps}); "
                        f"got {self.warmup_steps}")
         if self.max_minutes < 0:
-            out.append(f"'max_minutes' must be 0 (no limit) or more; got {self.max_minutes}")
+            out.append(f"max_minutes must be 0 (no limit) or more; got {self.max_minutes}")
         if self.max_grad_norm < 0:
-            out.append(f"'max_grad_norm' must be 0 (off) or more; got {self.max_grad_norm}")
+            out.append(f"max_grad_norm must be 0 (off) or more; got {self.max_grad_norm}")
         if self.weight_decay < 0:
-            out.append(f"'weight_decay' must be 0 or more; got {self.weight_decay}")
+            out.append(f"weight_decay must be 0 or more; got {self.weight_decay}")
         if self.threads < 0:
-            out.append(f"'threads' must be 0 (default) or more; got {self.threads}")
+            out.append(f"threads must be 0 (default) or more; got {self.threads}")
         return out
 
 

@@ -1,0 +1,1 @@
+"""The fed-llama command line."""

@@ -1,0 +1,118 @@
+"""What each ``fed-llama`` subcommand does (argument parsing is in :mod:`fed_llama.cli.main`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fed_llama.errors import ConfigError
+
+
+def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        from fed_llama.backbone.cache import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str))
+
+
+def cmd_data_icd10(args: argparse.Namespace) -> int:
+    from fed_llama.data import icd10
+    from fed_llama.data.records import write_jsonl
+
+    if args.list:
+        for name, (chapter, what) in icd10.SITES.items():
+            print(f"{name:20s} chapter {chapter:>2s}  {what}")
+        return 0
+    if not args.site or not args.out:
+        raise ConfigError("fed-llama data icd10 needs --site and --out (or --list to see sites)")
+    split = icd10.site_split(args.site, seed=args.seed)
+    n = write_jsonl(Path(args.out), split.train)
+    print(f"{args.site}: wrote {n} training records ({split.num_codes - split.num_heldout_codes} "
+          f"codes) to {args.out}")
+    if args.heldout:
+        m = write_jsonl(Path(args.heldout), split.heldout)
+        print(f"{args.site}: wrote {m} held-out records ({split.num_heldout_codes} codes, none "
+              f"seen in training) to {args.heldout}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fed_llama.config.loader import apply_overrides, build_config, load_config
+    from fed_llama.config.train import TrainConfig
+    from fed_llama.training.job import run_training
+
+    if args.config:
+        cfg = load_config(TrainConfig, Path(args.config), args.set)
+    else:
+        cfg = build_config(TrainConfig, apply_overrides({}, args.set), source="--set options")
+    metrics = run_training(cfg, Path(args.out), force=args.force, progress=not args.quiet)
+    _write_json(args.metrics, metrics)
+    before, after = metrics["heldout_before"], metrics["heldout_after"]
+    print(f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
+          f"({metrics['perplexity_reduction']:.1%} lower) after {metrics['train']['steps']} "
+          f"steps in {metrics['train']['seconds']:.0f} s "
+          f"({metrics['train']['tokens_per_second']:.0f} tokens/s, peak RSS "
+          f"{metrics['peak_rss_mb']:.0f} MiB); adapter in {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fed_llama.config.train import DataConfig
+    from fed_llama.data.records import read_jsonl
+    from fed_llama.data.source import load_examples, sample
+    from fed_llama.data.tokenize import encode_all
+    from fed_llama.inference.model import load_model
+    from fed_llama.training.loss import heldout_loss
+
+    loaded = load_model(args.backbone, Path(args.adapter) if args.adapter else None)
+    tok = loaded.backbone.tokenizer
+    if args.data.startswith("icd10:"):
+        examples = load_examples(DataConfig(source=args.data, max_heldout_records=0),
+                                 seed=args.seed).heldout
+    else:
+        examples = read_jsonl(Path(args.data), skip_bad=args.skip_bad_lines).examples
+    examples = sample(examples, args.max_records, args.seed)
+    items, dropped = encode_all(tok, examples, args.max_length)
+    if not items:
+        raise ConfigError(f"--data {args.data!r}: no record fits in --max-length "
+                          f"{args.max_length}: raise it")
+    result = heldout_loss(loaded.model, items, args.batch_size, tok.pad_token_id)
+    payload = {"backbone": loaded.backbone.describe(), "adapter": args.adapter,
+               "data": args.data, "dropped_too_long": dropped, **result.as_dict()}
+    _write_json(args.json, payload)
+    what = f"adapter {args.adapter}" if args.adapter else f"base {loaded.backbone.source.id}"
+    print(f"{what} on {args.data}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+          f"({result.examples} records, {result.tokens} answer tokens)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fed_llama.inference.generate import check_sampling, stream_chat
+    from fed_llama.inference.model import load_model
+
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens)  # before loading
+    loaded = load_model(args.backbone, Path(args.adapter) if args.adapter else None)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    for piece in stream_chat(loaded.model, loaded.backbone.tokenizer, messages,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_backbone_info(args: argparse.Namespace) -> int:
+    from fed_llama.backbone.load import resolve_backbone
+
+    src = resolve_backbone(args.name)
+    config = json.loads((src.model_dir / "config.json").read_text())
+    print(json.dumps({"id": src.id, "sha256": src.sha256, "model_dir": str(src.model_dir),
+                      "layers": config.get("num_hidden_layers"),
+                      "hidden_size": config.get("hidden_size"),
+                      "vocab_size": config.get("vocab_size")}, indent=2))
+    return 0
