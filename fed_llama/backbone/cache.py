@@ -45,6 +45,7 @@ def sha256_file(path: Path) -> str:
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+    memo = {k: v for k, v in memo.items() if Path(k.split("|")[0]).exists()}  # prune gone files
     memo[key] = digest.hexdigest()
     try:
         write_text_atomic(memo_path, json.dumps(memo, indent=1))

@@ -7,7 +7,8 @@ wrong types and failed checks are gathered into one :class:`ConfigError` that li
 (litgpt's ``validate_args`` style), so a user fixes a file in one pass.
 
 Fields marked ``field(metadata={"path": True})`` are file paths: a relative path in a file is
-resolved against that file's folder, so a config and its data can move together.
+resolved against that file's folder, so a config and its data can move together; values that
+start with one of the field's ``metadata["schemes"]`` (e.g. ``icd10:``) are not paths.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
             problems.append(f"{where} {error}")
             ok = False
             continue
-        if fld.metadata.get("path") and value and base_dir is not None:
+        schemes = tuple(fld.metadata.get("schemes", ()))
+        if (fld.metadata.get("path") and value and base_dir is not None
+                and not value.startswith(schemes)):
             path = Path(value).expanduser()
             value = str(path if path.is_absolute() else base_dir / path)
         values[name] = value

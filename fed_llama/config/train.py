@@ -37,7 +37,8 @@ class BackboneConfig:
 class DataConfig:
     """Where a site's examples come from and how they become tokens."""
 
-    source: str = field(default="icd10:cardiology", metadata={"path": True})
+    source: str = field(default="icd10:cardiology",
+                        metadata={"path": True, "schemes": (ICD10_PREFIX,)})
     """A JSONL file of ``{"instruction", "input", "output"}`` or ``{"messages": [...]}``
     records, or ``icd10:<site>`` for a built-in ICD-10-CM hospital site."""
 
@@ -165,7 +166,7 @@ class OptimConfig:
         out += [f"{k} must be at least 1; got {v}" for k, v in positive.items() if v < 1]
         if self.lr <= 0:
             out.append(f"lr must be positive; got {self.lr}")
-        if not 0 <= self.warmup_steps < max(self.max_steps, 1):
+        if self.max_steps >= 1 and not 0 <= self.warmup_steps < self.max_steps:
             out.append(f"warmup_steps must be in [0, max_steps={self.max_steps}); "
                        f"got {self.warmup_steps}")
         if self.max_minutes < 0:

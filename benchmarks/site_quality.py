@@ -1,0 +1,68 @@
+"""Does local training help? LoRA and QLoRA on one ICD-10 site, on the default backbone.
+
+Runs ``fed-llama train`` once per method, each in its own process (so peak RSS is that
+method's), and prints held-out perplexity before and after, the reduction, wall time and peak
+memory. Writes the table as JSON. The README quotes this script's output.
+
+    python benchmarks/site_quality.py --site cardiology --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_method(method: str, args: argparse.Namespace, work: Path) -> dict[str, object]:
+    out, metrics = work / method, work / f"{method}.json"
+    cmd = [sys.executable, "-m", "fed_llama.cli.main", "-q", "train", "--out", str(out),
+           "--metrics", str(metrics), "--set", f"data.source='icd10:{args.site}'",
+           "--set", f"train.max_steps={args.steps}",
+           "--set", f"data.max_heldout_records={args.heldout}"]
+    if method == "qlora":
+        cmd += ["--set", "backbone.quantization='nf4'"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    m = json.loads(metrics.read_text())
+    return {"method": method, "steps": m["train"]["steps"],
+            "train_minutes": round(m["train"]["seconds"] / 60, 2),
+            "wall_minutes": round(wall / 60, 2),
+            "ppl_before": round(m["heldout_before"]["perplexity"], 2),
+            "ppl_after": round(m["heldout_after"]["perplexity"], 2),
+            "reduction": round(m["perplexity_reduction"], 4),
+            "tokens_per_s": m["train"]["tokens_per_second"],
+            "peak_rss_mb": m["peak_rss_mb"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--site", default="cardiology")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--heldout", type=int, default=256, help="held-out records evaluated")
+    parser.add_argument("--methods", nargs="+", default=["lora", "qlora"],
+                        choices=["lora", "qlora"])
+    parser.add_argument("--json", default=str(HERE / "results" / "site_quality.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_method(m, args, Path(tmp)) for m in args.methods]
+    cols = list(rows[0])
+    print(f"site {args.site}, {args.steps} steps, {args.heldout} held-out records "
+          "(codes unseen in training)")
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in cols))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"site": args.site, "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random LLaMA with a tiny ChatML tokenizer, saved as a HF folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "What is the ICD-10-CM code for acute myocardial infarction? I21.9",
+    "What does ICD-10-CM code I10 describe? Essential (primary) hypertension",
+    "system user assistant You are a helpful assistant. The capital of France is Paris.",
+    "0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz .,;:!?\"'()-",
+]
+
+
+def build_tiny_backbone(path: Path) -> Path:
+    """Write a 2-layer random LlamaForCausalLM and a byte-level BPE tokenizer to ``path``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                         bos_token_id=fast.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_backbone(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Write lines (dicts as JSON, strings verbatim) to a JSONL file and return its path."""
+
+    def write(lines: list[object], name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n"
+                                for x in lines))
+        return path
+
+    return write
+
+
+def qa_records(n: int) -> list[dict[str, str]]:
+    """``n`` small instruction records over the tiny tokenizer's vocabulary."""
+    return [{"instruction": f"What does ICD-10-CM code I{10 + i % 7} describe?",
+             "output": "Essential (primary) hypertension" if i % 2 else "acute myocardial"}
+            for i in range(n)]

@@ -1,0 +1,90 @@
+"""Backbone resolution and loading: every bad input gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fed_llama.backbone import load_backbone, resolve_backbone
+from fed_llama.backbone.cache import sha256_file
+from fed_llama.config import BackboneConfig
+from fed_llama.errors import BackboneError
+
+
+def test_a_local_hf_llama_folder_loads_frozen(tiny_backbone: Path) -> None:
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
+    assert bb.model.config.model_type == "llama"
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    assert bb.tokenizer.chat_template and bb.tokenizer.pad_token == "<|im_end|>"
+    assert len(bb.source.sha256) == 64
+    assert resolve_backbone(str(tiny_backbone)).sha256 == bb.source.sha256  # stable identity
+
+
+def test_bf16_precision(tiny_backbone: Path) -> None:
+    import torch
+
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone), precision="bf16"))
+    assert bb.model.dtype == torch.bfloat16
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(BackboneError, match="no such file or folder.*smollm2-135m"):
+        resolve_backbone(str(tmp_path / "nowhere"))
+
+
+def test_non_llama_architecture(tiny_backbone: Path, tmp_path: Path) -> None:
+    other = tmp_path / "gpt2"
+    shutil.copytree(tiny_backbone, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    with pytest.raises(BackboneError, match="is a 'gpt2' model; fed-llama trains LLaMA"):
+        resolve_backbone(str(other))
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(BackboneError, match="has no config.json"):
+        resolve_backbone(str(tmp_path))
+
+
+def test_corrupt_weights(tiny_backbone: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_backbone, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(BackboneError, match="weights in .* could not be loaded"):
+        load_backbone(BackboneConfig(name=str(broken)))
+
+
+def test_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(BackboneError, match="is not a GGUF file"):
+        resolve_backbone(str(fake))
+
+
+def test_a_truncated_gguf_file(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 8)
+    with pytest.raises(BackboneError, match="damaged GGUF file"):
+        resolve_backbone(str(fake))
+
+
+def test_file_hashes_are_remembered_until_the_file_changes(tmp_path: Path) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    first = sha256_file(f)
+    assert first == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    f.write_bytes(b"abcd")
+    assert sha256_file(f) != first
+
+
+def test_nf4_quantization_loads_4bit_layers(tiny_backbone: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone), quantization="nf4"))
+    layers = [m for m in bb.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # every projection of both blocks
+    assert layers[0].weight.quant_type == "nf4"
