@@ -31,7 +31,7 @@ def test_bf16_precision(tiny_backbone: Path) -> None:
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(BackboneError, match="no such file or folder.*smollm2-135m"):
+    with pytest.raises(BackboneError, match=r"no such file or folder.*smollm2-135m"):
         resolve_backbone(str(tmp_path / "nowhere"))
 
 
@@ -45,7 +45,7 @@ def test_non_llama_architecture(tiny_backbone: Path, tmp_path: Path) -> None:
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(BackboneError, match="has no config.json"):
+    with pytest.raises(BackboneError, match=r"has no config\.json"):
         resolve_backbone(str(tmp_path))
 
 
@@ -53,7 +53,7 @@ def test_corrupt_weights(tiny_backbone: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_backbone, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(BackboneError, match="weights in .* could not be loaded"):
+    with pytest.raises(BackboneError, match=r"weights in .* could not be loaded"):
         load_backbone(BackboneConfig(name=str(broken)))
 
 

@@ -77,7 +77,7 @@ def test_only_answer_tokens_carry_labels(tok) -> None:  # type: ignore[no-untype
     labelled = [t for t in enc.labels if t != IGNORE]
     assert tok.decode(labelled) == "Essential hypertension<|im_end|>\n"
     # every labelled position holds its own input token; the prompt is all IGNORE
-    assert all(lab in (IGNORE, ids) for lab, ids in zip(enc.labels, enc.input_ids))
+    assert all(lab in (IGNORE, ids) for lab, ids in zip(enc.labels, enc.input_ids, strict=True))
     first = next(i for i, t in enumerate(enc.labels) if t != IGNORE)
     assert tok.decode(enc.input_ids[:first]).endswith("<|im_start|>assistant\n")
 
@@ -112,7 +112,7 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
 
 
 def test_site_data_from_a_jsonl_file(tok, write_jsonl) -> None:  # type: ignore[no-untyped-def]
-    path = write_jsonl(qa_records(20) + ["bad line"])
+    path = write_jsonl([*qa_records(20), "bad line"])
     data = load_site_data(DataConfig(source=str(path), val_fraction=0.25, skip_bad_lines=True),
                           tok, seed=0)
     assert (len(data.train), len(data.heldout)) == (15, 5)

@@ -37,7 +37,8 @@ def test_heldout_codes_are_never_seen_in_training() -> None:
 
 
 def test_unknown_site_lists_the_sites() -> None:
-    with pytest.raises(DataError, match="unknown ICD-10 site 'cardio': choose one of .*cardiology"):
+    with pytest.raises(DataError,
+                       match=r"unknown ICD-10 site 'cardio': choose one of .*cardiology"):
         icd10.site_split("cardio")
 
 

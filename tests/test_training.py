@@ -17,8 +17,8 @@ from fed_llama.data.batching import collate
 from fed_llama.data.source import load_site_data
 from fed_llama.errors import AdapterError
 from fed_llama.training.job import run_training
-from fed_llama.training.lora import attach_lora, trainable_parameters
 from fed_llama.training.loop import MIN_LR_RATIO, lr_lambda, train_adapter
+from fed_llama.training.lora import attach_lora, trainable_parameters
 from fed_llama.training.loss import answer_nll, heldout_loss
 
 
@@ -121,7 +121,7 @@ def test_an_existing_output_folder_is_never_overwritten_without_force(  # type: 
     model = attach_lora(bb.model, LoraSpec(r=2), seed=0)
     out = tmp_path / "a"
     save_adapter(model, out, {"note": "first"})
-    with pytest.raises(AdapterError, match="already exists.*--force"):
+    with pytest.raises(AdapterError, match=r"already exists.*--force"):
         save_adapter(model, out, {"note": "second"})
     assert json.loads((out / MANIFEST).read_text())["note"] == "first"
     save_adapter(model, out, {"note": "second"}, force=True)
@@ -142,7 +142,7 @@ def test_a_corrupted_or_mismatched_adapter_is_refused(tiny_backbone: Path,  # ty
     with pytest.raises(AdapterError, match="does not match the sha256 in its manifest"):
         load_adapter(fresh.model, out)
     (out / "adapter_config.json").unlink()
-    with pytest.raises(AdapterError, match="lacks adapter_config.json"):
+    with pytest.raises(AdapterError, match=r"lacks adapter_config\.json"):
         load_adapter(fresh.model, out)
 
 

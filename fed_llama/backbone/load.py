@@ -74,7 +74,7 @@ def _builtin_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)  # importing it would need its unwanted deps
     if spec is None or not spec.submodule_search_locations:
         raise BackboneError(f"backbone {name!r} needs the {package} wheel: run `{hint}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise BackboneError(f"backbone {name!r}: {path} is missing; reinstall with `{hint}`")
     return path
@@ -94,7 +94,8 @@ def _resolve_dir(path: Path, name: str) -> ResolvedBackbone:
             f"backbone folder {name!r} has no config.json: give a Hugging Face model folder "
             "(config.json + *.safetensors) or a .gguf file") from None
     except (OSError, ValueError) as exc:
-        raise BackboneError(f"backbone folder {name!r}: config.json is unreadable ({exc})") from None
+        raise BackboneError(
+            f"backbone folder {name!r}: config.json is unreadable ({exc})") from None
     model_type = config.get("model_type")
     if model_type != "llama":
         raise BackboneError(

@@ -68,8 +68,8 @@ def tabular_xml() -> Path:
     except ModuleNotFoundError:
         raise DataError("the ICD-10 demo data needs simple-icd-10-cm: "
                         "pip install simple-icd-10-cm") from None
-    found = sorted(p for p in folder.iterdir() if p.name.startswith("icd10c-tabular")
-                   and p.name.endswith(".xml"))
+    found = sorted((p for p in folder.iterdir() if p.name.startswith("icd10c-tabular")
+                    and p.name.endswith(".xml")), key=lambda p: p.name)
     if not found:
         raise DataError(f"no ICD-10-CM tabular XML found in {folder}: reinstall simple-icd-10-cm")
     return Path(str(found[-1]))

@@ -65,7 +65,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
                     truncation=True, max_length=max_length)
     ids = list(enc["input_ids"])
     labels = [tok if any(start in span for span in spans) else IGNORE
-              for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
+              for tok, (start, _end) in zip(ids, enc["offset_mapping"], strict=True)]
     return Encoded(input_ids=ids, labels=labels)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fed_llama.adapter.store import load_adapter, read_manifest
 from fed_llama.backbone.load import Backbone, load_backbone
+from fed_llama.config.loader import build_config
 from fed_llama.config.train import BackboneConfig
 
 
@@ -30,9 +31,10 @@ def load_model(backbone: str | None, adapter: Path | None,
     manifest = read_manifest(adapter) if adapter else {}
     trained = manifest.get("backbone", {})
     name = backbone or trained.get("id") or BackboneConfig.name
-    quant = quantization or trained.get("quantization") or "none"
-    loaded = load_backbone(BackboneConfig(name=name, quantization=quant,
-                                          precision=trained.get("precision", "fp32")))
+    settings = {"name": name, "quantization": quantization or trained.get("quantization", "none"),
+                "precision": trained.get("precision", "fp32")}
+    where = f"backbone settings for adapter {adapter}" if adapter else "backbone settings"
+    loaded = load_backbone(build_config(BackboneConfig, settings, source=where))
     model = loaded.model
     if adapter is not None:
         model = load_adapter(model, adapter, backbone_sha256=loaded.source.sha256)

@@ -14,8 +14,8 @@ from fed_llama.adapter.store import check_output_dir, save_adapter
 from fed_llama.backbone.load import load_backbone
 from fed_llama.config.train import TrainConfig
 from fed_llama.data.source import load_site_data
-from fed_llama.training.lora import attach_lora, trainable_parameters
 from fed_llama.training.loop import train_adapter
+from fed_llama.training.lora import attach_lora, trainable_parameters
 from fed_llama.training.loss import heldout_loss
 
 log = logging.getLogger(__name__)
