@@ -82,10 +82,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = heldout_loss(loaded.model, items, args.batch_size, tok.pad_token_id)
     payload = {"backbone": loaded.backbone.describe(), "adapter": args.adapter,
                "data": args.data, "dropped_too_long": dropped, **result.as_dict()}
-    _write_json(args.json, payload)
     what = f"adapter {args.adapter}" if args.adapter else f"base {loaded.backbone.source.id}"
     print(f"{what} on {args.data}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
           f"({result.examples} records, {result.tokens} answer tokens)")
+    if args.questions:
+        from fed_llama.evaluation.tasks import evaluate_tasks
+
+        tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
+        report = evaluate_tasks(loaded.model, tok, examples, max_questions=args.questions,
+                                seed=args.seed, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, tasks=tasks)
+        if not report.metrics:
+            raise ConfigError(f"--tasks {args.tasks!r}: no question of those tasks in "
+                              f"{args.data!r}")
+        payload["tasks"] = report.metrics
+        payload["samples"] = report.samples
+        for task, m in sorted(report.metrics.items()):
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n")
+            print(f"  {task} ({int(m['n'])} questions, greedy): {scores}")
+    _write_json(args.json, payload)
     return 0
 
 

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--skip-bad-lines", action="store_true", help="skip malformed records")
+    ev.add_argument("--questions", type=int, default=64,
+                    help="also answer up to this many questions per task greedily and score "
+                         "them (exact/category/chapter match for codes, token F1); 0: off")
+    ev.add_argument("--tasks", help="only these tasks, comma-separated (ICD-10: desc2code, "
+                    "code2desc, includes, excludes; other data: answer)")
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="answer length bound")
     ev.add_argument("--json", help="also write the result as JSON to this file")
     ev.set_defaults(func=commands.cmd_eval)
 

@@ -1,0 +1,1 @@
+"""Task evaluation: generate answers for held-out questions and score them."""
