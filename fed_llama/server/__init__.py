@@ -1,0 +1,1 @@
+"""The aggregator: aggregation of adapter updates (Flower ServerApp and strategies to come)."""
