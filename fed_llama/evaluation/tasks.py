@@ -86,7 +86,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, examples: list[Example], *,
     answers = generate_answers(model, tokenizer, questions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    samples = []
+    samples: list[dict[str, str]] = []
     for ex, answer in zip(questions, answers, strict=True):
         task = str(ex.meta.get("task", GENERIC))
         sums[task]["n"] += 1

@@ -50,7 +50,7 @@ def _same_keys(states: Sequence[State]) -> list[str]:
 def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> State:
     """The weighted mean of every tensor (all updates must have the same names and shapes)."""
     w = _normalized(weights, len(states))
-    return {k: sum(wi * s[k].float() for wi, s in zip(w, states, strict=True))  # type: ignore[misc]
+    return {k: torch.stack([wi * s[k].float() for wi, s in zip(w, states, strict=True)]).sum(0)
             for k in _same_keys(states)}
 
 
@@ -100,8 +100,8 @@ def mean_of_products(states: Sequence[State], weights: Sequence[float], *,
     out: State = {}
     worst = 0.0
     for a_key, b_key in pair_keys[0]:
-        mean = sum(wi * si * (s[b_key].float() @ s[a_key].float())  # type: ignore[misc]
-                   for wi, si, s in zip(w, scales, states, strict=True))
+        mean = torch.stack([wi * si * (s[b_key].float() @ s[a_key].float())
+                            for wi, si, s in zip(w, scales, states, strict=True)]).sum(0)
         u, sv, vh = torch.linalg.svd(mean, full_matrices=False)
         k = min(rank, sv.numel())
         root = torch.sqrt(sv[:k] / global_scale)
@@ -155,7 +155,7 @@ def coordinate_median(states: Sequence[State]) -> State:
 def trimmed_mean(states: Sequence[State], trim: float) -> State:
     """The element-wise mean after dropping the ``trim`` fraction of largest and smallest."""
     n = len(states)
-    cut = int(math.floor(trim * n))
+    cut = math.floor(trim * n)
     if not 0 <= trim < 0.5 or n - 2 * cut < 1:
         raise ValueError(f"trim must be in [0, 0.5) and leave at least one update; got {trim}")
     out = {}
