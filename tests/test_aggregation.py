@@ -116,3 +116,16 @@ def test_mismatched_updates_are_refused() -> None:
         weighted_mean([{"x": torch.zeros(1)}], [1, 2])
     with pytest.raises(ValueError, match="not all zero"):
         weighted_mean([{"x": torch.zeros(1)}], [0])
+
+
+def test_combine_clips_then_averages() -> None:
+    from fed_llama.server.aggregation import combine
+
+    current = {"x.lora_A.weight": torch.zeros(2), "x.lora_B.weight": torch.zeros(2)}
+    honest = {"x.lora_A.weight": torch.tensor([0.3, 0.0]), "x.lora_B.weight": torch.zeros(2)}
+    huge = {"x.lora_A.weight": torch.tensor([0.0, 300.0]), "x.lora_B.weight": torch.zeros(2)}
+    state, info = combine(current, [honest, huge], [1, 1], aggregation="factors", clip_norm=1.0,
+                          rank=1, alpha=1.0)
+    assert info["max-update-norm"] == pytest.approx(300.0)
+    # the huge update is scaled to norm 1 before the mean: ([0.3, 0] + [0, 1]) / 2
+    assert torch.allclose(state["x.lora_A.weight"], torch.tensor([0.15, 0.5]))

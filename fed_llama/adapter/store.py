@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,34 @@ def check_output_dir(out: Path, force: bool, flag: str = "--out") -> None:
 
 def save_adapter(model: Any, out: Path, manifest: dict[str, Any], *, force: bool = False) -> Path:
     """Save the peft adapter of ``model`` and ``manifest`` into ``out`` atomically."""
+    return _write_adapter_dir(lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True),
+                              out, manifest, force)
+
+
+def save_adapter_state(state: dict[str, Any], peft_config: Any, out: Path,
+                       manifest: dict[str, Any], *, force: bool = False) -> Path:
+    """Save adapter tensors (peft's saved names) with their peft config, as peft would.
+
+    For the aggregator, which holds the global adapter's tensors but no model: the folder
+    loads with plain ``PeftModel.from_pretrained`` like one written by ``save_pretrained``.
+    """
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        peft_config.save_pretrained(str(tmp))
+        tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    return _write_adapter_dir(write, out, manifest, force)
+
+
+def _write_adapter_dir(write: Callable[[Path], None], out: Path, manifest: dict[str, Any],
+                       force: bool) -> Path:
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        write(tmp)
         full = dict(manifest, format_version=FORMAT_VERSION,
                     files={name: file_sha256(tmp / name) for name in PEFT_FILES})
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))

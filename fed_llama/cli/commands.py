@@ -121,6 +121,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fed_llama.simulation.runner import simulate
+
+    scenario = Path(args.scenario)
+    out = Path(args.out) if args.out else Path("runs") / scenario.stem
+    store = simulate(scenario, out, resume=args.resume, overrides=args.set)
+    rows = store.history()
+    if rows:
+        last = rows[-1]
+        print(f"{len(rows)} round(s) in {out}: pooled held-out perplexity "
+              f"{rows[0]['pooled-perplexity']:.2f} after round {rows[0]['round']} -> "
+              f"{last['pooled-perplexity']:.2f} after round {last['round']}; "
+              f"history.csv, perplexity.png, bytes.png, rounds/round-{last['round']:03d}/")
+    return 0
+
+
 def cmd_backbone_info(args: argparse.Namespace) -> int:
     from fed_llama.backbone.load import resolve_backbone
 

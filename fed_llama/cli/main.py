@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=commands.cmd_generate)
 
+    sim = sub.add_parser("simulate", help="run a federation scenario on Flower's Simulation "
+                         "Engine")
+    sim.add_argument("scenario", help="scenario TOML, e.g. simulations/hospitals-3.toml")
+    sim.add_argument("--out", help="run folder (default: runs/<scenario name>)")
+    sim.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out after its last complete round")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario value, e.g. --set federation.rounds=2")
+    sim.set_defaults(func=commands.cmd_simulate)
+
     bb = sub.add_parser("backbone", help="prepare or inspect a backbone")
     bb_sub = bb.add_subparsers(dest="backbone_command", metavar="ACTION", required=True)
     info = bb_sub.add_parser("info", help="resolve (and convert once) a backbone; print its id")

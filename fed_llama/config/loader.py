@@ -117,11 +117,12 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
             problems.append(f"{where} {error}")
             ok = False
             continue
-        schemes = tuple(fld.metadata.get("schemes", ()))
-        if (fld.metadata.get("path") and value and base_dir is not None
-                and not value.startswith(schemes)):
-            path = Path(value).expanduser()
-            value = str(path if path.is_absolute() else base_dir / path)
+        if fld.metadata.get("path") and base_dir is not None:
+            schemes = tuple(fld.metadata.get("schemes", ()))
+            if isinstance(value, tuple):
+                value = tuple(_resolve(v, base_dir, schemes) for v in value)
+            else:
+                value = _resolve(value, base_dir, schemes)
         values[name] = value
     if not ok:
         return None
@@ -130,6 +131,14 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
     if callable(check):
         problems.extend(f"{prefix}{p}" for p in check())
     return obj
+
+
+def _resolve(value: str, base_dir: Path, schemes: tuple[str, ...]) -> str:
+    """A relative path against ``base_dir``; empty values and scheme values stay as they are."""
+    if not value or value.startswith(schemes):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
 
 
 def _coerce(hint: Any, raw: Any) -> tuple[str, Any]:

@@ -163,3 +163,31 @@ def trimmed_mean(states: Sequence[State], trim: float) -> State:
         stacked, _ = torch.stack([s[k].float() for s in states]).sort(dim=0)
         out[k] = stacked[cut:n - cut].mean(dim=0)
     return out
+
+
+def combine(current: State, states: Sequence[State], weights: Sequence[float], *,
+            aggregation: str, robust: str = "none", trim_fraction: float = 0.2,
+            clip_norm: float = 0.0, rank: int, alpha: float) -> tuple[State, dict[str, float]]:
+    """One round's aggregation as a scenario configures it; returns the state and facts.
+
+    With ``clip_norm``, each site's difference from ``current`` is clipped first.
+    """
+    info: dict[str, float] = {}
+    if clip_norm:
+        deltas = [{k: s[k].float() - current[k].float() for k in current} for s in states]
+        info["max-update-norm"] = max(flat_norm(d) for d in deltas)
+        clipped = clip_norms(deltas, clip_norm)
+        states = [{k: current[k].float() + d[k] for k in current} for d in clipped]
+    if aggregation == "exact":
+        scale = alpha / rank
+        result = mean_of_products(states, weights, scales=[scale] * len(states), rank=rank,
+                                  global_scale=scale)
+        info["svd-relative-residual"] = result.relative_residual
+        return result.state, info
+    if aggregation == "ffa":
+        return mean_of_b(states, weights, {k: v for k, v in current.items() if A_TAG in k}), info
+    if robust == "median":
+        return coordinate_median(states), info
+    if robust == "trimmed-mean":
+        return trimmed_mean(states, trim_fraction), info
+    return mean_of_factors(states, weights), info

@@ -1,0 +1,64 @@
+"""The Flower ClientApp: a site receives the global adapter, trains or evaluates, replies.
+
+Only adapter tensors and a few numbers leave the site: the updated adapter and
+``num-examples``, the local training loss and time (train), or the held-out loss and token
+count (evaluate). ``fed-llama simulate`` builds the app around its scenario
+(:func:`make_client_app`); ``flwr run .`` uses the module-level ``app``, which reads the
+scenario file named by the run config's ``scenario`` key.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_llama.client import site as site_ops
+from fed_llama.config.loader import load_config
+from fed_llama.config.scenario import DEFAULT_SCENARIO, ScenarioConfig, run_config_path
+
+
+def scenario_from_run_config(context: Context) -> ScenarioConfig:
+    """The scenario named by ``run_config["scenario"]`` (relative to the project folder)."""
+    return load_config(ScenarioConfig, run_config_path(context.run_config, "scenario",
+                                                       DEFAULT_SCENARIO))
+
+
+def _site(context: Context, scenario: ScenarioConfig) -> int:
+    site = int(context.node_config.get("partition-id", -1))
+    if not 0 <= site < len(scenario.federation.sites):
+        raise ValueError(f"node_config partition-id {site} names no site of the scenario "
+                         f"({len(scenario.federation.sites)} sites)")
+    return site
+
+
+def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
+    """A ClientApp for ``scenario`` (None: read it from the run config)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        sc = scenario or scenario_from_run_config(context)
+        site = _site(context, sc)
+        state = msg.content.array_records["arrays"].to_torch_state_dict()
+        value = msg.content.config_records["config"].get("server-round", 0)
+        server_round = value if isinstance(value, int) else 0
+        new_state, metrics = site_ops.fit(sc, site, state, server_round)
+        metrics["site"] = float(site)
+        content = RecordDict({"arrays": ArrayRecord(new_state),
+                              "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        sc = scenario or scenario_from_run_config(context)
+        site = _site(context, sc)
+        state = msg.content.array_records["arrays"].to_torch_state_dict()
+        metrics = site_ops.evaluate(sc, site, state)
+        metrics["site"] = float(site)
+        content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

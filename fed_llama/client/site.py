@@ -1,0 +1,93 @@
+"""What a site does in a federation round, without Flower: train on, or evaluate, an adapter.
+
+A process keeps one backbone with one LoRA-wrapped model per scenario (loading it is the slow
+part) and each site's encoded data; every round starts by loading the global adapter's weights,
+so sites served by the same process never see each other's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fed_llama.config.scenario import ScenarioConfig
+from fed_llama.data.source import SiteData, load_site_data
+from fed_llama.training.loop import train_adapter
+from fed_llama.training.lora import adapter_state, attach_lora, load_adapter_state
+from fed_llama.training.loss import heldout_loss
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Any]
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    backbone: Any
+    data: dict[int, SiteData]
+
+
+_CACHE: dict[ScenarioConfig, _Loaded] = {}
+
+
+def _loaded(scenario: ScenarioConfig) -> _Loaded:
+    if scenario not in _CACHE:
+        from fed_llama.backbone.load import load_backbone
+
+        bb = load_backbone(scenario.backbone)
+        model = attach_lora(bb.model, scenario.lora, seed=scenario.train.seed)
+        _CACHE.clear()  # one scenario per process at a time: free the previous backbone
+        _CACHE[scenario] = _Loaded(model=model, tokenizer=bb.tokenizer, backbone=bb, data={})
+    return _CACHE[scenario]
+
+
+def initial_state(scenario: ScenarioConfig) -> State:
+    """The global adapter before round 1: the seeded peft initialization (B = 0).
+
+    Every site attaches its adapter with the same seed, so with FFA-LoRA every site's frozen A
+    equals this A.
+    """
+    return adapter_state(_loaded(scenario).model)
+
+
+def site_data(scenario: ScenarioConfig, site: int) -> SiteData:
+    loaded = _loaded(scenario)
+    if site not in loaded.data:
+        cfg = dataclasses.replace(scenario.data, source=scenario.federation.sites[site])
+        loaded.data[site] = load_site_data(cfg, loaded.tokenizer, scenario.train.seed)
+    return loaded.data[site]
+
+
+def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
+        progress: bool = False) -> tuple[State, dict[str, float]]:
+    """Train the global adapter ``state`` on site ``site`` for the local steps of a round."""
+    loaded = _loaded(scenario)
+    data = site_data(scenario, site)
+    load_adapter_state(loaded.model, state)
+    ffa = scenario.federation.aggregation == "ffa"
+    for name, param in loaded.model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(not (ffa and "lora_A" in name))
+    cfg = dataclasses.replace(scenario.train, seed=scenario.train.seed + 1000 * server_round
+                              + site)
+    stats = train_adapter(loaded.model, data.train, cfg, loaded.tokenizer.pad_token_id,
+                          progress=progress, desc=f"site {site} round {server_round}")
+    tail = stats.losses[-max(1, len(stats.losses) // 4):]
+    metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
+               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens)}
+    return adapter_state(loaded.model), metrics
+
+
+def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, float]:
+    """Held-out answer loss of the adapter ``state`` on site ``site``."""
+    loaded = _loaded(scenario)
+    data = site_data(scenario, site)
+    load_adapter_state(loaded.model, state)
+    result = heldout_loss(loaded.model, data.heldout, scenario.train.eval_batch_size,
+                          loaded.tokenizer.pad_token_id)
+    return {"num-examples": float(result.examples), "heldout-loss": result.loss,
+            "heldout-tokens": float(result.tokens)}

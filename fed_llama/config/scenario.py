@@ -1,0 +1,111 @@
+"""A federation scenario: ``fed-llama simulate simulations/<scenario>.toml``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fed_llama.config.train import (
+    ICD10_PREFIX,
+    BackboneConfig,
+    DataConfig,
+    LoraSpec,
+    OptimConfig,
+)
+
+AGGREGATIONS = ("factors", "exact", "ffa")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SCENARIO = "simulations/hospitals-3.toml"
+
+
+def run_config_path(run_config: Mapping[str, Any], key: str, default: str) -> Path:
+    """A path from Flower's run config; relative paths are taken from the project folder
+    (Flower runs apps from wherever its SuperLink was started)."""
+    value = Path(str(run_config.get(key, default))).expanduser()
+    return value if value.is_absolute() else PROJECT_ROOT / value
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, sites and how their updates are combined."""
+
+    rounds: int = 3
+    """Federated rounds; each site trains ``train.max_steps`` local steps per round."""
+
+    sites: tuple[str, ...] = field(
+        default=("icd10:cardiology", "icd10:oncology", "icd10:psychiatry"),
+        metadata={"path": True, "schemes": (ICD10_PREFIX,)})
+    """One data source per site: ``icd10:<site>`` or a JSONL file (relative paths are resolved
+    against the scenario file's folder)."""
+
+    aggregation: Literal["factors", "exact", "ffa"] = "factors"
+    """``factors``: FedAvg of A and B; ``exact``: mean of B·A re-factorized by SVD; ``ffa``:
+    FFA-LoRA, A frozen at a shared seed and only B trained and averaged."""
+
+    robust: Literal["none", "median", "trimmed-mean"] = "none"
+    """Coordinate-wise median or trimmed mean instead of the weighted mean (factors mode)."""
+
+    trim_fraction: float = 0.2
+    """Share of the largest and of the smallest values dropped by ``trimmed-mean``."""
+
+    clip_norm: float = 0.0
+    """Clip each site's update (difference from the global adapter) to this L2 norm (0: off)."""
+
+    min_sites: int = 0
+    """Sites that must reply for a round to count (0: all of them)."""
+
+    round_timeout: float = 3600.0
+    """Seconds to wait for the sites' replies in a round."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rounds < 1:
+            out.append(f"rounds must be at least 1; got {self.rounds}")
+        if len(self.sites) < 2:
+            out.append(f"sites must list at least 2 data sources; got {len(self.sites)}")
+        if not 0 <= self.min_sites <= len(self.sites):
+            out.append(f"min_sites must be in [0, {len(self.sites)}]; got {self.min_sites}")
+        if self.robust != "none" and self.aggregation != "factors":
+            out.append(f"robust = {self.robust!r} works on factor averages: set "
+                       "aggregation = 'factors', or robust = 'none'")
+        if not 0 <= self.trim_fraction < 0.5:
+            out.append(f"trim_fraction must be in [0, 0.5); got {self.trim_fraction}")
+        if self.clip_norm < 0:
+            out.append(f"clip_norm must be 0 (off) or more; got {self.clip_norm}")
+        if self.round_timeout <= 0:
+            out.append(f"round_timeout must be positive; got {self.round_timeout}")
+        return out
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """A simulated federation: backbone, adapter, local training, data and rounds."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The frozen backbone every site loads ([backbone])."""
+
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """The shared adapter's shape ([lora])."""
+
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=30, warmup_steps=3))
+    """Local training per round ([train]); ``max_steps`` is the local steps per round."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Encoding and held-out settings for every site ([data]); ``source`` is ignored, each
+    site's source comes from ``federation.sites``."""
+
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    """Rounds and aggregation ([federation])."""
+
+    def site_names(self) -> list[str]:
+        """A short name per site: the ICD-10 site, or the file's stem."""
+        return [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
+                for s in self.federation.sites]
+
+    def problems(self) -> list[str]:
+        names = self.site_names()
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        return [f"federation.sites has two sites named {dupes}: give each a distinct source"
+                ] if dupes else []

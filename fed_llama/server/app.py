@@ -1,0 +1,98 @@
+"""The Flower ServerApp: run the rounds, checkpoint the global adapter, record the history."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fed_llama.config.scenario import DEFAULT_SCENARIO, ScenarioConfig, run_config_path
+from fed_llama.server.checkpoint import RunStore
+from fed_llama.server.report import plot_history
+from fed_llama.server.strategy import LoraFedAvg
+
+log = logging.getLogger(__name__)
+
+
+def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: int) -> None:
+    """Run the rounds after ``done`` (the last complete round) to ``federation.rounds``."""
+    from fed_llama.backbone.load import resolve_backbone
+    from fed_llama.client.site import initial_state
+    from fed_llama.training.lora import peft_config
+
+    total = scenario.federation.rounds
+    if done >= total:
+        log.info("all %d rounds are already complete in %s", total, store.out)
+        return
+    source = resolve_backbone(scenario.backbone.name)
+    state = store.load_round(done) if done else initial_state(scenario)
+    peft_cfg = peft_config(scenario.lora)
+    peft_cfg.base_model_name_or_path = str(source.model_dir)
+    sites = scenario.site_names()
+    backbone_bytes = _backbone_bytes(source.model_dir)
+    rows: dict[int, dict[str, Any]] = {}
+
+    def on_train(server_round: int, row: dict[str, float]) -> None:
+        rows[server_round] = {"round": server_round, "backbone-bytes": backbone_bytes, **row}
+        log.info("round %d/%d: %d site(s) trained, train loss %.4f", server_round, total,
+                 int(row["sites-trained"]), row["train-loss"])
+
+    def on_evaluate(server_round: int, row: dict[str, float]) -> None:
+        full = {**rows.pop(server_round, {"round": server_round}), **row}
+        store.record(full)
+        plot_history(store.history(), sites, store.out)
+        per_site = ", ".join(f"{s} {row.get(f'{s}/perplexity', float('nan')):.2f}"
+                             for s in sites)
+        log.info("round %d/%d: pooled held-out perplexity %.2f (%s)", server_round, total,
+                 row["pooled-perplexity"], per_site)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        real = done + server_round
+        store.save_round(real, arrays.to_torch_state_dict(), peft_cfg, {
+            "kind": "global-adapter", "method": "qlora" if scenario.backbone.quantization ==
+            "nf4" else "lora", "aggregation": scenario.federation.aggregation,
+            "backbone": {"id": source.id, "sha256": source.sha256,
+                         "quantization": scenario.backbone.quantization,
+                         "precision": scenario.backbone.precision},
+            "sites": sites})
+        return None
+
+    strategy = LoraFedAvg(scenario, state, sites, round_offset=done, on_train=on_train,
+                          on_evaluate=on_evaluate)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
+                   timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
+
+
+def _backbone_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def make_server_app(scenario: ScenarioConfig, store: RunStore, done: int) -> ServerApp:
+    """A ServerApp bound to a scenario and a run folder (``fed-llama simulate``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, scenario, store, done)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``flwr run .``: the scenario and run folder come from ``[tool.flwr.app.config]``."""
+    from fed_llama.simulation.runner import load_scenario
+
+    path = run_config_path(context.run_config, "scenario", DEFAULT_SCENARIO)
+    out = run_config_path(context.run_config, "out", "runs/flwr-run")
+    scenario, text = load_scenario(path, [])
+    store = RunStore(out)
+    run_federation(grid, scenario, store, store.start(text, resume=True))

@@ -1,0 +1,105 @@
+"""A federation run's folder: a global adapter per round, the metrics history, the resume point.
+
+Layout of ``--out``::
+
+    scenario.toml                the scenario as run (resume refuses a different one)
+    rounds/round-001/            global adapter after round 1 (peft format + manifest)
+    history.json, history.csv    one row per completed round
+    perplexity.png, bytes.png    plots (see fed_llama.server.report)
+
+A round is complete when its checkpoint and its evaluation row are both written; ``--resume``
+continues after the last complete round, so no round is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fed_llama.adapter.store import read_manifest, save_adapter_state
+from fed_llama.backbone.cache import write_text_atomic
+from fed_llama.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Any]
+
+
+class RunStore:
+    """Reads and writes one run folder."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rounds_dir = out / "rounds"
+        self.history_path = out / "history.json"
+
+    def round_dir(self, server_round: int) -> Path:
+        return self.rounds_dir / f"round-{server_round:03d}"
+
+    def start(self, scenario_text: str, resume: bool) -> int:
+        """Prepare the folder; return the last complete round (0 for a fresh run)."""
+        saved = self.out / "scenario.toml"
+        if not resume:
+            if self.out.exists() and any(self.out.iterdir()):
+                raise ConfigError(f"--out {str(self.out)!r} already holds a run: pass --resume "
+                                  "to continue it, or choose another folder")
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(saved, scenario_text)
+            return 0
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {str(self.out)!r} holds no run (no scenario.toml)")
+        if saved.read_text() != scenario_text:
+            raise ConfigError(f"--resume: the scenario differs from the one {str(self.out)!r} "
+                              "was started with; resume with the same file or start a new run")
+        done = self.completed_rounds()
+        for extra in self.rounds_dir.glob("round-*"):  # a checkpoint whose round did not finish
+            if int(extra.name.split("-")[1]) > done:
+                shutil.rmtree(extra)
+        return done
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_path.is_file():
+            return []
+        rows: list[dict[str, Any]] = json.loads(self.history_path.read_text())
+        return rows
+
+    def completed_rounds(self) -> int:
+        """The last round with both a checkpoint and an evaluation row."""
+        done = 0
+        for row in self.history():
+            r = int(row["round"])
+            if "pooled-perplexity" in row and (self.round_dir(r) / "adapter_config.json").is_file():
+                done = max(done, r)
+        return done
+
+    def load_round(self, server_round: int) -> State:
+        from safetensors.torch import load_file
+
+        folder = self.round_dir(server_round)
+        read_manifest(folder)  # checks the hashes
+        return dict(load_file(str(folder / "adapter_model.safetensors")))
+
+    def save_round(self, server_round: int, state: State, peft_config: Any,
+                   manifest: dict[str, Any]) -> None:
+        save_adapter_state(state, peft_config, self.round_dir(server_round),
+                           dict(manifest, round=server_round,
+                                created=datetime.now(UTC).isoformat(timespec="seconds")),
+                           force=True)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Add or replace the row of ``row["round"]`` and rewrite the JSON and CSV."""
+        rows = [r for r in self.history() if r["round"] != row["round"]]
+        rows = sorted([*rows, row], key=lambda r: int(r["round"]))
+        write_text_atomic(self.history_path, json.dumps(rows, indent=2))
+        columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "round", k))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.out / "history.csv", buf.getvalue())

@@ -1,0 +1,61 @@
+"""Plots of a federation run's history (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> list[Path]:
+    """Held-out perplexity per round (each site and pooled) and bytes per round."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    rounds = [int(r["round"]) for r in rows]
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for site in sites:
+        ax.plot(rounds, [r.get(f"{site}/perplexity", math.nan) for r in rows], marker="o",
+                label=site)
+    ax.plot(rounds, [r.get("pooled-perplexity", math.nan) for r in rows], marker="s", color="black",
+            linewidth=2.5, label="pooled")
+    ax.set(xlabel="round", ylabel="held-out answer perplexity", yscale="log",
+           title="Global adapter on each site's held-out data")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, out / "perplexity.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    up = [r.get("bytes-up", 0) / 2**20 for r in rows]
+    down = [r.get("bytes-down", 0) / 2**20 for r in rows]
+    width = 0.4
+    ax.bar([x - width / 2 for x in rounds], up, width, label="sites -> server")
+    ax.bar([x + width / 2 for x in rounds], down, width, label="server -> sites")
+    backbone_mb = rows[-1].get("backbone-bytes", 0) / 2**20 if rows else 0
+    ax.set(xlabel="round", ylabel="MiB (all sites)",
+           title=f"Bytes per round (the backbone alone is {backbone_mb:.0f} MiB)")
+    ax.set_xticks(rounds)
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, out / "bytes.png"))
+    plt.close(fig)
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,107 @@
+"""Flower's FedAvg with LoRA-aware aggregation and per-site bookkeeping.
+
+Flower drives the rounds (sampling, messaging, timeouts); this class replaces only how the
+sites' replies are combined (:func:`fed_llama.server.aggregation.combine`) and records what
+each site reported, which Flower's default metric averaging would blur together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fed_llama.config.scenario import ScenarioConfig
+from fed_llama.server.aggregation import combine
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Any]
+RowHook = Callable[[int, dict[str, float]], None]
+
+
+def scalars(record: Any) -> dict[str, float]:
+    """The numeric entries of a MetricRecord."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def state_bytes(state: State) -> int:
+    return sum(int(t.numel()) * t.element_size() for t in state.values())
+
+
+class LoraFedAvg(FedAvg):
+    """FedAvg whose aggregation is the scenario's LoRA-aware mode."""
+
+    def __init__(self, scenario: ScenarioConfig, current: State, site_names: list[str], *,
+                 round_offset: int, on_train: RowHook, on_evaluate: RowHook) -> None:
+        fed = scenario.federation
+        need = fed.min_sites or len(fed.sites)
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need,
+                         min_evaluate_nodes=need, min_available_nodes=need)
+        self.scenario = scenario
+        self.current = current
+        self.site_names = site_names
+        self.round_offset = round_offset
+        self.on_train = on_train
+        self.on_evaluate = on_evaluate
+
+    def _good(self, replies: Iterable[Message], kind: str, server_round: int) -> list[Message]:
+        replies = list(replies)
+        good = [m for m in replies if not m.has_error()]
+        if len(good) < len(replies):
+            log.warning("round %d %s: %d of %d site(s) failed or dropped out; going on with %d",
+                        self.round_offset + server_round, kind, len(replies) - len(good),
+                        len(replies), len(good))
+        return good
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self._good(replies, "train", server_round)
+        if not good:
+            return None, None
+        states = [m.content.array_records["arrays"].to_torch_state_dict() for m in good]
+        metrics = [scalars(m.content.metric_records["metrics"]) for m in good]
+        weights = [m["num-examples"] for m in metrics]
+        fed, lora = self.scenario.federation, self.scenario.lora
+        down = state_bytes(self.current)
+        new, info = combine(self.current, states, weights, aggregation=fed.aggregation,
+                            robust=fed.robust, trim_fraction=fed.trim_fraction,
+                            clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha))
+        self.current = new
+        row: dict[str, float] = {"sites-trained": float(len(good)), **info,
+                                 "bytes-down": float(down * len(good)),
+                                 "bytes-up": float(sum(state_bytes(s) for s in states))}
+        for m, s in zip(metrics, states, strict=True):
+            name = self.site_names[int(m["site"])]
+            row[f"{name}/train-loss"] = m["train-loss"]
+            row[f"{name}/train-seconds"] = m["train-seconds"]
+            row[f"{name}/bytes-up"] = float(state_bytes(s))
+        total = sum(weights)
+        row["train-loss"] = sum(w * m["train-loss"] for w, m in
+                                zip(weights, metrics, strict=True)) / total
+        self.on_train(self.round_offset + server_round, row)
+        return ArrayRecord(new), MetricRecord({"train-loss": row["train-loss"]})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        good = self._good(replies, "evaluate", server_round)
+        if not good:
+            return None
+        row: dict[str, float] = {"sites-evaluated": float(len(good))}
+        nll = tokens = 0.0
+        for m in good:
+            met = scalars(m.content.metric_records["metrics"])
+            name = self.site_names[int(met["site"])]
+            loss, n = met["heldout-loss"], met["heldout-tokens"]
+            row[f"{name}/loss"] = loss
+            row[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
+            nll += loss * n
+            tokens += n
+        row["pooled-loss"] = nll / tokens
+        row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
+        self.on_evaluate(self.round_offset + server_round, row)
+        return MetricRecord({"pooled-loss": row["pooled-loss"]})

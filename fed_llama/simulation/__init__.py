@@ -1,0 +1,1 @@
+"""Simulated federations on Flower's Simulation Engine."""

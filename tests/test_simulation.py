@@ -1,0 +1,82 @@
+"""A federation on Flower's Simulation Engine, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import qa_records
+
+from fed_llama.adapter import read_manifest
+from fed_llama.cli.main import main
+from fed_llama.errors import ConfigError
+from fed_llama.simulation.runner import load_scenario
+
+
+def _scenario(tmp_path: Path, backbone: Path, write_jsonl, rounds: int,  # type: ignore[no-untyped-def]
+              aggregation: str = "factors") -> Path:
+    for i in range(2):
+        write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
+    path = tmp_path / "scenario.toml"
+    path.write_text(f'[backbone]\nname = "{backbone}"\n'
+                    "[train]\nmax_steps = 3\nwarmup_steps = 1\nbatch_size = 4\n"
+                    f'[federation]\nrounds = {rounds}\nsites = ["site0.jsonl", "site1.jsonl"]\n'
+                    f'aggregation = "{aggregation}"\n')
+    return path
+
+
+def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=2)
+    out = tmp_path / "run"
+    assert main(["-q", "simulate", str(scenario), "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [row["round"] for row in history] == [1, 2]
+    for row in history:
+        assert row["sites-trained"] == 2 and row["sites-evaluated"] == 2
+        assert row["site0/perplexity"] > 0 and row["site1/perplexity"] > 0
+        assert row["bytes-up"] == row["bytes-down"] > 0
+        assert row["bytes-up"] < row["backbone-bytes"]
+    manifest = read_manifest(out / "rounds" / "round-002")
+    assert manifest["round"] == 2 and manifest["sites"] == ["site0", "site1"]
+    assert (out / "perplexity.png").stat().st_size > 0 and (out / "history.csv").is_file()
+    assert "2 round(s)" in capsys.readouterr().out
+
+    # the run is extended to 3 rounds: --resume trains round 3 only, from round 2's adapter
+    scenario.write_text(scenario.read_text().replace("rounds = 2", "rounds = 3"))
+    with pytest.raises(ConfigError, match="scenario differs"):
+        from fed_llama.simulation.runner import simulate
+
+        simulate(scenario, out, resume=True)
+    scenario.write_text(scenario.read_text().replace("rounds = 3", "rounds = 2"))
+    assert main(["-q", "simulate", str(scenario), "--out", str(out), "--resume"]) == 0
+    assert [row["round"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path) -> None:
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    from fed_llama.simulation.runner import simulate
+
+    with pytest.raises(ConfigError, match="already holds a run: pass --resume"):
+        simulate(scenario, out)
+    assert (out / "notes.txt").read_text() == "keep"
+
+
+def test_bad_scenarios_are_refused_before_any_work(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[federation]\nrounds = 0\nsites = ["icd10:cardiology"]\n'
+                    'aggregation = "exact"\nrobust = "median"\n')
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path, [])
+    msg = str(err.value)
+    assert "federation.rounds must be at least 1" in msg
+    assert "federation.sites must list at least 2" in msg
+    assert "robust = 'median' works on factor averages" in msg
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "missing.jsonl"]\n')
+    with pytest.raises(ConfigError, match=r"data file .*missing\.jsonl' does not exist"):
+        load_scenario(path, [])
