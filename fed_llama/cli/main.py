@@ -98,6 +98,10 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    flwr_log = logging.getLogger("flwr")  # Flower prints through its own handler
+    flwr_log.propagate = False
+    flwr_log.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     try:
         from transformers.utils import logging as hf_logging

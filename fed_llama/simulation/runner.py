@@ -28,6 +28,14 @@ def flower_environment(work: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _stop_ray() -> None:
+    """Make sure no Ray process outlives the run (Flower stops its actors; this is the net)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def load_scenario(path: Path, overrides: list[str]) -> tuple[ScenarioConfig, str]:
     """The scenario, checked up front (data sources included), and its effective text."""
     import tomli_w
@@ -69,15 +77,18 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
         from fed_llama.client.app import make_client_app
         from fed_llama.server.app import make_server_app
 
-        run_simulation(
-            server_app=make_server_app(scenario, store, done),
-            client_app=make_client_app(scenario),
-            num_supernodes=len(scenario.federation.sites),
-            # one site at a time with both cores: no oversubscription, deterministic order
-            backend_config={"client_resources": {"num_cpus": os.cpu_count() or 1,
-                                                 "num_gpus": 0.0},
-                            "init_args": {"num_cpus": os.cpu_count() or 1}},
-        )
+        try:
+            run_simulation(
+                server_app=make_server_app(scenario, store, done),
+                client_app=make_client_app(scenario),
+                num_supernodes=len(scenario.federation.sites),
+                # one site at a time with both cores: no oversubscription, deterministic order
+                backend_config={"client_resources": {"num_cpus": os.cpu_count() or 1,
+                                                     "num_gpus": 0.0},
+                                "init_args": {"num_cpus": os.cpu_count() or 1}},
+            )
+        finally:
+            _stop_ray()
     finished = store.completed_rounds()
     if finished < total:
         raise FedLlamaError(f"the simulation stopped after round {finished} of {total} (see the "
