@@ -17,6 +17,7 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
@@ -31,6 +32,9 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     ax.set(xlabel="round", ylabel="held-out answer perplexity", yscale="log",
            title="Global adapter on each site's held-out data")
     ax.set_xticks(rounds)
+    plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
