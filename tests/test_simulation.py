@@ -64,6 +64,8 @@ def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_
 
     with pytest.raises(ConfigError, match="already holds a run: pass --resume"):
         simulate(scenario, out)
+    with pytest.raises(ConfigError, match="holds no run"):
+        simulate(scenario, out, resume=True)
     assert (out / "notes.txt").read_text() == "keep"
 
 

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("scenario", help="scenario TOML, e.g. simulations/hospitals-3.toml")
     sim.add_argument("--out", help="run folder (default: runs/<scenario name>)")
     sim.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run in --out after its last complete round")
+                     help="continue the run in --out after its last complete round (or start "
+                          "it if --out is empty)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario value, e.g. --set federation.rounds=2")
     sim.set_defaults(func=commands.cmd_simulate)

@@ -8,7 +8,8 @@ Layout of ``--out``::
     perplexity.png, bytes.png    plots (see fed_llama.server.report)
 
 A round is complete when its checkpoint and its evaluation row are both written; ``--resume``
-continues after the last complete round, so no round is lost or repeated.
+continues after the last complete round, so no round is lost or repeated (in an empty or
+missing folder it starts the run).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class RunStore:
     def start(self, scenario_text: str, resume: bool) -> int:
         """Prepare the folder; return the last complete round (0 for a fresh run)."""
         saved = self.out / "scenario.toml"
-        if not resume:
+        fresh = not self.out.exists() or not any(self.out.iterdir())
+        if resume and fresh:
+            log.info("--resume: %s holds no run yet; starting one", self.out)
+        if not resume or fresh:
             if self.out.exists() and any(self.out.iterdir()):
                 raise ConfigError(f"--out {str(self.out)!r} already holds a run: pass --resume "
                                   "to continue it, or choose another folder")
