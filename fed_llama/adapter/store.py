@@ -9,7 +9,6 @@ its target and renamed into place, so a crash never leaves a half-written adapte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,19 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fed_llama.common.files import file_sha256
 from fed_llama.errors import AdapterError
 
 MANIFEST = "fed_llama_manifest.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_output_dir(out: Path, force: bool, flag: str = "--out") -> None:

@@ -7,7 +7,6 @@ renamed into place, so an interrupted conversion never leaves a half-written bac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fed_llama.common.files import file_sha256, write_text_atomic
 from fed_llama.errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -41,30 +41,13 @@ def sha256_file(path: Path) -> str:
         memo = {}
     if key in memo:
         return memo[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     memo = {k: v for k, v in memo.items() if Path(k.split("|")[0]).exists()}  # prune gone files
-    memo[key] = digest.hexdigest()
+    memo[key] = file_sha256(path)
     try:
         write_text_atomic(memo_path, json.dumps(memo, indent=1))
     except OSError as exc:  # a read-only cache only costs the re-hash next time
         log.debug("could not remember the hash of %s: %s", path, exc)
     return memo[key]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gguf_architecture(path: Path) -> str:

@@ -13,7 +13,7 @@ from fed_llama.errors import ConfigError
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
-        from fed_llama.backbone.cache import write_text_atomic
+        from fed_llama.common.files import write_text_atomic
 
         write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str))
 

@@ -103,7 +103,8 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     flwr_log.propagate = False
     flwr_log.setLevel(logging.WARNING if quiet else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+    for category in (FutureWarning, DeprecationWarning):  # libraries' deprecation chatter
+        warnings.filterwarnings("ignore", category=category)
     try:
         from transformers.utils import logging as hf_logging
 

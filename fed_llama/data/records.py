@@ -135,7 +135,7 @@ def read_jsonl(path: Path, *, skip_bad: bool = False) -> ReadResult:
 
 def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
     """Write examples as JSONL through a temporary file; return how many were written."""
-    from fed_llama.backbone.cache import write_text_atomic
+    from fed_llama.common.files import write_text_atomic
 
     lines = [json.dumps(ex.to_json(), ensure_ascii=False) for ex in examples]
     write_text_atomic(path, "".join(line + "\n" for line in lines))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_llama.adapter.store import read_manifest, save_adapter_state
-from fed_llama.backbone.cache import write_text_atomic
+from fed_llama.common.files import write_text_atomic
 from fed_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,10 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
                 label=site)
     ax.plot(rounds, [r.get("pooled-perplexity", math.nan) for r in rows], marker="s", color="black",
             linewidth=2.5, label="pooled")
-    ax.set(xlabel="round", ylabel="held-out answer perplexity", yscale="log",
+    values = [v for r in rows for k, v in r.items() if k.endswith("perplexity") and v > 0]
+    wide = bool(values) and max(values) / min(values) > 10  # log axis only for wide ranges
+    ax.set(xlabel="round", ylabel="held-out answer perplexity",
+           yscale="log" if wide else "linear",
            title="Global adapter on each site's held-out data")
     ax.set_xticks(rounds)
     plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")

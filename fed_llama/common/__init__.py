@@ -1,0 +1,1 @@
+"""Pieces every part of fed-llama uses (files written atomically, hashes)."""
