@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fed_llama.config.train import ICD10_PREFIX, DataConfig
 from fed_llama.data import icd10
 from fed_llama.data.records import Example, read_jsonl
-from fed_llama.data.tokenize import Encoded, encode_all
+from fed_llama.data.tokenize import Encoded, encode, encode_all
 from fed_llama.errors import DataError
 
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ def load_site_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     """Read, split and encode a site's data as ``cfg`` says."""
     raw = load_examples(cfg, seed)
     train, dropped_train = encode_all(tokenizer, raw.train, cfg.max_length)
-    heldout_pairs = [(ex, enc) for ex in raw.heldout
-                     for enc in encode_all(tokenizer, [ex], cfg.max_length)[0]]
+    encoded = [(ex, encode(tokenizer, ex, cfg.max_length)) for ex in raw.heldout]
+    heldout_pairs = [(ex, enc) for ex, enc in encoded if enc.num_answer_tokens]
     dropped_held = len(raw.heldout) - len(heldout_pairs)
     if dropped_train or dropped_held:
         log.warning("%d training and %d held-out record(s) dropped: their answer starts beyond "

@@ -12,7 +12,7 @@ import torch
 
 from fed_llama.config.train import OptimConfig
 from fed_llama.data.batching import batch_order, collate
-from fed_llama.data.tokenize import Encoded
+from fed_llama.data.tokenize import IGNORE, Encoded
 from fed_llama.training.lora import trainable_parameters
 from fed_llama.training.loss import answer_nll
 
@@ -85,7 +85,7 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
         for _ in range(cfg.max_steps):
             micro = [collate([items[i] for i in next(order)], pad_id)
                      for _ in range(cfg.grad_accum)]
-            n_answer = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
             step_loss = 0.0
             for batch in micro:
                 nll, _ = answer_nll(model, batch)
