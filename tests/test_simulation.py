@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,14 @@ from fed_llama.simulation.runner import load_scenario
 
 
 def _scenario(tmp_path: Path, backbone: Path, write_jsonl, rounds: int,  # type: ignore[no-untyped-def]
-              aggregation: str = "factors") -> Path:
+              aggregation: str = "factors", strategy: str = "fedavg") -> Path:
     for i in range(2):
         write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
     path = tmp_path / "scenario.toml"
     path.write_text(f'[backbone]\nname = "{backbone}"\n'
                     "[train]\nmax_steps = 3\nwarmup_steps = 1\nbatch_size = 4\n"
                     f'[federation]\nrounds = {rounds}\nsites = ["site0.jsonl", "site1.jsonl"]\n'
-                    f'aggregation = "{aggregation}"\n')
+                    f'aggregation = "{aggregation}"\nstrategy = "{strategy}"\n')
     return path
 
 
@@ -52,6 +53,17 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
     scenario.write_text(scenario.read_text().replace("rounds = 3", "rounds = 2"))
     assert main(["-q", "simulate", str(scenario), "--out", str(out), "--resume"]) == 0
     assert [row["round"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_fedprox_sites_train_with_the_proximal_term(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
+                                                    tmp_path: Path) -> None:
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1, strategy="fedprox")
+    out = tmp_path / "run"
+    assert main(["-q", "simulate", str(scenario), "--out", str(out),
+                 "--set", "federation.proximal_mu=0.1"]) == 0
+    [row] = json.loads((out / "history.json").read_text())
+    assert row["sites-trained"] == 2 and math.isfinite(row["pooled-perplexity"])
+    assert read_manifest(out / "rounds" / "round-001")["strategy"] == "fedprox"
 
 
 def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]

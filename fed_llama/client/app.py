@@ -40,9 +40,13 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
         sc = scenario or scenario_from_run_config(context)
         site = _site(context, sc)
         state = msg.content.array_records["arrays"].to_torch_state_dict()
-        value = msg.content.config_records["config"].get("server-round", 0)
+        config = msg.content.config_records["config"]
+        value = config.get("server-round", 0)
         server_round = value if isinstance(value, int) else 0
-        new_state, metrics = site_ops.fit(sc, site, state, server_round)
+        mu = config.get("proximal-mu", 0.0)  # sent by Flower's FedProx
+        new_state, metrics = site_ops.fit(sc, site, state, server_round,
+                                          proximal_mu=float(mu) if isinstance(mu, (int, float))
+                                          else 0.0)
         metrics["site"] = float(site)
         content = RecordDict({"arrays": ArrayRecord(new_state),
                               "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]

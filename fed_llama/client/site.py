@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +63,21 @@ def site_data(scenario: ScenarioConfig, site: int) -> SiteData:
     return loaded.data[site]
 
 
+def proximal_term(model: Any, mu: float) -> Callable[[Any], Any]:
+    """FedProx's ``mu/2 · ‖w - w_global‖²`` over the trainable adapter weights, with
+    ``w_global`` the weights as they are now (just after loading the global adapter)."""
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def term(_model: Any) -> Any:
+        return 0.5 * mu * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
+
+    return term
+
+
 def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
-        progress: bool = False) -> tuple[State, dict[str, float]]:
-    """Train the global adapter ``state`` on site ``site`` for the local steps of a round."""
+        progress: bool = False, proximal_mu: float = 0.0) -> tuple[State, dict[str, float]]:
+    """Train the global adapter ``state`` on site ``site`` for the local steps of a round
+    (with FedProx's proximal term when ``proximal_mu`` > 0)."""
     loaded = _loaded(scenario)
     data = site_data(scenario, site)
     load_adapter_state(loaded.model, state)
@@ -74,8 +87,10 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
             param.requires_grad_(not (ffa and "lora_A" in name))
     cfg = dataclasses.replace(scenario.train, seed=scenario.train.seed + 1000 * server_round
                               + site)
+    proximal = proximal_term(loaded.model, proximal_mu) if proximal_mu > 0 else None
     stats = train_adapter(loaded.model, data.train, cfg, loaded.tokenizer.pad_token_id,
-                          progress=progress, desc=f"site {site} round {server_round}")
+                          proximal=proximal, progress=progress,
+                          desc=f"site {site} round {server_round}")
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
                "train-seconds": stats.seconds, "train-tokens": float(stats.tokens)}

@@ -16,6 +16,7 @@ from fed_llama.config.train import (
 )
 
 AGGREGATIONS = ("factors", "exact", "ffa")
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SCENARIO = "simulations/hospitals-3.toml"
 
@@ -44,6 +45,26 @@ class FederationConfig:
     """``factors``: FedAvg of A and B; ``exact``: mean of B·A re-factorized by SVD; ``ffa``:
     FFA-LoRA, A frozen at a shared seed and only B trained and averaged."""
 
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                      "fedavgm"] = "fedavg"
+    """Flower's strategy on top of the aggregation: ``fedavg`` (the aggregate is the new
+    global adapter), ``fedprox`` (sites add ``proximal_mu``/2·‖w - w_global‖² to their loss),
+    or a server optimizer that treats the aggregate's change as a pseudo-gradient
+    (``fedadam``, ``fedyogi``, ``fedadagrad`` with ``server_lr``; ``fedavgm`` with
+    ``server_lr`` and ``server_momentum``)."""
+
+    proximal_mu: float = 0.01
+    """FedProx's proximal weight μ (``strategy = "fedprox"`` only)."""
+
+    server_lr: float = 0.0
+    """Server learning rate of a server optimizer; 0 picks one that suits LoRA factors: 1e-3
+    for FedAdam, FedYogi and FedAdagrad (Flower's 0.1 moves every factor entry by up to 0.1
+    a round, far more than local training does) and 1.0 for FedAvgM. Their state (moments,
+    momentum) lives in the server process: ``--resume`` starts it afresh."""
+
+    server_momentum: float = 0.9
+    """FedAvgM's server momentum."""
+
     robust: Literal["none", "median", "trimmed-mean"] = "none"
     """Coordinate-wise median or trimmed mean instead of the weighted mean (factors mode)."""
 
@@ -70,6 +91,17 @@ class FederationConfig:
         if self.robust != "none" and self.aggregation != "factors":
             out.append(f"robust = {self.robust!r} works on factor averages: set "
                        "aggregation = 'factors', or robust = 'none'")
+        if self.strategy in SERVER_OPTIMIZERS and self.aggregation == "exact":
+            out.append(f"strategy = {self.strategy!r} steps each factor along its average "
+                       "change, but aggregation = 'exact' re-factorizes A and B every round "
+                       "(their change is no gradient): use aggregation = 'factors' or 'ffa', "
+                       "or strategy = 'fedavg'")
+        if self.proximal_mu < 0:
+            out.append(f"proximal_mu must be 0 or more; got {self.proximal_mu}")
+        if self.server_lr < 0:
+            out.append(f"server_lr must be 0 (Flower's default) or more; got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            out.append(f"server_momentum must be in [0, 1); got {self.server_momentum}")
         if not 0 <= self.trim_fraction < 0.5:
             out.append(f"trim_fraction must be in [0, 0.5); got {self.trim_fraction}")
         if self.clip_norm < 0:

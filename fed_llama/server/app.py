@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fed_llama.config.scenario import DEFAULT_SCENARIO, ScenarioConfig, run_config_path
 from fed_llama.server.checkpoint import RunStore
 from fed_llama.server.report import plot_history
-from fed_llama.server.strategy import LoraFedAvg
+from fed_llama.server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,15 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         store.save_round(real, arrays.to_torch_state_dict(), peft_cfg, {
             "kind": "global-adapter", "method": "qlora" if scenario.backbone.quantization ==
             "nf4" else "lora", "aggregation": scenario.federation.aggregation,
+            "strategy": scenario.federation.strategy,
             "backbone": {"id": source.id, "sha256": source.sha256,
                          "quantization": scenario.backbone.quantization,
                          "precision": scenario.backbone.precision},
             "sites": sites})
         return None
 
-    strategy = LoraFedAvg(scenario, state, sites, round_offset=done, on_train=on_train,
-                          on_evaluate=on_evaluate)
+    strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
+                              on_evaluate=on_evaluate)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
                    timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
 

@@ -12,8 +12,16 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+)
 
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.server.aggregation import combine
@@ -34,20 +42,35 @@ def state_bytes(state: State) -> int:
 
 
 class LoraFedAvg(FedAvg):
-    """FedAvg whose aggregation is the scenario's LoRA-aware mode."""
+    """FedAvg whose aggregation is the scenario's LoRA-aware mode.
 
-    def __init__(self, scenario: ScenarioConfig, current: State, site_names: list[str], *,
-                 round_offset: int, on_train: RowHook, on_evaluate: RowHook) -> None:
-        fed = scenario.federation
-        need = fed.min_sites or len(fed.sites)
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need,
-                         min_evaluate_nodes=need, min_available_nodes=need)
+    Flower's server optimizers (FedAdam, FedYogi, FedAdagrad, FedAvgM) and FedProx call
+    ``super().aggregate_train`` and then apply their own update, so :func:`build_strategy`
+    places this class between them and FedAvg (``class X(FedAdam, LoraFedAvg)``) and they run
+    unchanged on top of the LoRA-aware aggregate. Construction follows Flower's signature;
+    :meth:`bind` attaches the scenario afterwards.
+    """
+
+    scenario: ScenarioConfig
+    site_names: list[str]
+    round_offset: int
+    on_train: RowHook
+    on_evaluate: RowHook
+    current: State
+
+    def bind(self, scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
+             on_train: RowHook, on_evaluate: RowHook) -> LoraFedAvg:
         self.scenario = scenario
-        self.current = current
         self.site_names = site_names
         self.round_offset = round_offset
         self.on_train = on_train
         self.on_evaluate = on_evaluate
+        return self
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current = arrays.to_torch_state_dict()  # the global adapter sent this round
+        return super().configure_train(server_round, arrays, config, grid)
 
     def _good(self, replies: Iterable[Message], kind: str, server_round: int) -> list[Message]:
         replies = list(replies)
@@ -71,7 +94,6 @@ class LoraFedAvg(FedAvg):
         new, info = combine(self.current, states, weights, aggregation=fed.aggregation,
                             robust=fed.robust, trim_fraction=fed.trim_fraction,
                             clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha))
-        self.current = new
         row: dict[str, float] = {"sites-trained": float(len(good)), **info,
                                  "bytes-down": float(down * len(good)),
                                  "bytes-up": float(sum(state_bytes(s) for s in states))}
@@ -105,3 +127,35 @@ class LoraFedAvg(FedAvg):
         row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
         self.on_evaluate(self.round_offset + server_round, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
+
+
+ADAPTIVE_SERVER_LR = 1e-3
+"""FedAdam/FedYogi/FedAdagrad's step when ``server_lr`` is 0: the order of a local AdamW step."""
+
+SERVER_STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad, "fedavgm": FedAvgM,
+}
+
+
+def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
+                   on_train: RowHook, on_evaluate: RowHook) -> LoraFedAvg:
+    """Flower's strategy named by ``federation.strategy``, on LoRA-aware aggregation."""
+    fed = scenario.federation
+    need = fed.min_sites or len(fed.sites)
+    kwargs: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0,
+                              "min_train_nodes": need, "min_evaluate_nodes": need,
+                              "min_available_nodes": need}
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    elif fed.strategy == "fedavgm":
+        kwargs["server_momentum"] = fed.server_momentum
+        if fed.server_lr:
+            kwargs["server_learning_rate"] = fed.server_lr
+    elif fed.strategy != "fedavg":
+        kwargs["eta"] = fed.server_lr or ADAPTIVE_SERVER_LR
+    base = SERVER_STRATEGIES[fed.strategy]
+    cls: type[LoraFedAvg] = LoraFedAvg if base is FedAvg else type(
+        f"Lora{base.__name__}", (base, LoraFedAvg), {})
+    return cls(**kwargs).bind(scenario, site_names, round_offset=round_offset,
+                              on_train=on_train, on_evaluate=on_evaluate)

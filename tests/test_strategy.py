@@ -1,0 +1,117 @@
+"""Flower's strategies on top of the LoRA-aware aggregation, against hand computation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fed_llama.client.site import proximal_term
+from fed_llama.config.loader import build_config
+from fed_llama.config.scenario import ScenarioConfig
+from fed_llama.errors import ConfigError
+from fed_llama.server.strategy import ADAPTIVE_SERVER_LR, LoraFedAvg, build_strategy
+
+A = "base_model.model.layers.0.q_proj.lora_A.weight"
+B = "base_model.model.layers.0.q_proj.lora_B.weight"
+
+
+@pytest.fixture(autouse=True)
+def server_task() -> Iterator[None]:
+    """Flower stamps messages with the run of the process; outside a run, give it one."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class TwoNodes:
+    """The part of Flower's Grid a strategy's ``configure_*`` uses: two connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 22]
+
+
+def _strategy(**federation: object) -> LoraFedAvg:
+    scenario = build_config(ScenarioConfig, {"federation": {
+        "sites": ["icd10:cardiology", "icd10:oncology"], **federation}}, source="test")
+    return build_strategy(scenario, scenario.site_names(), round_offset=0,
+                          on_train=lambda *_: None, on_evaluate=lambda *_: None)
+
+
+def _round(strategy: LoraFedAvg, current: dict[str, torch.Tensor],
+           sites: list[dict[str, torch.Tensor]], examples: list[int]
+           ) -> tuple[dict[str, torch.Tensor], list[Message]]:
+    sent = list(strategy.configure_train(1, ArrayRecord(current), ConfigRecord(),
+                                         TwoNodes()))  # type: ignore[arg-type]
+    replies = [Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({
+        "num-examples": n, "site": i, "train-loss": 1.0, "train-seconds": 1.0})}),
+        reply_to=msg) for i, (msg, state, n) in enumerate(zip(sent, sites, examples,
+                                                               strict=True))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    return arrays.to_torch_state_dict(), sent
+
+
+def _adapters() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    current = {A: torch.randn(2, 5, generator=g), B: torch.zeros(6, 2)}
+    sites = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in current.items()}
+             for _ in range(2)]
+    return current, sites
+
+
+def test_fedavg_returns_the_example_weighted_mean() -> None:
+    current, sites = _adapters()
+    new, _ = _round(_strategy(), current, sites, [10, 30])
+    for k in current:
+        assert torch.allclose(new[k], 0.25 * sites[0][k] + 0.75 * sites[1][k])
+
+
+def test_fedadam_takes_one_adam_step_along_the_lora_aware_mean() -> None:
+    current, sites = _adapters()
+    strategy = _strategy(strategy="fedadam")
+    assert type(strategy).__name__ == "LoraFedAdam"
+    new, _ = _round(strategy, current, sites, [10, 30])
+    b1, b2, tau, eta = 0.9, 0.99, 1e-3, ADAPTIVE_SERVER_LR
+    for k in current:
+        delta = (0.25 * sites[0][k] + 0.75 * sites[1][k] - current[k]).double()
+        m, v = (1 - b1) * delta, (1 - b2) * delta**2
+        eta_norm = eta * math.sqrt(1 - b2**2) / (1 - b1**2)  # Flower's bias correction, round 1
+        expected = current[k].double() + eta_norm * m / (v.sqrt() + tau)
+        assert torch.allclose(new[k].double(), expected, atol=1e-6)
+
+
+def test_fedavgm_with_lr_one_and_no_history_is_fedavg() -> None:
+    current, sites = _adapters()
+    new, _ = _round(_strategy(strategy="fedavgm"), current, sites, [1, 1])
+    for k in current:
+        assert torch.allclose(new[k], (sites[0][k] + sites[1][k]) / 2, atol=1e-6)
+
+
+def test_fedprox_sends_mu_to_the_sites() -> None:
+    current, sites = _adapters()
+    _, sent = _round(_strategy(strategy="fedprox", proximal_mu=0.5), current, sites, [1, 1])
+    assert all(m.content.config_records["config"]["proximal-mu"] == 0.5 for m in sent)
+
+
+def test_proximal_term_is_half_mu_times_the_squared_distance() -> None:
+    layer = torch.nn.Linear(3, 2)
+    term = proximal_term(layer, mu=0.4)
+    assert term(layer).item() == 0.0
+    with torch.no_grad():
+        layer.weight += 1.0  # 6 entries moved by 1: ||w - w0||^2 = 6
+    value = term(layer)
+    assert value.item() == pytest.approx(0.5 * 0.4 * 6)
+    value.backward()  # the gradient pulls back towards the global weights: mu (w - w0)
+    assert torch.allclose(layer.weight.grad, torch.full((2, 3), 0.4))  # type: ignore[arg-type]
+
+
+def test_server_optimizers_refuse_exact_aggregation() -> None:
+    with pytest.raises(ConfigError, match="re-factorizes A and B every round"):
+        build_config(ScenarioConfig, {"federation": {"strategy": "fedyogi",
+                                                     "aggregation": "exact"}}, source="test")
