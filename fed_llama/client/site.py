@@ -25,24 +25,25 @@ State = dict[str, Any]
 
 
 @dataclass
-class _Loaded:
+class LoadedSite:
     model: Any
     tokenizer: Any
     backbone: Any
     data: dict[int, SiteData]
 
 
-_CACHE: dict[ScenarioConfig, _Loaded] = {}
+_CACHE: dict[ScenarioConfig, LoadedSite] = {}
 
 
-def _loaded(scenario: ScenarioConfig) -> _Loaded:
+def loaded_site_model(scenario: ScenarioConfig) -> LoadedSite:
+    """This process's backbone with the scenario's LoRA attached (loaded on first use)."""
     if scenario not in _CACHE:
         from fed_llama.backbone.load import load_backbone
 
         bb = load_backbone(scenario.backbone)
         model = attach_lora(bb.model, scenario.lora, seed=scenario.train.seed)
         _CACHE.clear()  # one scenario per process at a time: free the previous backbone
-        _CACHE[scenario] = _Loaded(model=model, tokenizer=bb.tokenizer, backbone=bb, data={})
+        _CACHE[scenario] = LoadedSite(model=model, tokenizer=bb.tokenizer, backbone=bb, data={})
     return _CACHE[scenario]
 
 
@@ -52,11 +53,11 @@ def initial_state(scenario: ScenarioConfig) -> State:
     Every site attaches its adapter with the same seed, so with FFA-LoRA every site's frozen A
     equals this A.
     """
-    return adapter_state(_loaded(scenario).model)
+    return adapter_state(loaded_site_model(scenario).model)
 
 
 def site_data(scenario: ScenarioConfig, site: int) -> SiteData:
-    loaded = _loaded(scenario)
+    loaded = loaded_site_model(scenario)
     if site not in loaded.data:
         cfg = dataclasses.replace(scenario.data, source=scenario.federation.sites[site])
         loaded.data[site] = load_site_data(cfg, loaded.tokenizer, scenario.train.seed)
@@ -78,7 +79,7 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
         progress: bool = False, proximal_mu: float = 0.0) -> tuple[State, dict[str, float]]:
     """Train the global adapter ``state`` on site ``site`` for the local steps of a round
     (with FedProx's proximal term when ``proximal_mu`` > 0)."""
-    loaded = _loaded(scenario)
+    loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
     load_adapter_state(loaded.model, state)
     ffa = scenario.federation.aggregation == "ffa"
@@ -99,7 +100,7 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
 
 def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, float]:
     """Held-out answer loss of the adapter ``state`` on site ``site``."""
-    loaded = _loaded(scenario)
+    loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
     load_adapter_state(loaded.model, state)
     result = heldout_loss(loaded.model, data.heldout, scenario.train.eval_batch_size,

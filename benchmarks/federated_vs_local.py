@@ -1,0 +1,166 @@
+"""Federated vs local-only vs centralized, on the same backbone, data and training steps.
+
+For a scenario (default ``simulations/hospitals-3.toml``: R rounds of S local steps at N sites)
+this measures, on every site's held-out set (codes unseen in training):
+
+- ``base``: the backbone with the untrained adapter (B = 0);
+- ``local:<site>``: one site alone, R·S steps on its own data (what it would get without
+  joining: the same steps it spends in the federation);
+- ``centralized``: all sites' training data pooled, R·S·N steps (the federation's total);
+- ``federated:<mode>``: ``fed-llama simulate`` with that aggregation mode (Flower's Simulation
+  Engine, the product's own code path), evaluated after its last round.
+
+It prints per-site and pooled held-out perplexity, task accuracy (greedy answers:
+description -> code category match, code -> description token F1), minutes per variant, and
+the targets of the federation and task-evaluation issues, and writes everything as JSON.
+Everything is evaluated in this process with the same code, so the numbers compare.
+
+    python benchmarks/federated_vs_local.py                  # about an hour on 2 cores
+    python benchmarks/federated_vs_local.py --modes factors  # one federated mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TASKS = ("desc2code", "code2desc")
+
+
+def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, Any]:
+    """Held-out perplexity and task scores of adapter ``state`` on every site, and pooled."""
+    from fed_llama.client import site as site_ops
+    from fed_llama.evaluation.tasks import evaluate_tasks
+    from fed_llama.training.lora import load_adapter_state
+
+    loaded = site_ops.loaded_site_model(scenario)
+    row: dict[str, Any] = {}
+    nll = tokens = category = f1 = 0.0
+    for i, name in enumerate(scenario.site_names()):
+        ev = site_ops.evaluate(scenario, i, state)
+        nll += ev["heldout-loss"] * ev["heldout-tokens"]
+        tokens += ev["heldout-tokens"]
+        load_adapter_state(loaded.model, state)
+        loaded.model.eval()
+        report = evaluate_tasks(loaded.model, loaded.tokenizer,
+                                site_ops.site_data(scenario, i).heldout_examples,
+                                max_questions=questions, seed=scenario.train.seed, tasks=TASKS)
+        row[f"{name}/ppl"] = round(math.exp(ev["heldout-loss"]), 2)
+        row[f"{name}/category"] = round(report.metrics["desc2code"]["category"], 3)
+        row[f"{name}/desc_f1"] = round(report.metrics["code2desc"]["f1"], 3)
+        category += report.metrics["desc2code"]["category"]
+        f1 += report.metrics["code2desc"]["f1"]
+    n = len(scenario.site_names())
+    row.update(pooled_ppl=round(math.exp(nll / tokens), 2), pooled_category=round(category / n, 3),
+               pooled_desc_f1=round(f1 / n, 3))
+    return row
+
+
+def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str) -> dict[str, Any]:
+    """Train the scenario's initial adapter on ``items`` for ``steps`` steps, in one run."""
+    from fed_llama.client import site as site_ops
+    from fed_llama.training.loop import train_adapter
+    from fed_llama.training.lora import adapter_state, load_adapter_state
+
+    loaded = site_ops.loaded_site_model(scenario)
+    load_adapter_state(loaded.model, site_ops.initial_state(scenario))
+    for name, param in loaded.model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    cfg = dataclasses.replace(scenario.train, max_steps=steps)
+    train_adapter(loaded.model, items, cfg, loaded.tokenizer.pad_token_id, desc=desc)
+    return adapter_state(loaded.model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
+    parser.add_argument("--modes", nargs="+", default=["factors", "exact", "ffa"],
+                        choices=["factors", "exact", "ffa"])
+    parser.add_argument("--questions", type=int, default=32, help="questions per task per site")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="scenario override, as for fed-llama simulate")
+    parser.add_argument("--runs", help="keep the federated run folders here (default: temp)")
+    parser.add_argument("--json", default=str(HERE / "results" / "federated_vs_local.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from fed_llama.client import site as site_ops
+    from fed_llama.common.files import write_text_atomic
+    from fed_llama.simulation.runner import load_scenario, simulate
+
+    scenario, _ = load_scenario(Path(args.scenario), args.overrides)
+    fed, names = scenario.federation, scenario.site_names()
+    per_site = fed.rounds * scenario.train.max_steps
+    rows: list[dict[str, Any]] = []
+
+    def add(variant: str, steps: int, state: dict[str, Any], start: float) -> None:
+        row = {"variant": variant, "steps": steps, **measure(scenario, state, args.questions),
+               "minutes": round((time.perf_counter() - start) / 60, 2)}
+        rows.append(row)
+        logging.info("%s", row)
+
+    start = time.perf_counter()
+    add("base", 0, site_ops.initial_state(scenario), start)
+    for i, name in enumerate(names):
+        start = time.perf_counter()
+        state = train_fresh(scenario, site_ops.site_data(scenario, i).train, per_site,
+                            f"local {name}")
+        add(f"local:{name}", per_site, state, start)
+    start = time.perf_counter()
+    pooled = [x for i in range(len(names)) for x in site_ops.site_data(scenario, i).train]
+    add("centralized", per_site * len(names),
+        train_fresh(scenario, pooled, per_site * len(names), "centralized"), start)
+    with tempfile.TemporaryDirectory(prefix="fed-vs-local-") as tmp:
+        runs = Path(args.runs) if args.runs else Path(tmp)
+        for mode in args.modes:
+            start = time.perf_counter()
+            store = simulate(Path(args.scenario), runs / mode, overrides=[
+                *args.overrides, f"federation.aggregation='{mode}'"])
+            add(f"federated:{mode}", per_site * len(names), store.load_round(fed.rounds), start)
+
+    cols = ["variant", "steps", "pooled_ppl", *[f"{n}/ppl" for n in names], "pooled_category",
+            "pooled_desc_f1", "minutes"]
+    print(f"{Path(args.scenario).name}: {len(names)} sites, {fed.rounds} rounds x "
+          f"{scenario.train.max_steps} local steps, batch {scenario.train.batch_size}; "
+          f"{args.questions} questions per task per site; held-out codes unseen in training")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    locals_ = [r for r in rows if r["variant"].startswith("local:")]
+    central = next(r for r in rows if r["variant"] == "centralized")
+    targets = []
+    for r in (r for r in rows if r["variant"].startswith("federated:")):
+        best_local_ppl = min(x["pooled_ppl"] for x in locals_)
+        best_local_cat = max(x["pooled_category"] for x in locals_)
+        t = {"variant": r["variant"],
+             "beats_every_local_ppl": r["pooled_ppl"] < best_local_ppl,
+             "ppl_vs_centralized": round(r["pooled_ppl"] / central["pooled_ppl"], 3),
+             "within_10pct_of_centralized": r["pooled_ppl"] <= 1.10 * central["pooled_ppl"],
+             "category_vs_centralized": round(r["pooled_category"]
+                                              / max(central["pooled_category"], 1e-9), 3),
+             "category_points_over_best_local": round(100 * (r["pooled_category"]
+                                                             - best_local_cat), 1)}
+        targets.append(t)
+        print(f"{t['variant']}: beats every local-only adapter on pooled ppl: "
+              f"{t['beats_every_local_ppl']}; ppl / centralized = {t['ppl_vs_centralized']} "
+              f"(target <= 1.10); category / centralized = {t['category_vs_centralized']} "
+              f"(target >= 0.95); category points over best local = "
+              f"{t['category_points_over_best_local']} (target >= 20)")
+    write_text_atomic(Path(args.json), json.dumps(
+        {"scenario": Path(args.scenario).name, "overrides": args.overrides,
+         "questions": args.questions, "rows": rows, "targets": targets}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
