@@ -71,3 +71,24 @@ def qa_records(n: int) -> list[dict[str, str]]:
     return [{"instruction": f"What does ICD-10-CM code I{10 + i % 7} describe?",
              "output": "Essential (primary) hypertension" if i % 2 else "acute myocardial"}
             for i in range(n)]
+
+
+@pytest.fixture
+def flower_task():  # type: ignore[no-untyped-def]
+    """Flower stamps messages with the run of the process; outside a run, give it one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FakeGrid:
+    """The part of Flower's Grid a strategy's ``configure_*`` uses: ``n`` connected nodes."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return [11 * (i + 1) for i in range(self.n)]

@@ -37,8 +37,16 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
     for row in history:
         assert row["sites-trained"] == 2 and row["sites-evaluated"] == 2
         assert row["site0/perplexity"] > 0 and row["site1/perplexity"] > 0
-        assert row["bytes-up"] == row["bytes-down"] > 0
-        assert row["bytes-up"] < row["backbone-bytes"]
+        assert row["sites-refused"] == 0
+        # each update travels signed and encrypted: its tensors plus the envelope's overhead
+        assert row["bytes-down"] < row["bytes-up"] < row["backbone-bytes"]
+        assert row["site0/bytes-up"] + row["site1/bytes-up"] == row["bytes-up"]
+    # the simulation made every party's keys (private ones 0600) and sealed every round
+    assert (out / "keys" / "server.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (out / "seals").iterdir()) == ["round-001.json",
+                                                                  "round-002.json"]
+    seals = [json.loads((out / "seals" / f"round-00{r}.json").read_text()) for r in (1, 2)]
+    assert seals[1]["prev"] != seals[0]["prev"] and seals[0]["run"] == seals[1]["run"]
     manifest = read_manifest(out / "rounds" / "round-002")
     assert manifest["round"] == 2 and manifest["sites"] == ["site0", "site1"]
     assert (out / "perplexity.png").stat().st_size > 0 and (out / "history.csv").is_file()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fed_llama.client.site import proximal_term
 from fed_llama.config.loader import build_config
@@ -20,20 +19,7 @@ A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"
 
 
-@pytest.fixture(autouse=True)
-def server_task() -> Iterator[None]:
-    """Flower stamps messages with the run of the process; outside a run, give it one."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class TwoNodes:
-    """The part of Flower's Grid a strategy's ``configure_*`` uses: two connected nodes."""
-
-    def get_node_ids(self) -> list[int]:
-        return [11, 22]
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _strategy(**federation: object) -> LoraFedAvg:
@@ -47,7 +33,7 @@ def _round(strategy: LoraFedAvg, current: dict[str, torch.Tensor],
            sites: list[dict[str, torch.Tensor]], examples: list[int]
            ) -> tuple[dict[str, torch.Tensor], list[Message]]:
     sent = list(strategy.configure_train(1, ArrayRecord(current), ConfigRecord(),
-                                         TwoNodes()))  # type: ignore[arg-type]
+                                         FakeGrid(2)))  # type: ignore[arg-type]
     replies = [Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({
         "num-examples": n, "site": i, "train-loss": 1.0, "train-seconds": 1.0})}),
         reply_to=msg) for i, (msg, state, n) in enumerate(zip(sent, sites, examples,

@@ -9,18 +9,25 @@ scenario file named by the run config's ``scenario`` key.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_llama.client import security
 from fed_llama.client import site as site_ops
 from fed_llama.config.loader import load_config
-from fed_llama.config.scenario import DEFAULT_SCENARIO, ScenarioConfig, run_config_path
+from fed_llama.config.scenario import (
+    DEFAULT_SCENARIO,
+    ScenarioConfig,
+    run_config_path,
+    with_key_folder,
+)
 
 
 def scenario_from_run_config(context: Context) -> ScenarioConfig:
     """The scenario named by ``run_config["scenario"]`` (relative to the project folder)."""
-    return load_config(ScenarioConfig, run_config_path(context.run_config, "scenario",
-                                                       DEFAULT_SCENARIO))
+    scenario = load_config(ScenarioConfig, run_config_path(context.run_config, "scenario",
+                                                           DEFAULT_SCENARIO))
+    return with_key_folder(scenario, context.run_config)
 
 
 def _site(context: Context, scenario: ScenarioConfig) -> int:
@@ -41,15 +48,27 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
         site = _site(context, sc)
         state = msg.content.array_records["arrays"].to_torch_state_dict()
         config = msg.content.config_records["config"]
-        value = config.get("server-round", 0)
+        value = config.get("fed-round", config.get("server-round", 0))
         server_round = value if isinstance(value, int) else 0
         mu = config.get("proximal-mu", 0.0)  # sent by Flower's FedProx
+        name = sc.site_names()[site]
+        sec = sc.security
+        if sec.envelopes:  # check the seal before spending any time on training
+            key, server = security.site_keys(sec, name, context.node_config)
+            run = security.check_round(sec, server, config, state, server_round)
         new_state, metrics = site_ops.fit(sc, site, state, server_round,
                                           proximal_mu=float(mu) if isinstance(mu, (int, float))
                                           else 0.0)
         metrics["site"] = float(site)
-        content = RecordDict({"arrays": ArrayRecord(new_state),
-                              "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+        if sec.envelopes:
+            sealed = security.seal_update(key, server, run=run, server_round=server_round,
+                                          state=new_state, metrics=metrics)
+            content = RecordDict({"metrics": MetricRecord({"num-examples": metrics[
+                "num-examples"], "site": float(site)}),
+                "envelope": ConfigRecord({"sealed": sealed})})
+        else:
+            content = RecordDict({"arrays": ArrayRecord(new_state),
+                                  "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
         return Message(content, reply_to=msg)
 
     @app.evaluate()

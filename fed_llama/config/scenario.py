@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,58 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """How updates are protected and checked ([security])."""
+
+    envelopes: bool = True
+    """Sites sign (Ed25519) and encrypt (HPKE) every update to the aggregator, which verifies,
+    decrypts and refuses forged, replayed, stale or malformed ones. ``false`` sends plain
+    arrays: for debugging only."""
+
+    keys: str = field(default="", metadata={"path": True})
+    """Folder made by ``fed-llama keys``: ``server.key``, ``server.pub.json``, ``trust.json``,
+    ``sites/<site>.key``. Empty: ``fed-llama simulate`` makes a fresh set in ``<out>/keys``
+    (in a simulation every party runs on this machine)."""
+
+    kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
+    """HPKE KEM of keys made by ``simulate``: X25519, or the hybrid post-quantum
+    ML-KEM-768 + X25519 for data that must stay secret for decades."""
+
+    seal_rounds: bool = True
+    """The aggregator signs each round's global adapter, hash-chained to the previous round;
+    sites verify the seal before training."""
+
+    max_age: float = 3600.0
+    """Seconds an update envelope stays acceptable after the site made it."""
+
+    max_update_norm: float = 0.0
+    """Refuse an update whose change from the global adapter has an L2 norm above this
+    (0: no absolute bound)."""
+
+    norm_outlier_factor: float = 10.0
+    """Refuse an update whose change is more than this many times the median change of the
+    round's updates (needs 3 or more updates; 0: off)."""
+
+    passphrase_env: str = ""
+    """Environment variable holding the passphrase of the private keys (empty: unencrypted
+    keys)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_age <= 0:
+            out.append(f"max_age must be positive; got {self.max_age}")
+        if self.max_update_norm < 0:
+            out.append(f"max_update_norm must be 0 (off) or more; got {self.max_update_norm}")
+        if self.norm_outlier_factor != 0 and self.norm_outlier_factor <= 1:
+            out.append("norm_outlier_factor must be 0 (off) or above 1; got "
+                       f"{self.norm_outlier_factor}")
+        if self.seal_rounds and not self.envelopes:
+            out.append("seal_rounds needs the aggregator's keys: set envelopes = true, or "
+                       "seal_rounds = false")
+        return out
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """A simulated federation: backbone, adapter, local training, data and rounds."""
 
@@ -131,6 +184,9 @@ class ScenarioConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     """Rounds and aggregation ([federation])."""
 
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Signed and encrypted updates, update checks ([security])."""
+
     def site_names(self) -> list[str]:
         """A short name per site: the ICD-10 site, or the file's stem."""
         return [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
@@ -141,3 +197,13 @@ class ScenarioConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         return [f"federation.sites has two sites named {dupes}: give each a distinct source"
                 ] if dupes else []
+
+
+def with_key_folder(scenario: ScenarioConfig, run_config: Mapping[str, Any]) -> ScenarioConfig:
+    """The scenario with ``security.keys`` filled in: as given, or ``<out>/keys`` of the run
+    config (``flwr run .``, where every party of a simulation shares this machine)."""
+    if scenario.security.keys:
+        return scenario
+    keys = run_config_path(run_config, "out", "runs/flwr-run") / "keys"
+    return dataclasses.replace(scenario, security=dataclasses.replace(scenario.security,
+                                                                      keys=str(keys)))

@@ -59,11 +59,13 @@ class EnvelopeHeader:
     kem: str
     tensors: tuple[TensorSpec, ...]
     ciphertext_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Numbers the site reports beside the update (examples, train loss): signed, not secret."""
 
     def encode(self) -> bytes:
         data = {"v": 1, "run": self.run, "round": self.round, "site": self.site,
                 "issued": self.issued, "nonce": self.nonce, "kem": self.kem,
-                "ciphertext_bytes": self.ciphertext_bytes,
+                "ciphertext_bytes": self.ciphertext_bytes, "metrics": self.metrics,
                 "tensors": [[t.name, t.dtype, list(t.shape), t.sha256] for t in self.tensors]}
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
@@ -78,12 +80,15 @@ class EnvelopeHeader:
                          site=_typed(d["site"], str), issued=float(_typed(d["issued"],
                                                                           (int, float))),
                          nonce=_typed(d["nonce"], str), kem=_typed(d["kem"], str),
-                         tensors=tensors, ciphertext_bytes=_typed(d["ciphertext_bytes"], int))
+                         tensors=tensors, ciphertext_bytes=_typed(d["ciphertext_bytes"], int),
+                         metrics={_typed(k, str): float(_typed(v, (int, float)))
+                                  for k, v in _typed(d.get("metrics", {}), dict).items()})
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise Refused("malformed", f"the envelope header cannot be read: {exc}") from exc
-        if header.kem not in KEMS or not math.isfinite(header.issued):
-            raise Refused("malformed", f"the envelope header names kem {header.kem!r} or an "
-                          "invalid time")
+        if header.kem not in KEMS or not math.isfinite(header.issued) or not all(
+                math.isfinite(v) for v in header.metrics.values()):
+            raise Refused("malformed", f"the envelope header names kem {header.kem!r}, an "
+                          "invalid time or a non-finite metric")
         return header
 
 
@@ -142,14 +147,16 @@ def safetensors_manifest(payload: bytes) -> tuple[TensorSpec, ...]:
 
 
 def seal_envelope(payload: bytes, *, site_key: SiteKey, server: ServerPublicKey, run: str,
-                  server_round: int, clock: Callable[[], float] = time.time,
-                  nonce: str | None = None) -> bytes:
-    """Encrypt ``payload`` (safetensors bytes) to ``server`` and sign it as ``site_key``."""
+                  server_round: int, metrics: dict[str, float] | None = None,
+                  clock: Callable[[], float] = time.time, nonce: str | None = None) -> bytes:
+    """Encrypt ``payload`` (safetensors bytes) to ``server`` and sign it as ``site_key``,
+    with ``metrics`` signed beside it in the clear."""
     header = EnvelopeHeader(
         run=run, round=server_round, site=site_key.site, issued=float(clock()),
         nonce=nonce or os.urandom(16).hex(), kem=server.kem,
         tensors=safetensors_manifest(payload),
-        ciphertext_bytes=_ENC_BYTES[server.kem] + len(payload) + _TAG_BYTES)
+        ciphertext_bytes=_ENC_BYTES[server.kem] + len(payload) + _TAG_BYTES,
+        metrics={k: float(v) for k, v in (metrics or {}).items()})
     head = header.encode()
     ciphertext = server.encrypt(payload, info=INFO + head)
     if len(ciphertext) != header.ciphertext_bytes:  # the HPKE layout is fixed by RFC 9180

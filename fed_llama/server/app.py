@@ -9,9 +9,16 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fed_llama.config.scenario import DEFAULT_SCENARIO, ScenarioConfig, run_config_path
+from fed_llama.config.scenario import (
+    DEFAULT_SCENARIO,
+    ScenarioConfig,
+    run_config_path,
+    with_key_folder,
+)
+from fed_llama.crypto.keyring import KeyFolder
 from fed_llama.server.checkpoint import RunStore
 from fed_llama.server.report import plot_history
+from fed_llama.server.security import ServerGuard
 from fed_llama.server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -35,10 +42,16 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     backbone_bytes = _backbone_bytes(source.model_dir)
     rows: dict[int, dict[str, Any]] = {}
 
+    guard = None
+    if scenario.security.envelopes:
+        guard = ServerGuard.load(scenario.security, KeyFolder(Path(scenario.security.keys)),
+                                 store.run_id(), store.out / "seals")
+
     def on_train(server_round: int, row: dict[str, float]) -> None:
         rows[server_round] = {"round": server_round, "backbone-bytes": backbone_bytes, **row}
-        log.info("round %d/%d: %d site(s) trained, train loss %.4f", server_round, total,
-                 int(row["sites-trained"]), row["train-loss"])
+        log.info("round %d/%d: %d site(s) trained, %d update(s) refused, train loss %.4f",
+                 server_round, total, int(row["sites-trained"]),
+                 int(row.get("sites-refused", 0)), row["train-loss"])
 
     def on_evaluate(server_round: int, row: dict[str, float]) -> None:
         full = {**rows.pop(server_round, {"round": server_round}), **row}
@@ -64,7 +77,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         return None
 
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
-                              on_evaluate=on_evaluate)
+                              on_evaluate=on_evaluate, security=guard)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
                    timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
 
@@ -96,4 +109,14 @@ def main(grid: Grid, context: Context) -> None:
     out = run_config_path(context.run_config, "out", "runs/flwr-run")
     scenario, text = load_scenario(path, [])
     store = RunStore(out)
-    run_federation(grid, scenario, store, store.start(text, resume=True))
+    done = store.start(text, resume=True)
+    scenario = prepare_keys(with_key_folder(scenario, context.run_config), store.out)
+    run_federation(grid, scenario, store, done)
+
+
+def prepare_keys(scenario: ScenarioConfig, out: Path) -> ScenarioConfig:
+    """A simulation's keys: made in ``<out>/keys`` when the scenario names no key folder."""
+    sec = scenario.security
+    if sec.envelopes and Path(sec.keys) == out / "keys":
+        KeyFolder(out / "keys").ensure_simulation(scenario.site_names(), sec.kem)
+    return scenario

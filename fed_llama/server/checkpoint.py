@@ -3,6 +3,9 @@
 Layout of ``--out``::
 
     scenario.toml                the scenario as run (resume refuses a different one)
+    run-id                       the id update envelopes are bound to
+    keys/                        a simulation's keys, when the scenario names none
+    seals/round-NNN.json         the aggregator's signed, hash-chained seal of each round
     rounds/round-001/            global adapter after round 1 (peft format + manifest)
     history.json, history.csv    one row per completed round
     perplexity.png, bytes.png    plots (see fed_llama.server.report)
@@ -66,6 +69,15 @@ class RunStore:
             if int(extra.name.split("-")[1]) > done:
                 shutil.rmtree(extra)
         return done
+
+    def run_id(self) -> str:
+        """This run's id (made on first use, kept across --resume): envelopes are bound to it."""
+        path = self.out / "run-id"
+        if not path.is_file():
+            import secrets
+
+            write_text_atomic(path, f"run-{secrets.token_hex(8)}\n")
+        return path.read_text().strip()
 
     def history(self) -> list[dict[str, Any]]:
         if not self.history_path.is_file():

@@ -24,7 +24,10 @@ from flwr.serverapp.strategy import (
 )
 
 from fed_llama.config.scenario import ScenarioConfig
+from fed_llama.crypto.refusal import Refused
+from fed_llama.server.admission import change_norm, check_norm, check_update, norm_outliers
 from fed_llama.server.aggregation import combine
+from fed_llama.server.security import ServerGuard
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +60,80 @@ class LoraFedAvg(FedAvg):
     on_train: RowHook
     on_evaluate: RowHook
     current: State
+    security: ServerGuard | None
 
     def bind(self, scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
-             on_train: RowHook, on_evaluate: RowHook) -> LoraFedAvg:
+             on_train: RowHook, on_evaluate: RowHook,
+             security: ServerGuard | None = None) -> LoraFedAvg:
         self.scenario = scenario
         self.site_names = site_names
         self.round_offset = round_offset
         self.on_train = on_train
         self.on_evaluate = on_evaluate
+        self.security = security
         return self
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()  # the global adapter sent this round
+        real = self.round_offset + server_round
+        config["fed-round"] = real  # Flower's server-round restarts at 1 on --resume
+        if self.security is not None:
+            for key, value in self.security.round_config(real, self.current).items():
+                config[key] = value
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _admit(self, reply: Message, real_round: int) -> tuple[str, State, dict[str, float]]:
+        """One reply's (site, adapter state, metrics), verified and checked, or Refused."""
+        content = reply.content
+        if self.security is not None:
+            if "envelope" not in content.config_records:
+                raise Refused("malformed", "the reply carries no update envelope")
+            sealed = content.config_records["envelope"].get("sealed")
+            return self.security.open(sealed, real_round, self.current)
+        metrics = scalars(content.metric_records["metrics"])
+        if "arrays" not in content.array_records:
+            raise Refused("malformed", "the reply carries no adapter arrays")
+        state = content.array_records["arrays"].to_torch_state_dict()
+        check_update(state, self.current)
+        check_norm(change_norm(state, self.current), self.scenario.security.max_update_norm)
+        index = int(metrics.get("site", -1))
+        if not 0 <= index < len(self.site_names):
+            raise Refused("unknown-site", f"site index {index} names no site of the scenario")
+        return self.site_names[index], state, metrics
+
+    def admit_all(self, replies: list[Message], real_round: int, row: dict[str, float]
+                  ) -> list[tuple[str, State, dict[str, float]]]:
+        """The replies that pass every check; each refusal is logged and counted in ``row``."""
+        admitted: list[tuple[str, State, dict[str, float]]] = []
+        refused: list[str] = []
+        for reply in replies:
+            try:
+                site, state, metrics = self._admit(reply, real_round)
+                if "num-examples" not in metrics or metrics["num-examples"] <= 0:
+                    raise Refused("malformed", "the update reports no num-examples")
+                if site not in self.site_names:
+                    raise Refused("unknown-site", f"site {site!r} is not part of this scenario")
+                if any(site == s for s, _, _ in admitted):
+                    raise Refused("replayed", f"site {site!r} already delivered this round")
+                admitted.append((site, state, metrics))
+                row[f"{site}/bytes-up"] = float(_reply_bytes(reply))
+            except Refused as exc:
+                refused.append(exc.reason)
+                log.warning("round %d: an update from node %s was %s", real_round,
+                            reply.metadata.src_node_id, exc)
+        norms = [change_norm(state, self.current) for _, state, _ in admitted]
+        factor = self.scenario.security.norm_outlier_factor
+        for i in reversed(norm_outliers(norms, factor)):
+            site = admitted.pop(i)[0]
+            refused.append("norm-bound")
+            log.warning("round %d: the update of site %r was refused (norm-bound): it changes "
+                        "the adapter by %.4g, over %g x the median change", real_round, site,
+                        norms[i], factor)
+        row["sites-refused"] = float(len(refused))
+        for reason in refused:
+            row[f"refused/{reason}"] = row.get(f"refused/{reason}", 0.0) + 1
+        return admitted
 
     def _good(self, replies: Iterable[Message], kind: str, server_round: int) -> list[Message]:
         replies = list(replies)
@@ -84,26 +147,29 @@ class LoraFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = self._good(replies, "train", server_round)
-        if not good:
+        real = self.round_offset + server_round
+        row: dict[str, float] = {}
+        admitted = self.admit_all(good, real, row)
+        if not admitted:
+            log.error("round %d: no update passed the checks; the global adapter stays as it "
+                      "was", real)
             return None, None
-        states = [m.content.array_records["arrays"].to_torch_state_dict() for m in good]
-        metrics = [scalars(m.content.metric_records["metrics"]) for m in good]
+        states = [state for _, state, _ in admitted]
+        metrics = [m for _, _, m in admitted]
         weights = [m["num-examples"] for m in metrics]
         fed, lora = self.scenario.federation, self.scenario.lora
         down = state_bytes(self.current)
         new, info = combine(self.current, states, weights, aggregation=fed.aggregation,
                             robust=fed.robust, trim_fraction=fed.trim_fraction,
                             clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha))
-        row: dict[str, float] = {"sites-trained": float(len(good)), **info,
-                                 "bytes-down": float(down * len(good)),
-                                 "bytes-up": float(sum(state_bytes(s) for s in states))}
-        for m, s in zip(metrics, states, strict=True):
-            name = self.site_names[int(m["site"])]
-            row[f"{name}/train-loss"] = m["train-loss"]
-            row[f"{name}/train-seconds"] = m["train-seconds"]
-            row[f"{name}/bytes-up"] = float(state_bytes(s))
+        up = [_reply_bytes(m) for m in good]
+        row.update({"sites-trained": float(len(admitted)), **info,
+                    "bytes-down": float(down * len(good)), "bytes-up": float(sum(up))})
+        for name, _, m in admitted:
+            row[f"{name}/train-loss"] = m.get("train-loss", math.nan)
+            row[f"{name}/train-seconds"] = m.get("train-seconds", math.nan)
         total = sum(weights)
-        row["train-loss"] = sum(w * m["train-loss"] for w, m in
+        row["train-loss"] = sum(w * m.get("train-loss", math.nan) for w, m in
                                 zip(weights, metrics, strict=True)) / total
         self.on_train(self.round_offset + server_round, row)
         return ArrayRecord(new), MetricRecord({"train-loss": row["train-loss"]})
@@ -132,6 +198,17 @@ class LoraFedAvg(FedAvg):
 ADAPTIVE_SERVER_LR = 1e-3
 """FedAdam/FedYogi/FedAdagrad's step when ``server_lr`` is 0: the order of a local AdamW step."""
 
+def _reply_bytes(reply: Message) -> int:
+    """Bytes of the update a reply carries: the envelope, or the plain arrays."""
+    content = reply.content
+    if "envelope" in content.config_records:
+        sealed = content.config_records["envelope"].get("sealed")
+        return len(sealed) if isinstance(sealed, bytes) else 0
+    if "arrays" in content.array_records:
+        return sum(len(a.data) for a in content.array_records["arrays"].values())
+    return 0
+
+
 SERVER_STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad, "fedavgm": FedAvgM,
@@ -139,7 +216,8 @@ SERVER_STRATEGIES: dict[str, type[FedAvg]] = {
 
 
 def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
-                   on_train: RowHook, on_evaluate: RowHook) -> LoraFedAvg:
+                   on_train: RowHook, on_evaluate: RowHook,
+                   security: ServerGuard | None = None) -> LoraFedAvg:
     """Flower's strategy named by ``federation.strategy``, on LoRA-aware aggregation."""
     fed = scenario.federation
     need = fed.min_sites or len(fed.sites)
@@ -158,4 +236,4 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
     cls: type[LoraFedAvg] = LoraFedAvg if base is FedAvg else type(
         f"Lora{base.__name__}", (base, LoraFedAvg), {})
     return cls(**kwargs).bind(scenario, site_names, round_offset=round_offset,
-                              on_train=on_train, on_evaluate=on_evaluate)
+                              on_train=on_train, on_evaluate=on_evaluate, security=security)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -64,6 +65,11 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
     scenario, text = load_scenario(path, overrides or [])
     store = RunStore(out)
     done = store.start(text, resume)
+    if scenario.security.envelopes and not scenario.security.keys:
+        from fed_llama.server.app import prepare_keys
+
+        scenario = prepare_keys(dataclasses.replace(scenario, security=dataclasses.replace(
+            scenario.security, keys=str(out / "keys"))), out)
     total = scenario.federation.rounds
     if done >= total:
         log.info("%s: all %d rounds already complete", out, total)

@@ -1,0 +1,88 @@
+"""A site's side of the update protocol: check the round's seal, seal the update.
+
+Before training, the site checks that the aggregator signed the global adapter it received
+for this round of this run (and, when it saw the previous round, that the seal chains to it).
+After training, it encrypts its update to the aggregator and signs it
+(:func:`fed_llama.crypto.seal_envelope`). Key paths come from the key folder, or from the
+node's config (``site-key``, ``server-public``) on a real SuperNode.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fed_llama.config.scenario import SecurityConfig
+from fed_llama.crypto import RoundSeal, safetensors_manifest, seal_envelope, verify_round
+from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
+from fed_llama.crypto.keys import ServerPublicKey, SiteKey
+from fed_llama.crypto.refusal import Refused
+from fed_llama.crypto.seal import manifest_digest
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Any]
+_LAST_SEAL: dict[str, tuple[int, str]] = {}
+"""run -> (round, digest) of the last seal this process accepted: the chain check."""
+
+
+@functools.lru_cache(maxsize=8)
+def _keys(site_key: Path, server_public: Path, passphrase_env: str
+          ) -> tuple[SiteKey, ServerPublicKey]:
+    return (SiteKey.load(site_key, passphrase_from_env(passphrase_env)),
+            ServerPublicKey.load(server_public))
+
+
+def site_keys(cfg: SecurityConfig, site: str, node_config: Mapping[str, Any]
+              ) -> tuple[SiteKey, ServerPublicKey]:
+    """This site's signing key and the aggregator's public key."""
+    folder = KeyFolder(Path(cfg.keys))
+    key_path = Path(str(node_config.get("site-key") or folder.site_key(site)))
+    pub_path = Path(str(node_config.get("server-public") or folder.server_public))
+    key, server = _keys(key_path, pub_path, cfg.passphrase_env)
+    if key.site != site:
+        raise Refused("bad-key", f"{key_path} is the key of site {key.site!r}, but this node "
+                      f"serves site {site!r}: point site-key at this site's key")
+    return key, server
+
+
+def _payload(state: State) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[str, Any],
+                state: State, server_round: int) -> str:
+    """Verify this round's seal over ``state`` (if seals are on); return the run id."""
+    run = config.get("run-id")
+    if not isinstance(run, str) or not run:
+        raise Refused("malformed", "the round's config carries no run id: is the aggregator "
+                      "running with [security] envelopes = true?")
+    if cfg.seal_rounds:
+        text = config.get("round-seal")
+        if not isinstance(text, str):
+            raise Refused("bad-seal", "the aggregator sent no round seal; refusing to train on "
+                          "an adapter nobody vouches for")
+        try:
+            seal = RoundSeal.from_json(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise Refused("bad-seal", f"the round seal is not JSON: {exc}") from exc
+        last = _LAST_SEAL.get(run)
+        prev = last[1] if last and last[0] == server_round - 1 else None
+        verify_round(seal, server, run=run, server_round=server_round,
+                     adapter_sha256=manifest_digest(safetensors_manifest(_payload(state))),
+                     prev_digest=prev)
+        _LAST_SEAL[run] = (server_round, seal.digest)
+    return run
+
+
+def seal_update(key: SiteKey, server: ServerPublicKey, *, run: str, server_round: int,
+                state: State, metrics: dict[str, float]) -> bytes:
+    """The update as an envelope: encrypted to the aggregator, signed by this site."""
+    return seal_envelope(_payload(state), site_key=key, server=server, run=run,
+                         server_round=server_round, metrics=metrics)

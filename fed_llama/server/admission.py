@@ -1,0 +1,58 @@
+"""What the aggregator checks of every update before it is aggregated.
+
+An update must have exactly the global adapter's tensor names, shapes and dtypes, hold only
+finite values, and change the global adapter by no more than the configured bounds (an
+absolute L2 bound, and a multiple of the median change of the round's updates). Each failure
+raises :class:`~fed_llama.crypto.Refused` with its reason, so the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+from fed_llama.crypto.refusal import Refused
+
+State = dict[str, Any]
+
+
+def check_update(update: State, current: State) -> None:
+    """Refuse ``update`` unless it has the global adapter's tensors and only finite values."""
+    if set(update) != set(current):
+        missing, extra = sorted(set(current) - set(update)), sorted(set(update) - set(current))
+        raise Refused("wrong-names", f"{len(missing)} tensor(s) missing (e.g. {missing[:1]}), "
+                      f"{len(extra)} unexpected (e.g. {extra[:1]})")
+    for name, ref in current.items():
+        got = update[name]
+        if not isinstance(got, torch.Tensor):
+            raise Refused("wrong-dtype", f"{name}: not a tensor")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise Refused("wrong-shape", f"{name}: shape {tuple(got.shape)}, the global "
+                          f"adapter's is {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise Refused("wrong-dtype", f"{name}: dtype {got.dtype}, the global adapter's is "
+                          f"{ref.dtype}")
+        if not bool(torch.isfinite(got).all()):
+            raise Refused("non-finite", f"{name}: holds NaN or Inf")
+
+
+def change_norm(update: State, current: State) -> float:
+    """The L2 norm of ``update - current`` over every tensor."""
+    total = sum(float(((update[k].double() - current[k].double()) ** 2).sum()) for k in current)
+    return float(total ** 0.5)
+
+
+def check_norm(norm: float, max_norm: float) -> None:
+    if max_norm and norm > max_norm:
+        raise Refused("norm-bound", f"the update changes the adapter by {norm:.4g}; the bound "
+                      f"(security.max_update_norm) is {max_norm:.4g}")
+
+
+def norm_outliers(norms: list[float], factor: float) -> list[int]:
+    """Indices of changes more than ``factor`` times the median of ``norms`` (3 or more)."""
+    if not factor or len(norms) < 3:
+        return []
+    median = statistics.median(norms)
+    return [i for i, n in enumerate(norms) if n > factor * max(median, 1e-12)]
