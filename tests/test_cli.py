@@ -69,3 +69,26 @@ def test_bad_input_is_one_line_naming_the_problem(argv: list[str], expected: str
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert expected in _one_line_error(capsys, main(argv))
+
+
+def test_keys_for_a_server_and_a_site(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "keys"
+    monkeypatch.setenv("SITE_PASSPHRASE", "correct horse")
+    assert main(["keys", "init-server", "--dir", str(folder), "--kem", "mlkem768-x25519"]) == 0
+    assert main(["keys", "init-site", "cardiology", "--dir", str(folder),
+                 "--passphrase-env", "SITE_PASSPHRASE"]) == 0
+    assert main(["keys", "enroll", str(folder / "sites" / "cardiology.pub.json"),
+                 "--dir", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "(mlkem768-x25519)" in out and "site cardiology" in out
+    assert (folder / "sites" / "cardiology.key").stat().st_mode & 0o777 == 0o600
+    # keys are never overwritten, and a missing passphrase variable is named
+    assert main(["keys", "init-server", "--dir", str(folder)]) == 2
+    monkeypatch.delenv("SITE_PASSPHRASE")
+    assert main(["keys", "init-site", "oncology", "--dir", str(folder),
+                 "--passphrase-env", "SITE_PASSPHRASE"]) == 2
+    err = capsys.readouterr().err
+    assert "keys are never overwritten" in err and "'SITE_PASSPHRASE'" in err

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 from fed_llama import __version__
-from fed_llama.cli import commands
+from fed_llama.cli import commands, keys
 from fed_llama.errors import FedLlamaError
 
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = bb_sub.add_parser("info", help="resolve (and convert once) a backbone; print its id")
     info.add_argument("name", nargs="?", default="smollm2-135m")
     info.set_defaults(func=commands.cmd_backbone_info)
+
+    keys.add_parser(sub)
     return parser
 
 

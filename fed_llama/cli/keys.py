@@ -1,0 +1,73 @@
+"""``fed-llama keys``: make and enroll the keys that sign and encrypt updates."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
+from fed_llama.crypto.keys import ServerPublicKey, TrustStore
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    keys = sub.add_parser("keys", help="make and enroll the keys that sign and encrypt updates")
+    ks = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    srv = ks.add_parser("init-server", help="the aggregator's HPKE and signing keys, and an "
+                        "empty trust store")
+    srv.add_argument("--dir", required=True, help="key folder (server.key, server.pub.json, "
+                     "trust.json)")
+    srv.add_argument("--kem", choices=["x25519", "mlkem768-x25519"], default="x25519",
+                     help="HPKE KEM: X25519, or hybrid post-quantum ML-KEM-768 + X25519")
+    srv.add_argument("--passphrase-env", default="", metavar="VAR",
+                     help="encrypt the private key with the passphrase in this variable")
+    srv.set_defaults(func=cmd_init_server)
+    site = ks.add_parser("init-site", help="a site's signing key")
+    site.add_argument("site", help="the site's name, as the scenario names it (e.g. cardiology)")
+    site.add_argument("--dir", required=True, help="key folder (writes sites/<site>.key and "
+                      "sites/<site>.pub.json)")
+    site.add_argument("--passphrase-env", default="", metavar="VAR",
+                      help="encrypt the private key with the passphrase in this variable")
+    site.set_defaults(func=cmd_init_site)
+    enroll = ks.add_parser("enroll", help="add sites' public keys to the aggregator's trust "
+                           "store")
+    enroll.add_argument("public", nargs="+", type=Path, help="sites/<site>.pub.json files")
+    enroll.add_argument("--dir", required=True, help="the aggregator's key folder")
+    enroll.add_argument("--replace", action="store_true",
+                        help="replace a site's key that is already enrolled")
+    enroll.set_defaults(func=cmd_enroll)
+    show = ks.add_parser("list", help="the aggregator's key and the enrolled sites")
+    show.add_argument("--dir", required=True)
+    show.set_defaults(func=cmd_list)
+
+
+def cmd_init_server(args: argparse.Namespace) -> int:
+    folder = KeyFolder(Path(args.dir))
+    key = folder.init_server(args.kem, passphrase_from_env(args.passphrase_env))
+    print(f"aggregator key {key.public().fingerprint} ({args.kem}) in {folder.server_key}; "
+          f"give every site {folder.server_public}")
+    return 0
+
+
+def cmd_init_site(args: argparse.Namespace) -> int:
+    folder = KeyFolder(Path(args.dir))
+    key = folder.init_site(args.site, passphrase_from_env(args.passphrase_env))
+    print(f"site {key.site} key {key.public().fingerprint} in {folder.site_key(key.site)}; "
+          f"give the aggregator {folder.site_public(key.site)}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    folder = KeyFolder(Path(args.dir))
+    for public in args.public:
+        site = folder.enroll(public, replace=args.replace)
+        print(f"enrolled {site} in {folder.trust}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    folder = KeyFolder(Path(args.dir))
+    server = ServerPublicKey.load(folder.server_public)
+    print(f"aggregator {server.fingerprint} ({server.kem})")
+    for name, key in sorted(TrustStore.load(folder.trust).sites.items()):
+        print(f"site {name:20s} {key.fingerprint}")
+    return 0
