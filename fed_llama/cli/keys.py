@@ -9,7 +9,7 @@ from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
 from fed_llama.crypto.keys import ServerPublicKey, TrustStore
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser("keys", help="make and enroll the keys that sign and encrypt updates")
     ks = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     srv = ks.add_parser("init-server", help="the aggregator's HPKE and signing keys, and an "
