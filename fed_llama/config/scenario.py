@@ -165,6 +165,31 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy ([privacy]): clip each site's change, add noise."""
+
+    noise_multiplier: float = 0.0
+    """Gaussian noise standard deviation as a multiple of ``clip_norm`` (0: no DP). Around 1
+    gives epsilon of a few after tens of rounds; more noise, smaller epsilon, lower utility."""
+
+    clip_norm: float = 0.01
+    """L2 bound on each site's change to the global adapter per round (DP's sensitivity)."""
+
+    delta: float = 1e-5
+    """The delta of (epsilon, delta)-DP; below 1 / (number of sites' records)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.noise_multiplier < 0:
+            out.append(f"noise_multiplier must be 0 (off) or more; got {self.noise_multiplier}")
+        if self.noise_multiplier > 0 and self.clip_norm <= 0:
+            out.append(f"clip_norm must be positive with noise; got {self.clip_norm}")
+        if not 0 < self.delta < 1:
+            out.append(f"delta must be in (0, 1); got {self.delta}")
+        return out
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """A simulated federation: backbone, adapter, local training, data and rounds."""
 
@@ -187,6 +212,9 @@ class ScenarioConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Signed and encrypted updates, update checks ([security])."""
 
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Client-level differential privacy ([privacy])."""
+
     def site_names(self) -> list[str]:
         """A short name per site: the ICD-10 site, or the file's stem."""
         return [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
@@ -195,8 +223,21 @@ class ScenarioConfig:
     def problems(self) -> list[str]:
         names = self.site_names()
         dupes = sorted({n for n in names if names.count(n) > 1})
-        return [f"federation.sites has two sites named {dupes}: give each a distinct source"
-                ] if dupes else []
+        out = [f"federation.sites has two sites named {dupes}: give each a distinct source"
+               ] if dupes else []
+        fed = self.federation
+        if self.privacy.noise_multiplier > 0:
+            if fed.aggregation == "exact":
+                out.append("privacy.noise_multiplier > 0 bounds each site's change to the "
+                           "factors, which aggregation = 'exact' re-factorizes: use "
+                           "aggregation = 'factors' or 'ffa'")
+            if fed.robust != "none":
+                out.append(f"privacy.noise_multiplier > 0 needs the plain mean; robust = "
+                           f"{fed.robust!r} changes the sensitivity: set robust = 'none'")
+            if fed.clip_norm:
+                out.append("federation.clip_norm and privacy.clip_norm both clip updates: with "
+                           "DP on, set only privacy.clip_norm")
+        return out
 
 
 def with_key_folder(scenario: ScenarioConfig, run_config: Mapping[str, Any]) -> ScenarioConfig:

@@ -52,6 +52,9 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         log.info("round %d/%d: %d site(s) trained, %d update(s) refused, train loss %.4f",
                  server_round, total, int(row["sites-trained"]),
                  int(row.get("sites-refused", 0)), row["train-loss"])
+        if "dp-epsilon" in row:
+            log.info("round %d/%d: differential privacy so far: epsilon %.3g at delta %.1e",
+                     server_round, total, row["dp-epsilon"], row["dp-delta"])
 
     def on_evaluate(server_round: int, row: dict[str, float]) -> None:
         full = {**rows.pop(server_round, {"round": server_round}), **row}

@@ -26,7 +26,8 @@ from flwr.serverapp.strategy import (
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.admission import change_norm, check_norm, check_update, norm_outliers
-from fed_llama.server.aggregation import combine
+from fed_llama.server.aggregation import A_TAG, combine
+from fed_llama.server.privacy import add_noise, epsilon
 from fed_llama.server.security import ServerGuard
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,21 @@ class LoraFedAvg(FedAvg):
         weights = [m["num-examples"] for m in metrics]
         fed, lora = self.scenario.federation, self.scenario.lora
         down = state_bytes(self.current)
-        new, info = combine(self.current, states, weights, aggregation=fed.aggregation,
-                            robust=fed.robust, trim_fraction=fed.trim_fraction,
-                            clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha))
+        dp = self.scenario.privacy
+        if dp.noise_multiplier > 0:  # equal weights, clipped changes, Gaussian noise
+            mean, info = combine(self.current, states, [1.0] * len(states),
+                                 aggregation=fed.aggregation, clip_norm=dp.clip_norm,
+                                 rank=lora.r, alpha=float(lora.alpha))
+            trainable = ({k for k in self.current if A_TAG not in k}
+                         if fed.aggregation == "ffa" else None)
+            new = add_noise(mean, self.current, sites=len(states), clip_norm=dp.clip_norm,
+                            noise_multiplier=dp.noise_multiplier, trainable=trainable)
+            info["dp-epsilon"] = epsilon(real, dp.noise_multiplier, dp.delta)
+            info["dp-delta"] = dp.delta
+        else:
+            new, info = combine(self.current, states, weights, aggregation=fed.aggregation,
+                                robust=fed.robust, trim_fraction=fed.trim_fraction,
+                                clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha))
         up = [_reply_bytes(m) for m in good]
         row.update({"sites-trained": float(len(admitted)), **info,
                     "bytes-down": float(down * len(good)), "bytes-up": float(sum(up))})
