@@ -65,7 +65,7 @@ def test_conflicting_dp_settings_are_refused() -> None:
         build_config(ScenarioConfig, {"privacy": {"noise_multiplier": 1.0, "clip_norm": 0.0},
                                       "federation": {"aggregation": "exact"}}, source="test")
     assert "re-factorizes" in str(err.value) and "clip_norm must be positive" in str(err.value)
-    with pytest.raises(ConfigError, match="set only privacy.clip_norm"):
+    with pytest.raises(ConfigError, match=r"set only privacy\.clip_norm"):
         build_config(ScenarioConfig, {"privacy": {"noise_multiplier": 1.0},
                                       "federation": {"clip_norm": 1.0}}, source="test")
 
