@@ -83,3 +83,12 @@ def test_template_in_the_site_kit_loads() -> None:
 def test_builtin_data_sources_are_not_taken_for_paths(tmp_path: Path) -> None:
     (tmp_path / "site.toml").write_text('[data]\nsource = "icd10:oncology"\n')
     assert load_config(TrainConfig, tmp_path / "site.toml").data.source == "icd10:oncology"
+
+
+@pytest.mark.parametrize("scenario", sorted(
+    (Path(__file__).resolve().parents[1] / "simulations").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_scenario_is_valid(scenario: Path) -> None:
+    from fed_llama.simulation.runner import load_scenario
+
+    loaded, _ = load_scenario(scenario, [])
+    assert len(loaded.site_names()) >= 2

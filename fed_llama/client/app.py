@@ -32,9 +32,10 @@ def scenario_from_run_config(context: Context) -> ScenarioConfig:
 
 def _site(context: Context, scenario: ScenarioConfig) -> int:
     site = int(context.node_config.get("partition-id", -1))
-    if not 0 <= site < len(scenario.federation.sites):
+    count = len(scenario.site_names())
+    if not 0 <= site < count:
         raise ValueError(f"node_config partition-id {site} names no site of the scenario "
-                         f"({len(scenario.federation.sites)} sites)")
+                         f"({count} sites)")
     return site
 
 

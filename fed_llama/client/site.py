@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.data.source import SiteData, load_site_data
+from fed_llama.data.source import SiteData, encode_site, load_examples
 from fed_llama.training.loop import train_adapter
 from fed_llama.training.lora import adapter_state, attach_lora, load_adapter_state
 from fed_llama.training.loss import heldout_loss
@@ -57,10 +57,20 @@ def initial_state(scenario: ScenarioConfig) -> State:
 
 
 def site_data(scenario: ScenarioConfig, site: int) -> SiteData:
+    """Site ``site``'s encoded data (its source, or its share of a Dirichlet partition)."""
     loaded = loaded_site_model(scenario)
     if site not in loaded.data:
-        cfg = dataclasses.replace(scenario.data, source=scenario.federation.sites[site])
-        loaded.data[site] = load_site_data(cfg, loaded.tokenizer, scenario.train.seed)
+        fed, seed = scenario.federation, scenario.train.seed
+        if fed.partition == "dirichlet":
+            from fed_llama.data.partition import partition_sites
+
+            pools = [load_examples(dataclasses.replace(scenario.data, source=s), seed)
+                     for s in fed.sites]
+            raw = partition_sites(pools, fed.num_partitions, fed.dirichlet_alpha, seed)[site]
+            log.info("site %s: %s", scenario.site_names()[site], raw.summary["categories"])
+        else:
+            raw = load_examples(dataclasses.replace(scenario.data, source=fed.sites[site]), seed)
+        loaded.data[site] = encode_site(raw, scenario.data, loaded.tokenizer)
     return loaded.data[site]
 
 

@@ -66,6 +66,19 @@ class FederationConfig:
     server_momentum: float = 0.9
     """FedAvgM's server momentum."""
 
+    partition: Literal["sites", "dirichlet"] = "sites"
+    """``sites``: each entry of ``sites`` is one site. ``dirichlet``: the entries are pooled,
+    each one a category, and dealt out to ``num_partitions`` simulated sites in
+    Dirichlet(``dirichlet_alpha``) shares per category (label skew); the sites are named
+    ``part-00``, ``part-01``, ..."""
+
+    num_partitions: int = 4
+    """Simulated sites with ``partition = "dirichlet"``."""
+
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet split: small (0.1) gives each site a few categories,
+    large (100) an almost even split."""
+
     robust: Literal["none", "median", "trimmed-mean"] = "none"
     """Coordinate-wise median or trimmed mean instead of the weighted mean (factors mode)."""
 
@@ -87,8 +100,14 @@ class FederationConfig:
             out.append(f"rounds must be at least 1; got {self.rounds}")
         if len(self.sites) < 2:
             out.append(f"sites must list at least 2 data sources; got {len(self.sites)}")
-        if not 0 <= self.min_sites <= len(self.sites):
-            out.append(f"min_sites must be in [0, {len(self.sites)}]; got {self.min_sites}")
+        count = self.num_partitions if self.partition == "dirichlet" else len(self.sites)
+        if not 0 <= self.min_sites <= count:
+            out.append(f"min_sites must be in [0, {count}] (the number of sites); got "
+                       f"{self.min_sites}")
+        if self.partition == "dirichlet" and self.num_partitions < 2:
+            out.append(f"num_partitions must be at least 2; got {self.num_partitions}")
+        if self.dirichlet_alpha <= 0:
+            out.append(f"dirichlet_alpha must be positive; got {self.dirichlet_alpha}")
         if self.robust != "none" and self.aggregation != "factors":
             out.append(f"robust = {self.robust!r} works on factor averages: set "
                        "aggregation = 'factors', or robust = 'none'")
@@ -216,12 +235,17 @@ class ScenarioConfig:
     """Client-level differential privacy ([privacy])."""
 
     def site_names(self) -> list[str]:
-        """A short name per site: the ICD-10 site, or the file's stem."""
+        """A short name per site: the ICD-10 site, or the file's stem (``part-NN`` for a
+        Dirichlet partition)."""
+        fed = self.federation
+        if fed.partition == "dirichlet":
+            return [f"part-{i:02d}" for i in range(fed.num_partitions)]
         return [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
-                for s in self.federation.sites]
+                for s in fed.sites]
 
     def problems(self) -> list[str]:
-        names = self.site_names()
+        names = [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
+                 for s in self.federation.sites]
         dupes = sorted({n for n in names if names.count(n) > 1})
         out = [f"federation.sites has two sites named {dupes}: give each a distinct source"
                ] if dupes else []

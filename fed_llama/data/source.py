@@ -86,7 +86,12 @@ def load_examples(cfg: DataConfig, seed: int) -> SiteExamples:
 
 def load_site_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> SiteData:
     """Read, split and encode a site's data as ``cfg`` says."""
-    raw = load_examples(cfg, seed)
+    return encode_site(load_examples(cfg, seed), cfg, tokenizer)
+
+
+def encode_site(raw: SiteExamples, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+                ) -> SiteData:
+    """Encode a site's examples (``cfg.max_length``); refuse a site left with nothing."""
     train, dropped_train = encode_all(tokenizer, raw.train, cfg.max_length)
     encoded = [(ex, encode(tokenizer, ex, cfg.max_length)) for ex in raw.heldout]
     heldout_pairs = [(ex, enc) for ex, enc in encoded if enc.num_answer_tokens]

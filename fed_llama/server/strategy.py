@@ -233,7 +233,7 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
                    security: ServerGuard | None = None) -> LoraFedAvg:
     """Flower's strategy named by ``federation.strategy``, on LoRA-aware aggregation."""
     fed = scenario.federation
-    need = fed.min_sites or len(fed.sites)
+    need = fed.min_sites or len(site_names)
     kwargs: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0,
                               "min_train_nodes": need, "min_evaluate_nodes": need,
                               "min_available_nodes": need}

@@ -75,7 +75,7 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
         log.info("%s: all %d rounds already complete", out, total)
         return store
     log.info("simulating %d site(s) for %d round(s) (starting after round %d) into %s",
-             len(scenario.federation.sites), total, done, out)
+             len(scenario.site_names()), total, done, out)
     with tempfile.TemporaryDirectory(prefix="fed-llama-flwr-") as work:
         flower_environment(Path(work))
         from flwr.simulation import run_simulation
@@ -87,7 +87,7 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
             run_simulation(
                 server_app=make_server_app(scenario, store, done),
                 client_app=make_client_app(scenario),
-                num_supernodes=len(scenario.federation.sites),
+                num_supernodes=len(scenario.site_names()),
                 # one site at a time with both cores: no oversubscription, deterministic order
                 backend_config={"client_resources": {"num_cpus": os.cpu_count() or 1,
                                                      "num_gpus": 0.0},
