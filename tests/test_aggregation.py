@@ -129,3 +129,38 @@ def test_combine_clips_then_averages() -> None:
     assert info["max-update-norm"] == pytest.approx(300.0)
     # the huge update is scaled to norm 1 before the mean: ([0.3, 0] + [0, 1]) / 2
     assert torch.allclose(state["x.lora_A.weight"], torch.tensor([0.15, 0.5]))
+
+
+def test_changing_rank_keeps_the_product_up_to_truncation() -> None:
+    from fed_llama.adapter.rank import change_rank
+
+    state = adapter(8, 3)
+    # a product of rank 2 (B has 2 non-zero columns) survives a move to rank 4 exactly
+    state[B][:, 2:] = 0
+    low = change_rank(state, scale=2.0, rank=4, new_scale=4.0)
+    assert low[A].shape == (4, 5) and low[B].shape == (6, 4)
+    assert torch.allclose(4.0 * low[B] @ low[A], 2.0 * state[B] @ state[A], atol=1e-5)
+
+
+def test_directions_the_product_lacks_keep_a_trainable_a() -> None:
+    from fed_llama.adapter.rank import change_rank
+
+    zero_b = {A: torch.randn(8, 5), B: torch.zeros(6, 8)}  # round 1: B = 0, product 0
+    fill = adapter(4, 9)
+    low = change_rank(zero_b, scale=2.0, rank=4, new_scale=4.0, fill=fill)
+    assert torch.equal(low[B], torch.zeros(6, 4))      # the product is still 0 ...
+    assert torch.equal(low[A], fill[A])                 # ... but A is the site's own init
+
+
+def test_updates_of_different_ranks_average_their_products() -> None:
+    from fed_llama.server.aggregation import combine
+
+    small, large = adapter(2, 0), adapter(8, 1)
+    current = adapter(4, 2)
+    new, info = combine(current, [small, large], [1.0, 3.0], aggregation="exact", rank=4,
+                        alpha=16.0, site_ranks=[2, 8])
+    mean = 0.25 * 8.0 * small[B] @ small[A] + 0.75 * 2.0 * large[B] @ large[A]
+    sv = torch.linalg.svdvals(mean)
+    best = float(torch.sqrt((sv[4:] ** 2).sum()) / torch.linalg.norm(mean))
+    assert info["svd-relative-residual"] == pytest.approx(best, rel=1e-4)
+    assert new[A].shape == (4, 5)

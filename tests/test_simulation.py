@@ -74,6 +74,24 @@ def test_fedprox_sites_train_with_the_proximal_term(tiny_backbone: Path, write_j
     assert read_manifest(out / "rounds" / "round-001")["strategy"] == "fedprox"
 
 
+def test_sites_of_different_ranks_federate_at_the_global_rank(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=2, aggregation="exact")
+    out = tmp_path / "run"
+    assert main(["-q", "simulate", str(scenario), "--out", str(out),
+                 "--set", "federation.site_ranks=[2, 8]"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [row["sites-trained"] for row in history] == [2, 2]
+    assert all(row["sites-refused"] == 0 for row in history)
+    weights = load_file(out / "rounds" / "round-002" / "adapter_model.safetensors")
+    ranks = {v.shape[0] for k, v in weights.items() if "lora_A" in k}
+    assert ranks == {8}  # the global adapter keeps lora.r
+    # the rank-2 site learned from round 1 on: round 2 starts from a non-zero product
+    assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)
+
+
 def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
                                                      tmp_path: Path) -> None:
     scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from fed_llama.adapter.rank import change_rank
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.data.source import SiteData, encode_site, load_examples
 from fed_llama.training.loop import train_adapter
-from fed_llama.training.lora import adapter_state, attach_lora, load_adapter_state
+from fed_llama.training.lora import adapter_state, attach_lora, load_adapter_state, use_rank
 from fed_llama.training.loss import heldout_loss
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ class LoadedSite:
     tokenizer: Any
     backbone: Any
     data: dict[int, SiteData]
+    fills: dict[int, State] = field(default_factory=dict)
+    """Per rank other than the global one: the seeded initial adapter whose A rows fill
+    directions the global product lacks (see :func:`fed_llama.adapter.rank.factorize`)."""
 
 
 _CACHE: dict[ScenarioConfig, LoadedSite] = {}
@@ -91,11 +95,17 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
     (with FedProx's proximal term when ``proximal_mu`` > 0)."""
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
-    load_adapter_state(loaded.model, state)
+    rank, lora = scenario.site_rank(site), scenario.lora
+    adapter = use_rank(loaded.model, lora, rank, scenario.train.seed)
+    if rank != lora.r:  # the global adapter re-factorized to this site's rank
+        fill = loaded.fills.setdefault(rank, adapter_state(loaded.model, adapter))
+        state = change_rank(state, scale=lora.alpha / lora.r, rank=rank,
+                            new_scale=lora.alpha / rank, fill=fill)
+    load_adapter_state(loaded.model, state, adapter)
     ffa = scenario.federation.aggregation == "ffa"
     for name, param in loaded.model.named_parameters():
         if "lora_" in name:
-            param.requires_grad_(not (ffa and "lora_A" in name))
+            param.requires_grad_(f".{adapter}." in name and not (ffa and "lora_A" in name))
     cfg = dataclasses.replace(scenario.train, seed=scenario.train.seed + 1000 * server_round
                               + site)
     proximal = proximal_term(loaded.model, proximal_mu) if proximal_mu > 0 else None
@@ -104,14 +114,18 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
                           desc=f"site {site} round {server_round}")
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
-               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens)}
-    return adapter_state(loaded.model), metrics
+               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens),
+               "rank": float(rank)}
+    new_state = adapter_state(loaded.model, adapter)
+    use_rank(loaded.model, lora, lora.r, scenario.train.seed)  # evaluation uses the global rank
+    return new_state, metrics
 
 
 def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, float]:
     """Held-out answer loss of the adapter ``state`` on site ``site``."""
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
+    use_rank(loaded.model, scenario.lora, scenario.lora.r, scenario.train.seed)
     load_adapter_state(loaded.model, state)
     result = heldout_loss(loaded.model, data.heldout, scenario.train.eval_batch_size,
                           loaded.tokenizer.pad_token_id)

@@ -162,9 +162,16 @@ def _coerce(hint: Any, raw: Any) -> tuple[str, Any]:
     if hint is str:
         return ("", raw) if isinstance(raw, str) else (f"must be a string; got {raw!r}", None)
     if origin is tuple:
-        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
-            return "", tuple(raw)
-        return f"must be a list of strings; got {raw!r}", None
+        item = typing.get_args(hint)[0]
+        if not isinstance(raw, list):
+            return f"must be a list; got {raw!r}", None
+        values = []
+        for x in raw:
+            error, value = _coerce(item, x)
+            if error:
+                return f"must be a list whose items each {error}", None
+            values.append(value)
+        return "", tuple(values)
     if origin in (types.UnionType, typing.Union):  # pragma: no cover - not used by our configs
         raise TypeError(f"optional fields are not supported by the config loader: {hint}")
     raise TypeError(f"unsupported config field type {hint!r}")  # pragma: no cover

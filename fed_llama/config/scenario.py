@@ -79,6 +79,12 @@ class FederationConfig:
     """Concentration of the Dirichlet split: small (0.1) gives each site a few categories,
     large (100) an almost even split."""
 
+    site_ranks: tuple[int, ...] = ()
+    """LoRA rank each site trains, in site order (empty: every site trains ``lora.r``). A site
+    with less memory trains a lower rank: it receives the global adapter re-factorized to its
+    rank and sends back its own; ``aggregation = "exact"`` averages the products at the
+    global rank ``lora.r``."""
+
     robust: Literal["none", "median", "trimmed-mean"] = "none"
     """Coordinate-wise median or trimmed mean instead of the weighted mean (factors mode)."""
 
@@ -234,6 +240,11 @@ class ScenarioConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Client-level differential privacy ([privacy])."""
 
+    def site_rank(self, site: int) -> int:
+        """The LoRA rank site ``site`` trains."""
+        ranks = self.federation.site_ranks
+        return ranks[site] if ranks else self.lora.r
+
     def site_names(self) -> list[str]:
         """A short name per site: the ICD-10 site, or the file's stem (``part-NN`` for a
         Dirichlet partition)."""
@@ -250,6 +261,21 @@ class ScenarioConfig:
         out = [f"federation.sites has two sites named {dupes}: give each a distinct source"
                ] if dupes else []
         fed = self.federation
+        if fed.site_ranks:
+            count = len(self.site_names())
+            if len(fed.site_ranks) != count:
+                out.append(f"federation.site_ranks lists {len(fed.site_ranks)} ranks for "
+                           f"{count} sites: give one per site")
+            if any(not 1 <= r <= self.lora.r for r in fed.site_ranks):
+                out.append(f"federation.site_ranks must each be in [1, lora.r={self.lora.r}]; "
+                           f"got {list(fed.site_ranks)}")
+            if fed.aggregation != "exact":
+                out.append("federation.site_ranks needs aggregation = 'exact' (factors of "
+                           "different ranks cannot be averaged one by one)")
+            if fed.clip_norm:
+                out.append("federation.clip_norm clips factor changes, which sites of other "
+                           "ranks do not have: set clip_norm = 0 with site_ranks (the norm "
+                           "bounds of [security] still apply, on the products)")
         if self.privacy.noise_multiplier > 0:
             if fed.aggregation == "exact":
                 out.append("privacy.noise_multiplier > 0 bounds each site's change to the "

@@ -13,13 +13,26 @@ from typing import Any
 
 import torch
 
+from fed_llama.adapter.rank import A_TAG, B_TAG, lora_pairs
 from fed_llama.crypto.refusal import Refused
 
 State = dict[str, Any]
 
 
-def check_update(update: State, current: State) -> None:
-    """Refuse ``update`` unless it has the global adapter's tensors and only finite values."""
+def expected_shape(name: str, shape: tuple[int, ...], rank: int | None) -> tuple[int, ...]:
+    """The shape of tensor ``name`` at LoRA rank ``rank`` (None: the global adapter's)."""
+    if rank is None or len(shape) != 2:
+        return shape
+    if A_TAG in name:
+        return (rank, shape[1])
+    if B_TAG in name:
+        return (shape[0], rank)
+    return shape
+
+
+def check_update(update: State, current: State, rank: int | None = None) -> None:
+    """Refuse ``update`` unless it has the global adapter's tensors (at the site's ``rank``
+    when sites train their own ranks) and only finite values."""
     if set(update) != set(current):
         missing, extra = sorted(set(current) - set(update)), sorted(set(update) - set(current))
         raise Refused("wrong-names", f"{len(missing)} tensor(s) missing (e.g. {missing[:1]}), "
@@ -28,9 +41,9 @@ def check_update(update: State, current: State) -> None:
         got = update[name]
         if not isinstance(got, torch.Tensor):
             raise Refused("wrong-dtype", f"{name}: not a tensor")
-        if tuple(got.shape) != tuple(ref.shape):
-            raise Refused("wrong-shape", f"{name}: shape {tuple(got.shape)}, the global "
-                          f"adapter's is {tuple(ref.shape)}")
+        want = expected_shape(name, tuple(ref.shape), rank)
+        if tuple(got.shape) != want:
+            raise Refused("wrong-shape", f"{name}: shape {tuple(got.shape)}, expected {want}")
         if got.dtype != ref.dtype:
             raise Refused("wrong-dtype", f"{name}: dtype {got.dtype}, the global adapter's is "
                           f"{ref.dtype}")
@@ -38,9 +51,20 @@ def check_update(update: State, current: State) -> None:
             raise Refused("non-finite", f"{name}: holds NaN or Inf")
 
 
-def change_norm(update: State, current: State) -> float:
-    """The L2 norm of ``update - current`` over every tensor."""
-    total = sum(float(((update[k].double() - current[k].double()) ** 2).sum()) for k in current)
+def change_norm(update: State, current: State, scales: tuple[float, float] | None = None
+                ) -> float:
+    """The L2 norm of ``update - current`` over every tensor; with ``scales`` (the update's
+    and the global ``alpha / r``), of the change of each layer's ``scale * B @ A`` instead,
+    which compares updates of different ranks."""
+    if scales is None:
+        total = sum(float(((update[k].double() - current[k].double()) ** 2).sum())
+                    for k in current)
+        return float(total ** 0.5)
+    total = 0.0
+    for a, b in lora_pairs(current):
+        new = scales[0] * update[b].double() @ update[a].double()
+        old = scales[1] * current[b].double() @ current[a].double()
+        total += float(((new - old) ** 2).sum())
     return float(total ** 0.5)
 
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fed_llama.adapter.rank import A_TAG, B_TAG, factorize, lora_pairs
+
 State = dict[str, torch.Tensor]
-A_TAG, B_TAG = "lora_A", "lora_B"
 
 
 def _normalized(weights: Sequence[float], n: int) -> list[float]:
@@ -59,20 +60,6 @@ def mean_of_factors(states: Sequence[State], weights: Sequence[float]) -> State:
     return weighted_mean(states, weights)
 
 
-def lora_pairs(state: State) -> list[tuple[str, str]]:
-    """(A key, B key) for every adapted layer, in name order."""
-    pairs = []
-    for key in sorted(state):
-        if A_TAG in key:
-            b_key = key.replace(A_TAG, B_TAG)
-            if b_key not in state:
-                raise ValueError(f"{key} has no matching {B_TAG} tensor")
-            pairs.append((key, b_key))
-    if not pairs:
-        raise ValueError("no LoRA tensors (names with lora_A / lora_B) in the update")
-    return pairs
-
-
 @dataclass(frozen=True)
 class ExactResult:
     """The re-factorized global adapter and how much the rank truncation lost."""
@@ -102,17 +89,8 @@ def mean_of_products(states: Sequence[State], weights: Sequence[float], *,
     for a_key, b_key in pair_keys[0]:
         mean = torch.stack([wi * si * (s[b_key].float() @ s[a_key].float())
                             for wi, si, s in zip(w, scales, states, strict=True)]).sum(0)
-        u, sv, vh = torch.linalg.svd(mean, full_matrices=False)
-        k = min(rank, sv.numel())
-        root = torch.sqrt(sv[:k] / global_scale)
-        b = torch.zeros(mean.shape[0], rank)
-        a = torch.zeros(rank, mean.shape[1])
-        b[:, :k] = u[:, :k] * root
-        a[:k] = root[:, None] * vh[:k]
-        out[a_key], out[b_key] = a, b
-        norm = float(torch.linalg.norm(mean))
-        if norm > 0:
-            worst = max(worst, float(torch.linalg.norm(mean - global_scale * b @ a)) / norm)
+        out[a_key], out[b_key], residual = factorize(mean, rank, global_scale)
+        worst = max(worst, residual)
     return ExactResult(state=out, relative_residual=worst)
 
 
@@ -167,10 +145,12 @@ def trimmed_mean(states: Sequence[State], trim: float) -> State:
 
 def combine(current: State, states: Sequence[State], weights: Sequence[float], *,
             aggregation: str, robust: str = "none", trim_fraction: float = 0.2,
-            clip_norm: float = 0.0, rank: int, alpha: float) -> tuple[State, dict[str, float]]:
+            clip_norm: float = 0.0, rank: int, alpha: float,
+            site_ranks: Sequence[int] | None = None) -> tuple[State, dict[str, float]]:
     """One round's aggregation as a scenario configures it; returns the state and facts.
 
     With ``clip_norm``, each site's difference from ``current`` is clipped first.
+    ``site_ranks``: the rank each update was trained at (exact mode; default ``rank``).
     """
     info: dict[str, float] = {}
     if clip_norm:
@@ -178,10 +158,12 @@ def combine(current: State, states: Sequence[State], weights: Sequence[float], *
         info["max-update-norm"] = max(flat_norm(d) for d in deltas)
         clipped = clip_norms(deltas, clip_norm)
         states = [{k: current[k].float() + d[k] for k in current} for d in clipped]
+    if site_ranks and (clip_norm or len(site_ranks) != len(states)):
+        raise ValueError("site_ranks need one rank per update, and no clipping")
     if aggregation == "exact":
-        scale = alpha / rank
-        result = mean_of_products(states, weights, scales=[scale] * len(states), rank=rank,
-                                  global_scale=scale)
+        scales = [alpha / r for r in (site_ranks or [rank] * len(states))]
+        result = mean_of_products(states, weights, scales=scales, rank=rank,
+                                  global_scale=alpha / rank)
         info["svd-relative-residual"] = result.relative_residual
         return result.state, info
     if aggregation == "ffa":

@@ -91,17 +91,35 @@ class LoraFedAvg(FedAvg):
             if "envelope" not in content.config_records:
                 raise Refused("malformed", "the reply carries no update envelope")
             sealed = content.config_records["envelope"].get("sealed")
-            return self.security.open(sealed, real_round, self.current)
-        metrics = scalars(content.metric_records["metrics"])
-        if "arrays" not in content.array_records:
-            raise Refused("malformed", "the reply carries no adapter arrays")
-        state = content.array_records["arrays"].to_torch_state_dict()
-        check_update(state, self.current)
-        check_norm(change_norm(state, self.current), self.scenario.security.max_update_norm)
-        index = int(metrics.get("site", -1))
-        if not 0 <= index < len(self.site_names):
-            raise Refused("unknown-site", f"site index {index} names no site of the scenario")
-        return self.site_names[index], state, metrics
+            site, state, metrics = self.security.open(sealed, real_round, self.current)
+        else:
+            metrics = scalars(content.metric_records["metrics"])
+            if "arrays" not in content.array_records:
+                raise Refused("malformed", "the reply carries no adapter arrays")
+            state = content.array_records["arrays"].to_torch_state_dict()
+            index = int(metrics.get("site", -1))
+            if not 0 <= index < len(self.site_names):
+                raise Refused("unknown-site", f"site index {index} names no site of the "
+                              "scenario")
+            site = self.site_names[index]
+        if site not in self.site_names:
+            raise Refused("unknown-site", f"site {site!r} is not part of this scenario")
+        check_update(state, self.current, self._rank(site))
+        check_norm(self._norm(site, state), self.scenario.security.max_update_norm)
+        return site, state, metrics
+
+    def _rank(self, site: str) -> int | None:
+        """The rank ``site`` trains when sites train their own ranks (else None)."""
+        if not self.scenario.federation.site_ranks:
+            return None
+        return self.scenario.site_rank(self.site_names.index(site))
+
+    def _norm(self, site: str, state: State) -> float:
+        rank = self._rank(site)
+        if rank is None:
+            return change_norm(state, self.current)
+        alpha = float(self.scenario.lora.alpha)
+        return change_norm(state, self.current, (alpha / rank, alpha / self.scenario.lora.r))
 
     def admit_all(self, replies: list[Message], real_round: int, row: dict[str, float]
                   ) -> list[tuple[str, State, dict[str, float]]]:
@@ -113,8 +131,6 @@ class LoraFedAvg(FedAvg):
                 site, state, metrics = self._admit(reply, real_round)
                 if "num-examples" not in metrics or metrics["num-examples"] <= 0:
                     raise Refused("malformed", "the update reports no num-examples")
-                if site not in self.site_names:
-                    raise Refused("unknown-site", f"site {site!r} is not part of this scenario")
                 if any(site == s for s, _, _ in admitted):
                     raise Refused("replayed", f"site {site!r} already delivered this round")
                 admitted.append((site, state, metrics))
@@ -123,7 +139,7 @@ class LoraFedAvg(FedAvg):
                 refused.append(exc.reason)
                 log.warning("round %d: an update from node %s was %s", real_round,
                             reply.metadata.src_node_id, exc)
-        norms = [change_norm(state, self.current) for _, state, _ in admitted]
+        norms = [self._norm(site, state) for site, state, _ in admitted]
         factor = self.scenario.security.norm_outlier_factor
         for i in reversed(norm_outliers(norms, factor)):
             site = admitted.pop(i)[0]
@@ -172,9 +188,12 @@ class LoraFedAvg(FedAvg):
             info["dp-epsilon"] = epsilon(real, dp.noise_multiplier, dp.delta)
             info["dp-delta"] = dp.delta
         else:
+            ranks = [self.scenario.site_rank(self.site_names.index(name))
+                     for name, _, _ in admitted] if fed.site_ranks else None
             new, info = combine(self.current, states, weights, aggregation=fed.aggregation,
                                 robust=fed.robust, trim_fraction=fed.trim_fraction,
-                                clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha))
+                                clip_norm=fed.clip_norm, rank=lora.r, alpha=float(lora.alpha),
+                                site_ranks=ranks)
         up = [_reply_bytes(m) for m in good]
         row.update({"sites-trained": float(len(admitted)), **info,
                     "bytes-down": float(down * len(good)), "bytes-up": float(sum(up))})

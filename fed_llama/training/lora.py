@@ -36,18 +36,33 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+def adapter_state(model: Any, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights by peft's saved names (``...lora_A.weight``), as CPU copies."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().cpu().clone()
+            for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
 
 
-def load_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+def load_adapter_state(model: Any, state: dict[str, torch.Tensor],
+                       adapter: str = "default") -> None:
     """Load adapter weights saved by :func:`adapter_state` (names must all match)."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter weights do not fit the model: unexpected {unexpected[:3]}")
+
+
+def use_rank(model: Any, spec: LoraSpec, rank: int, seed: int) -> str:
+    """Make the adapter of rank ``rank`` the active one (added, seeded, on first use); return
+    its name. The global rank ``spec.r`` is peft's ``default`` adapter."""
+    import dataclasses
+
+    name = "default" if rank == spec.r else f"rank-{rank}"
+    if name not in model.peft_config:
+        torch.manual_seed(seed)
+        model.add_adapter(name, peft_config(dataclasses.replace(spec, r=rank)))
+    model.set_adapter(name)
+    return name
