@@ -50,6 +50,13 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
     manifest = read_manifest(out / "rounds" / "round-002")
     assert manifest["round"] == 2 and manifest["sites"] == ["site0", "site1"]
     assert (out / "perplexity.png").stat().st_size > 0 and (out / "history.csv").is_file()
+    # task accuracy every round: each site's and the question-weighted pooled score
+    for row in history:
+        assert 0 <= row["site0/answer/exact"] <= 1 and 0 <= row["pooled/answer/f1"] <= 1
+        n0, n1 = row["site0/answer/n"], row["site1/answer/n"]
+        assert row["pooled/answer/f1"] == pytest.approx(
+            (n0 * row["site0/answer/f1"] + n1 * row["site1/answer/f1"]) / (n0 + n1))
+    assert (out / "tasks.png").stat().st_size > 0
     assert "2 round(s)" in capsys.readouterr().out
 
     # the run is extended to 3 rounds: --resume trains round 3 only, from round 2's adapter

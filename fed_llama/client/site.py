@@ -129,5 +129,15 @@ def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, flo
     load_adapter_state(loaded.model, state)
     result = heldout_loss(loaded.model, data.heldout, scenario.train.eval_batch_size,
                           loaded.tokenizer.pad_token_id)
-    return {"num-examples": float(result.examples), "heldout-loss": result.loss,
-            "heldout-tokens": float(result.tokens)}
+    metrics = {"num-examples": float(result.examples), "heldout-loss": result.loss,
+               "heldout-tokens": float(result.tokens)}
+    ev = scenario.evaluation
+    if ev.questions:
+        from fed_llama.evaluation.tasks import evaluate_tasks
+
+        loaded.model.eval()
+        report = evaluate_tasks(loaded.model, loaded.tokenizer, data.heldout_examples,
+                                max_questions=ev.questions, seed=scenario.train.seed,
+                                batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
+        metrics.update({f"task/{k}": v for k, v in report.flat().items()})
+    return metrics

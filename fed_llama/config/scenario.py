@@ -215,6 +215,30 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class TaskEvalConfig:
+    """Task accuracy of the global adapter each round ([evaluation])."""
+
+    questions: int = 16
+    """Held-out questions per task per site each round, answered greedily and scored
+    (ICD-10: description -> code category and exact match, code -> description token F1;
+    other data: exact match and token F1). 0: perplexity only."""
+
+    max_new_tokens: int = 24
+    """Longest generated answer, in tokens."""
+
+    batch_size: int = 16
+    """Questions generated together."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.questions < 0:
+            out.append(f"questions must be 0 (off) or more; got {self.questions}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            out.append("max_new_tokens and batch_size must be at least 1")
+        return out
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """A simulated federation: backbone, adapter, local training, data and rounds."""
 
@@ -239,6 +263,9 @@ class ScenarioConfig:
 
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Client-level differential privacy ([privacy])."""
+
+    evaluation: TaskEvalConfig = field(default_factory=TaskEvalConfig)
+    """Task accuracy each round, beside held-out perplexity ([evaluation])."""
 
     def site_rank(self, site: int) -> int:
         """The LoRA rank site ``site`` trains."""

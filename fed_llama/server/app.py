@@ -64,6 +64,10 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
                              for s in sites)
         log.info("round %d/%d: pooled held-out perplexity %.2f (%s)", server_round, total,
                  row["pooled-perplexity"], per_site)
+        scores = ", ".join(f"{k[len('pooled/'):]} {v:.3f}" for k, v in sorted(row.items())
+                           if k.startswith("pooled/"))
+        if scores:
+            log.info("round %d/%d: pooled task scores: %s", server_round, total, scores)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:

@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> list[Path]:
-    """Held-out perplexity per round (each site and pooled) and bytes per round."""
+    """Held-out perplexity per round (each site and pooled), bytes per round, and task scores
+    per round (``tasks.png``, when the history has them)."""
     try:
         import matplotlib
 
@@ -58,6 +59,24 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     fig.tight_layout()
     written.append(_save(fig, out / "bytes.png"))
     plt.close(fig)
+    pooled = sorted({k for r in rows for k in r if k.startswith("pooled/")})
+    if pooled:
+        fig, axes = plt.subplots(1, len(pooled), figsize=(4.2 * len(pooled), 4), squeeze=False)
+        for ax, key in zip(axes[0], pooled, strict=True):
+            metric = key[len("pooled/"):]
+            for site in sites:
+                ax.plot(rounds, [r.get(f"{site}/{metric}", math.nan) for r in rows],
+                        marker="o", linewidth=1, label=site)
+            ax.plot(rounds, [r.get(key, math.nan) for r in rows], marker="s", color="black",
+                    linewidth=2.5, label="pooled")
+            ax.set(xlabel="round", title=metric, ylim=(0, 1))
+            ax.set_xticks(rounds)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("score on held-out questions")
+        axes[0][-1].legend()
+        fig.tight_layout()
+        written.append(_save(fig, out / "tasks.png"))
+        plt.close(fig)
     return written
 
 

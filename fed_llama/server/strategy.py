@@ -217,18 +217,38 @@ class LoraFedAvg(FedAvg):
             met = scalars(m.content.metric_records["metrics"])
             name = self.site_names[int(met["site"])]
             loss, n = met["heldout-loss"], met["heldout-tokens"]
+            for key, value in met.items():
+                if key.startswith("task/"):  # task/<task>/<metric>: this site's scores
+                    row[f"{name}/{key[5:]}"] = value
             row[f"{name}/loss"] = loss
             row[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
             nll += loss * n
             tokens += n
         row["pooled-loss"] = nll / tokens
         row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
+        row.update(pool_task_scores([scalars(m.content.metric_records["metrics"])
+                                     for m in good]))
         self.on_evaluate(self.round_offset + server_round, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
 
 
 ADAPTIVE_SERVER_LR = 1e-3
 """FedAdam/FedYogi/FedAdagrad's step when ``server_lr`` is 0: the order of a local AdamW step."""
+
+def pool_task_scores(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """``pooled/<task>/<metric>``: each site's mean score weighted by its question count."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for met in metrics:
+        for key, value in met.items():
+            parts = key.split("/")
+            if parts[0] != "task" or len(parts) != 3 or parts[2] == "n":
+                continue
+            n = met.get(f"task/{parts[1]}/n", 0.0)
+            sums[key] = sums.get(key, 0.0) + value * n
+            counts[key] = counts.get(key, 0.0) + n
+    return {f"pooled/{k[5:]}": sums[k] / counts[k] for k in sums if counts[k]}
+
 
 def _reply_bytes(reply: Message) -> int:
     """Bytes of the update a reply carries: the envelope, or the plain arrays."""
