@@ -90,6 +90,9 @@ def main() -> None:
                         help="scenario override, as for fed-llama simulate")
     parser.add_argument("--runs", help="keep the federated run folders here (default: temp)")
     parser.add_argument("--json", default=str(HERE / "results" / "federated_vs_local.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the variants already measured in --json (same scenario, "
+                             "overrides and questions) and measure the rest")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -101,27 +104,46 @@ def main() -> None:
     fed, names = scenario.federation, scenario.site_names()
     per_site = fed.rounds * scenario.train.max_steps
     rows: list[dict[str, Any]] = []
+    setup = {"scenario": Path(args.scenario).name, "overrides": args.overrides,
+             "questions": args.questions}
+    out = Path(args.json)
+    if args.resume and out.is_file():
+        saved = json.loads(out.read_text())
+        if {k: saved.get(k) for k in setup} != setup:
+            raise SystemExit(f"--resume: {out} was measured with other settings: "
+                             f"{ {k: saved.get(k) for k in setup} }")
+        rows = saved["rows"]
+        logging.info("resuming: %s already measured", [r["variant"] for r in rows])
+    done = {r["variant"] for r in rows}
 
     def add(variant: str, steps: int, state: dict[str, Any], start: float) -> None:
         row = {"variant": variant, "steps": steps, **measure(scenario, state, args.questions),
                "minutes": round((time.perf_counter() - start) / 60, 2)}
         rows.append(row)
         logging.info("%s", row)
+        # after every variant: a crash later loses nothing measured (--resume goes on)
+        write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": []}, indent=2))
 
     start = time.perf_counter()
-    add("base", 0, site_ops.initial_state(scenario), start)
+    if "base" not in done:
+        add("base", 0, site_ops.initial_state(scenario), start)
     for i, name in enumerate(names):
+        if f"local:{name}" in done:
+            continue
         start = time.perf_counter()
         state = train_fresh(scenario, site_ops.site_data(scenario, i).train, per_site,
                             f"local {name}")
         add(f"local:{name}", per_site, state, start)
-    start = time.perf_counter()
-    pooled = [x for i in range(len(names)) for x in site_ops.site_data(scenario, i).train]
-    add("centralized", per_site * len(names),
-        train_fresh(scenario, pooled, per_site * len(names), "centralized"), start)
+    if "centralized" not in done:
+        start = time.perf_counter()
+        pooled = [x for i in range(len(names)) for x in site_ops.site_data(scenario, i).train]
+        add("centralized", per_site * len(names),
+            train_fresh(scenario, pooled, per_site * len(names), "centralized"), start)
     with tempfile.TemporaryDirectory(prefix="fed-vs-local-") as tmp:
         runs = Path(args.runs) if args.runs else Path(tmp)
         for mode in args.modes:
+            if f"federated:{mode}" in done:
+                continue
             start = time.perf_counter()
             store = simulate(Path(args.scenario), runs / mode, overrides=[
                 *args.overrides, f"federation.aggregation='{mode}'"])
@@ -134,6 +156,9 @@ def main() -> None:
           f"{args.questions} questions per task per site; held-out codes unseen in training")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+    order = ["base", *[f"local:{n}" for n in names], "centralized",
+             *[f"federated:{m}" for m in ("factors", "exact", "ffa")]]
+    rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")
     locals_ = [r for r in rows if r["variant"].startswith("local:")]
@@ -156,9 +181,7 @@ def main() -> None:
               f"(target <= 1.10); category / centralized = {t['category_vs_centralized']} "
               f"(target >= 0.95); category points over best local = "
               f"{t['category_points_over_best_local']} (target >= 20)")
-    write_text_atomic(Path(args.json), json.dumps(
-        {"scenario": Path(args.scenario).name, "overrides": args.overrides,
-         "questions": args.questions, "rows": rows, "targets": targets}, indent=2))
+    write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": targets}, indent=2))
     print(f"wrote {args.json}")
 
 
