@@ -10,14 +10,13 @@ its target and renamed into place, so a crash never leaves a half-written adapte
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fed_llama.common.files import file_sha256
+from fed_llama.common.files import file_sha256, replace_dir
 from fed_llama.errors import AdapterError
 
 MANIFEST = "fed_llama_manifest.json"
@@ -67,20 +66,10 @@ def _write_adapter_dir(write: Callable[[Path], None], out: Path, manifest: dict[
         full = dict(manifest, format_version=FORMAT_VERSION,
                     files={name: file_sha256(tmp / name) for name in PEFT_FILES})
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(adapter_dir: Path) -> dict[str, Any]:

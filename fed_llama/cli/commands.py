@@ -106,9 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from fed_llama.inference.generate import check_sampling, stream_chat
-    from fed_llama.inference.model import load_model
 
     check_sampling(args.temperature, args.top_p, args.max_new_tokens)  # before loading
+    if args.onnx:
+        return _generate_onnx(args)
+    from fed_llama.inference.model import load_model
+
     loaded = load_model(args.backbone, Path(args.adapter) if args.adapter else None)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
@@ -118,6 +121,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_onnx(args: argparse.Namespace) -> int:
+    """The edge path: onnxruntime, tokenizers and numpy; torch is never imported."""
+    from fed_llama.export.runtime import OnnxCausalLM
+
+    if args.adapter or args.backbone:
+        raise ConfigError("--onnx runs an exported model, which already holds its adapter and "
+                          "backbone: drop --adapter/--backbone, or drop --onnx")
+    folder = Path(args.onnx)
+    if not folder.is_dir():
+        raise ConfigError(f"--onnx {args.onnx!r} is not a folder: give the folder written by "
+                          "`fed-llama export`")
+    lm = OnnxCausalLM(folder)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    for piece in lm.chat(messages, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fed_llama.config.export import ExportConfig
+    from fed_llama.config.loader import apply_overrides, build_config, load_config
+
+    overrides = list(args.set) + ([f"quant='{args.quant}'"] if args.quant else [])
+    if args.profile:
+        cfg = load_config(ExportConfig, Path(args.profile), overrides)
+    else:
+        cfg = build_config(ExportConfig, apply_overrides({}, overrides), source="export options")
+    from fed_llama.export.pipeline import export_adapter
+
+    out = Path(args.out)
+    manifest = export_adapter(Path(args.adapter), out, cfg, backbone=args.backbone,
+                              force=args.force)
+    ver = manifest["verification"]
+    pooled, speed = ver["pooled"], ver["speed-onnx"]
+    print(f"{cfg.quant} export in {out}: {manifest['size_mb']['model']:.0f} MB "
+          f"(PyTorch fp32 {manifest['size_mb']['pytorch_fp32']:.0f} MB); held-out perplexity "
+          f"PyTorch {pooled['perplexity-pytorch']:.3f} -> ONNX {pooled['perplexity-onnx']:.3f}; "
+          f"top-1 agreement {pooled['top1-agreement']:.3f}; prefill "
+          f"{speed['prefill-ms']:.0f} ms, decode {speed['decode-tokens-per-s']:.1f} tokens/s "
+          f"(PyTorch {ver['speed-pytorch']['decode-tokens-per-s']:.1f})")
     return 0
 
 

@@ -73,7 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--onnx", help="an exported folder (fed-llama export): run it with "
+                     "onnxruntime alone, without PyTorch")
     gen.set_defaults(func=commands.cmd_generate)
+
+    exp = sub.add_parser("export", help="merge an adapter, build ONNX (fp32/int8/int4) with a "
+                         "KV cache, verify it against PyTorch")
+    exp.add_argument("--adapter", required=True, help="adapter folder (site or federated round)")
+    exp.add_argument("--out", required=True, help="export folder to write")
+    exp.add_argument("--profile", help="export profile TOML (edge_export/profiles/); omitted: "
+                     "the defaults")
+    exp.add_argument("--quant", choices=["fp32", "int8", "int4"],
+                     help="weight precision (overrides the profile's quant)")
+    exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a profile value, e.g. --set verify.records=16")
+    exp.add_argument("--backbone", help="backbone (default: the adapter's)")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    exp.set_defaults(func=commands.cmd_export)
 
     sim = sub.add_parser("simulate", help="run a federation scenario on Flower's Simulation "
                          "Engine")
@@ -107,13 +123,9 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     for category in (FutureWarning, DeprecationWarning):  # libraries' deprecation chatter
         warnings.filterwarnings("ignore", category=category)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    # transformers reads these when (and if) a command imports it: the edge runtime never does
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,6 +85,11 @@ def evaluate_tasks(model: Any, tokenizer: Any, examples: list[Example], *,
     questions = choose_questions(examples, max_questions, seed, tasks)
     answers = generate_answers(model, tokenizer, questions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
+    return score_answers(questions, answers)
+
+
+def score_answers(questions: list[Example], answers: list[str]) -> TaskReport:
+    """Score each answer against its question's reference and average per task."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     samples: list[dict[str, str]] = []
     for ex, answer in zip(questions, answers, strict=True):

@@ -1,0 +1,117 @@
+"""Configuration of an edge export (``fed-llama export``): an export profile.
+
+Profiles live in ``edge_export/profiles/*.toml``; every default works on the default backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: The acceptance bound on the held-out perplexity increase over PyTorch fp32, per quantization,
+#: used when ``verify.max_perplexity_increase`` is negative.
+DEFAULT_PPL_BOUND = {"fp32": 0.01, "int8": 0.02, "int4": 0.15}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+MIXED_SELECTORS = ("last_matmul", "mixed_layers")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How the exported model is checked against the PyTorch merged model before it is kept."""
+
+    data: tuple[str, ...] = field(default=(), metadata={"path": True, "schemes": ("icd10:",)})
+    """Held-out data to compare on: ``icd10:<site>`` names or JSONL files. Empty: the adapter's
+    own data (its training source, or ``icd10:<site>`` for each site of a federated round)."""
+
+    records: int = 48
+    """Held-out records per data source for perplexity and next-token agreement (seeded)."""
+
+    max_length: int = 256
+    """Tokens per record."""
+
+    max_perplexity_increase: float = -1.0
+    """Refuse the export when ONNX held-out perplexity exceeds PyTorch's by more than this
+    fraction (0.02 = 2%). Negative: the bound of the quantization (fp32 1%, int8 2%,
+    int4 15%)."""
+
+    min_top1_agreement: float = 0.0
+    """Refuse the export when greedy next-token agreement with PyTorch is below this (0-1)."""
+
+    questions: int = 8
+    """Held-out questions per task per data source answered by both models and scored
+    (exact/category match, token F1); 0: off."""
+
+    max_new_tokens: int = 24
+    """Answer length bound for the task questions."""
+
+    prefill_tokens: int = 256
+    """Prompt length for the prefill latency measurement."""
+
+    decode_tokens: int = 64
+    """Tokens generated for the decode speed measurement."""
+
+    seed: int = 0
+    """Seed of the held-out sample and of the ICD-10 held-out code split."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("records", "max_length", "prefill_tokens", "decode_tokens",
+                     "max_new_tokens"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.questions < 0:
+            out.append(f"questions must be 0 (off) or more; got {self.questions}")
+        if not 0 <= self.min_top1_agreement <= 1:
+            out.append(f"min_top1_agreement must be in [0, 1]; got {self.min_top1_agreement}")
+        return out
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """An export profile: precision, quantization recipe and verification bounds."""
+
+    name: str = "custom"
+    """The profile's name, recorded in the export manifest."""
+
+    quant: Literal["fp32", "int8", "int4"] = "int8"
+    """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits), with
+    the tied embedding / LM head quantized too."""
+
+    block_size: int = 32
+    """Weights per quantization block (16-256). This backbone's hidden size (576) is not a
+    multiple of 128: 128 and 256 pad the last block and lose quality."""
+
+    algorithm: Literal["rtn", "k_quant"] = "rtn"
+    """int4/int8 weight quantizer: round-to-nearest or k-quant (llama.cpp-style search of
+    scales); neither needs calibration data."""
+
+    mixed_precision: tuple[str, ...] = ()
+    """MatMul groups kept in 8-bit in an int4 model: ``last_matmul`` (the LM head) and/or
+    ``mixed_layers`` (the most sensitive layers: first/last eighth and every third
+    qkv/v/down projection)."""
+
+    accuracy_level: int = 4
+    """Activation precision of quantized MatMuls on CPU: 4 = int8 (fastest), 1 = fp32."""
+
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """Verification against PyTorch; the export is refused when it fails."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.block_size not in BLOCK_SIZES:
+            out.append(f"block_size must be one of {BLOCK_SIZES}; got {self.block_size}")
+        unknown = [m for m in self.mixed_precision if m not in MIXED_SELECTORS]
+        if unknown:
+            out.append(f"mixed_precision has unknown group(s) {unknown}: use "
+                       f"{list(MIXED_SELECTORS)}")
+        if self.mixed_precision and self.quant != "int4":
+            out.append(f"mixed_precision {list(self.mixed_precision)} only applies to "
+                       f"quant = 'int4' (got quant = {self.quant!r}): remove it or use int4")
+        if self.accuracy_level not in (1, 2, 3, 4):
+            out.append(f"accuracy_level must be 1, 2, 3 or 4; got {self.accuracy_level}")
+        return out
+
+    def perplexity_bound(self) -> float:
+        """The allowed relative perplexity increase over PyTorch fp32."""
+        bound = self.verify.max_perplexity_increase
+        return DEFAULT_PPL_BOUND[self.quant] if bound < 0 else bound

@@ -1,0 +1,114 @@
+"""``fed-llama export``: adapter -> merged model -> ONNX -> verified -> kept.
+
+Everything is built in a temporary folder beside ``--out`` and renamed into place only after
+verification passed, so a failure or an interruption never leaves a half-written export and
+never touches an existing one. The folder holds the ONNX model (``model.onnx`` +
+``model.onnx.data``), the tokenizer and chat template, onnxruntime-genai's
+``genai_config.json``, and ``export_manifest.json`` (source adapter and its hashes, backbone,
+what the adapter was merged into, quantization, sizes, verification figures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fed_llama import __version__
+from fed_llama.adapter.store import check_output_dir, read_manifest
+from fed_llama.common.files import file_sha256, replace_dir
+from fed_llama.config.export import ExportConfig
+from fed_llama.data import icd10
+from fed_llama.errors import ConfigError
+from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
+from fed_llama.export.merge import merge_adapter, save_merged
+from fed_llama.export.runtime import OnnxCausalLM
+from fed_llama.export.verify import ICD10, check_bounds, verification_sources, verify_export
+
+log = logging.getLogger(__name__)
+
+EXPORT_MANIFEST = "export_manifest.json"
+
+
+def check_sources(sources: list[str]) -> None:
+    """Refuse unknown ICD-10 sites and missing files before any slow work."""
+    problems = []
+    for source in sources:
+        if source.startswith(ICD10):
+            if source[len(ICD10):] not in icd10.SITES:
+                problems.append(f"verify.data {source!r}: unknown ICD-10 site (sites: "
+                                f"{', '.join(sorted(icd10.SITES))})")
+        elif not Path(source).is_file():
+            problems.append(f"verify.data {source!r}: no such JSONL file")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def folder_size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
+                   backbone: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Merge, build, verify and write the export; return its manifest.
+
+    Raises :class:`ExportError` (nothing written) when verification fails its bounds.
+    """
+    check_output_dir(out, force)
+    check_export_dependencies()
+    manifest_in = read_manifest(adapter) if adapter else {}
+    sources = verification_sources(cfg.verify, manifest_in)
+    check_sources(sources)
+    started = time.monotonic()
+    merged = merge_adapter(adapter, backbone)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        hf_dir = save_merged(merged, work / "merged")
+        onnx_dir = work / "onnx"
+        build_onnx(hf_dir, onnx_dir, cfg, cache=work / "cache")
+        lm = OnnxCausalLM(onnx_dir)
+        report = verify_export(merged.model, merged.tokenizer, lm, cfg, sources)
+        failures = check_bounds(report, cfg)
+        if failures:
+            raise ExportError(f"export refused, nothing written to {out}: "
+                              + "; ".join(failures))
+        files = sorted(p.name for p in onnx_dir.iterdir() if p.is_file())
+        manifest = {
+            "format_version": 1,
+            "fed_llama_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "profile": dataclasses.asdict(cfg),
+            "quant": cfg.quant,
+            "source_adapter": _adapter_identity(adapter, manifest_in),
+            "backbone": merged.backbone.describe(),
+            "merged_into": merged.merged_into,
+            "size_mb": {"model": round(sum((onnx_dir / f).stat().st_size for f in files
+                                           if f.startswith("model.onnx")) / 1e6, 2),
+                        "folder": round(folder_size_mb(onnx_dir), 2),
+                        "pytorch_fp32": round(sum(p.numel() * 4 for p in
+                                                  merged.model.parameters()) / 1e6, 2)},
+            "verification": report,
+            "export_seconds": round(time.monotonic() - started, 1),
+            "files": {f: file_sha256(onnx_dir / f) for f in files},
+        }
+        (onnx_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        replace_dir(onnx_dir, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _adapter_identity(adapter: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:
+    if adapter is None:
+        return {}
+    return {"path": str(adapter.resolve()),
+            "files": {name: file_sha256(adapter / name)
+                      for name in ("adapter_config.json", "adapter_model.safetensors")},
+            "kind": manifest.get("kind", "site-adapter"), "round": manifest.get("round"),
+            "sites": manifest.get("sites"), "method": manifest.get("method")}
