@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
-from fed_llama.crypto.keys import ServerPublicKey, TrustStore
+# the crypto modules are imported by the commands that use them: `fed-llama generate --onnx`
+# on an edge device must not need `cryptography`
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init_server(args: argparse.Namespace) -> int:
+    from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
+
     folder = KeyFolder(Path(args.dir))
     key = folder.init_server(args.kem, passphrase_from_env(args.passphrase_env))
     print(f"aggregator key {key.public().fingerprint} ({args.kem}) in {folder.server_key}; "
@@ -49,6 +51,8 @@ def cmd_init_server(args: argparse.Namespace) -> int:
 
 
 def cmd_init_site(args: argparse.Namespace) -> int:
+    from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
+
     folder = KeyFolder(Path(args.dir))
     key = folder.init_site(args.site, passphrase_from_env(args.passphrase_env))
     print(f"site {key.site} key {key.public().fingerprint} in {folder.site_key(key.site)}; "
@@ -57,6 +61,8 @@ def cmd_init_site(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from fed_llama.crypto.keyring import KeyFolder
+
     folder = KeyFolder(Path(args.dir))
     for public in args.public:
         site = folder.enroll(public, replace=args.replace)
@@ -65,6 +71,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from fed_llama.crypto.keyring import KeyFolder
+    from fed_llama.crypto.keys import ServerPublicKey, TrustStore
+
     folder = KeyFolder(Path(args.dir))
     server = ServerPublicKey.load(folder.server_public)
     print(f"aggregator {server.fingerprint} ({server.kem})")

@@ -1,0 +1,193 @@
+"""Edge variants of one adapter, measured in one run against PyTorch eager fp32.
+
+The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which README command 1
+writes) is merged once; each ONNX variant is built with the same code as ``fed-llama export``
+and measured on the same held-out records of every site of the adapter:
+
+- size (MB of model files), prefill latency for 256 tokens, decode tokens/s for 64 tokens with
+  the KV cache (median of ``--repeats``);
+- held-out answer perplexity and greedy next-token (top-1) agreement with PyTorch fp32, and
+  greedy task scores (description -> code category match, code -> description token F1);
+- this machine's memory bandwidth (fp32 matrix-vector, measured here first), the decode speed
+  it would allow if every weight byte were read once per token, and each variant's fraction.
+
+Ratios are to PyTorch eager fp32 measured in this run. Targets (edge issue): ONNX fp32 logits
+within 1e-3; int8 perplexity within 2% of PyTorch fp32 and int4 within 15%; int4 at most 20%
+of the fp32 ONNX size; int8 decode at least 7x PyTorch eager and int4 at least 8x.
+
+    python benchmarks/edge.py                       # about 10 minutes on 2 cores
+    python benchmarks/edge.py --adapter runs/cardiology --variants fp32 int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {"quant": "fp32"},
+    "int8": {"quant": "int8"},
+    "int4-rtn": {"quant": "int4", "algorithm": "rtn"},
+    "int4-kquant": {"quant": "int4", "algorithm": "k_quant"},
+    "int4-kquant-head8": {"quant": "int4", "algorithm": "k_quant",
+                          "mixed_precision": ["last_matmul"]},
+    "int4-kquant-mixed8": {"quant": "int4", "algorithm": "k_quant",
+                           "mixed_precision": ["last_matmul", "mixed_layers"]},
+}
+
+
+def memory_bandwidth_gbs(repeats: int = 7) -> float:
+    """Bytes per second of an fp32 matrix-vector product over a 256 MB matrix (median)."""
+    w = np.random.default_rng(0).standard_normal((8192, 8192), dtype=np.float32)
+    x = np.ones(8192, dtype=np.float32)
+    w @ x
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        w @ x
+        times.append(time.perf_counter() - start)
+    return w.nbytes / statistics.median(times) / 1e9
+
+
+def median_speed(fn: Any, repeats: int) -> dict[str, float]:
+    runs = [fn() for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", default=str(ROOT / "runs/hospitals-3/rounds/round-003"))
+    parser.add_argument("--backbone", help="backbone (default: the adapter's)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--records", type=int, default=32, help="held-out records per site")
+    parser.add_argument("--questions", type=int, default=16, help="questions per task per site")
+    parser.add_argument("--repeats", type=int, default=3, help="speed measurements (median)")
+    parser.add_argument("--json", default=str(HERE / "results" / "edge.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from fed_llama.common.files import write_text_atomic
+    from fed_llama.config.export import ExportConfig
+    from fed_llama.config.loader import build_config
+    from fed_llama.data.tokenize import encode_all
+    from fed_llama.evaluation.tasks import choose_questions, evaluate_tasks, score_answers
+    from fed_llama.export.build import build_onnx
+    from fed_llama.export.merge import merge_adapter, save_merged
+    from fed_llama.export.runtime import OnnxCausalLM
+    from fed_llama.export.verify import (
+        Agreement, heldout_examples, onnx_answers, speed_onnx, speed_prompt, speed_torch,
+        torch_logits, verification_sources)
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"edge.py: error: no adapter in {adapter}: run README command 1 first "
+                         "(it writes runs/hospitals-3) or pass --adapter")
+    bandwidth = memory_bandwidth_gbs()
+    merged = merge_adapter(adapter, args.backbone)
+    verify = {"records": args.records, "questions": args.questions}
+    probe = build_config(ExportConfig, {"verify": verify}, source="edge.py")
+    sources = verification_sources(probe.verify, merged.adapter_manifest)
+    data = {}
+    for source in sources:
+        examples = heldout_examples(source, probe.verify)
+        items, _ = encode_all(merged.tokenizer, examples, probe.verify.max_length)
+        questions = choose_questions(examples, args.questions, 0, ("desc2code", "code2desc"))
+        data[source] = (items, questions)
+    all_items = [i for items, _ in data.values() for i in items]
+    prompt = speed_prompt(all_items, 256)
+    reference = {s: [torch_logits(merged.model, i.input_ids) for i in items]
+                 for s, (items, _) in data.items()}
+
+    def task_scores(answer_fn: Any) -> dict[str, float]:
+        cat, f1 = [], []
+        for _, questions in data.values():
+            m = answer_fn(questions).metrics
+            cat.append(m["desc2code"]["category"])
+            f1.append(m["code2desc"]["f1"])
+        return {"category": round(sum(cat) / len(cat), 3), "desc_f1": round(sum(f1) / len(f1), 3)}
+
+    torch_bytes = sum(p.numel() * 4 for p in merged.model.parameters())
+    pt_speed = median_speed(lambda: speed_torch(merged.model, prompt, 64), args.repeats)
+    rows: list[dict[str, Any]] = [{
+        "variant": "pytorch-eager-fp32", "size_mb": round(torch_bytes / 1e6, 1),
+        **{k: round(v, 1) for k, v in pt_speed.items()},
+        "perplexity": round(_pytorch_ppl(reference, data), 3), "top1": 1.0,
+        **task_scores(lambda qs: evaluate_tasks(merged.model, merged.tokenizer, qs,
+                                                max_questions=args.questions, max_new_tokens=24)),
+        "bound_tokens_per_s": round(bandwidth * 1e9 / torch_bytes, 1)}]
+    with tempfile.TemporaryDirectory(prefix="fed-llama-edge-") as tmp:
+        hf_dir = save_merged(merged, Path(tmp) / "merged")
+        for name in args.variants:
+            cfg = build_config(ExportConfig, {**VARIANTS[name], "verify": verify}, source=name)
+            out = Path(tmp) / name
+            started = time.monotonic()
+            build_onnx(hf_dir, out, cfg, cache=Path(tmp) / "cache")
+            build_s = time.monotonic() - started
+            lm = OnnxCausalLM(out)
+            agreement = Agreement()
+            for source, (items, _) in data.items():
+                for item, ref in zip(items, reference[source], strict=True):
+                    agreement.add(item, ref, lm.sequence_logits(item.input_ids))
+            s = agreement.summary()
+            size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+            speed = median_speed(lambda lm=lm: speed_onnx(lm, prompt, 64), args.repeats)
+            rows.append({
+                "variant": f"onnx-{name}", "size_mb": round(size / 1e6, 1),
+                **{k: round(v, 1) for k, v in speed.items()},
+                "perplexity": round(s["perplexity-onnx"], 3),
+                "top1": round(s["top1-agreement"], 3),
+                "max_logit_diff": round(s["max-logit-diff"], 5),
+                **task_scores(lambda qs, lm=lm: score_answers(qs, onnx_answers(lm, qs, 24))),
+                "bound_tokens_per_s": round(bandwidth * 1e9 / size, 1),
+                "build_s": round(build_s, 1)})
+            print(f"  {name}: done", flush=True)
+    base = rows[0]
+    fp32_size = next((r["size_mb"] for r in rows if r["variant"] == "onnx-fp32"), None)
+    for r in rows:
+        r["decode_x_pytorch"] = round(r["decode-tokens-per-s"] / base["decode-tokens-per-s"], 2)
+        r["ppl_vs_pytorch"] = round(r["perplexity"] / base["perplexity"] - 1, 4)
+        r["bound_fraction"] = round(r["decode-tokens-per-s"] / r["bound_tokens_per_s"], 2)
+        if fp32_size:
+            r["size_vs_onnx_fp32"] = round(r["size_mb"] / fp32_size, 3)
+    _print(rows, bandwidth)
+    result = {"adapter": str(adapter), "sources": sources, "records_per_site": args.records,
+              "questions_per_task_per_site": args.questions, "memory_bandwidth_gbs":
+              round(bandwidth, 1), "rows": rows}
+    write_text_atomic(Path(args.json), json.dumps(result, indent=2))
+    print(f"written to {args.json}")
+
+
+def _pytorch_ppl(reference: dict[str, list[np.ndarray]], data: dict[str, Any]) -> float:
+    from fed_llama.export.verify import Agreement
+
+    a = Agreement()
+    for source, (items, _) in data.items():
+        for item, ref in zip(items, reference[source], strict=True):
+            a.add(item, ref, ref)
+    return a.summary()["perplexity-pytorch"]
+
+
+def _print(rows: list[dict[str, Any]], bandwidth: float) -> None:
+    cols = [("variant", "{}"), ("size_mb", "{:.0f}"), ("prefill-ms", "{:.0f}"),
+            ("decode-tokens-per-s", "{:.1f}"), ("decode_x_pytorch", "{:.2f}x"),
+            ("perplexity", "{:.3f}"), ("ppl_vs_pytorch", "{:+.1%}"), ("top1", "{:.3f}"),
+            ("category", "{:.3f}"), ("desc_f1", "{:.3f}"), ("bound_fraction", "{:.2f}")]
+    print(f"memory bandwidth {bandwidth:.1f} GB/s (fp32 matrix-vector)")
+    print("| " + " | ".join(c for c, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f.format(r[c]) if c in r else "" for c, f in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
