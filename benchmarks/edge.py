@@ -85,8 +85,15 @@ def main() -> None:
     from fed_llama.export.merge import merge_adapter, save_merged
     from fed_llama.export.runtime import OnnxCausalLM
     from fed_llama.export.verify import (
-        Agreement, heldout_examples, onnx_answers, speed_onnx, speed_prompt, speed_torch,
-        torch_logits, verification_sources)
+        Agreement,
+        heldout_examples,
+        onnx_answers,
+        speed_onnx,
+        speed_prompt,
+        speed_torch,
+        torch_logits,
+        verification_sources,
+    )
 
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():

@@ -263,3 +263,34 @@ def test_onnx_generate_refuses_a_folder_that_is_not_an_export(tmp_path: Path) ->
 
     assert main(["generate", "--onnx", str(tmp_path), "hi"]) == 2
     assert main(["generate", "--onnx", str(tmp_path / "nope"), "hi"]) == 2
+
+
+def test_runtime_adapters_switch_per_site_without_re_export(
+        adapter: Path, verify_data: Path, tiny_backbone: Path, tmp_path: Path) -> None:
+    from fed_llama.export.runtime import EdgeRuntimeError
+    from fed_llama.export.switchable import add_adapter
+
+    out = tmp_path / "switch"
+    manifest = export_adapter(adapter, out, _cfg(verify_data, quant="fp32",
+                                                 runtime_adapters=True),
+                              backbone=str(tiny_backbone))
+    assert manifest["runtime_adapters"]["adapters"] == ["a"]  # the export's own, built in
+    other = _trained_like_adapter(tiny_backbone, tmp_path / "other", seed=7)
+    add_adapter(other, out, "site-2")
+    assert "adapters/site-2.onnx_adapter" in json.loads(
+        (out / EXPORT_MANIFEST).read_text())["files"]
+
+    ids = [5, 17, 33, 99, 120, 7]
+    for name, path in ((None, adapter), ("a", adapter), ("site-2", other)):
+        with torch.no_grad():
+            ref = merge_adapter(path, str(tiny_backbone)).model(torch.tensor([ids])).logits[0]
+        got = OnnxCausalLM(out, adapter=name).sequence_logits(ids)
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, err_msg=str(name))
+
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
+    rank2 = save_adapter(attach_lora(bb.model, LoraSpec(r=2), seed=0), tmp_path / "r2",
+                         {"backbone": bb.describe()})
+    with pytest.raises(AdapterError, match=r"does not fit this export.*shape \[64, 2\]"):
+        add_adapter(rank2, out, "r2")
+    with pytest.raises(EdgeRuntimeError, match=r"no such runtime adapter.*has: a, site-2"):
+        OnnxCausalLM(out, adapter="nowhere")

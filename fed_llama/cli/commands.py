@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fed_llama.inference.generate import check_sampling, stream_chat
 
     check_sampling(args.temperature, args.top_p, args.max_new_tokens)  # before loading
-    if args.onnx:
+    if args.onnx or args.lora:
         return _generate_onnx(args)
     from fed_llama.inference.model import load_model
 
@@ -128,6 +128,8 @@ def _generate_onnx(args: argparse.Namespace) -> int:
     """The edge path: onnxruntime, tokenizers and numpy; torch is never imported."""
     from fed_llama.export.runtime import OnnxCausalLM
 
+    if args.lora and not args.onnx:
+        raise ConfigError("--lora chooses a runtime adapter of an ONNX export: add --onnx DIR")
     if args.adapter or args.backbone:
         raise ConfigError("--onnx runs an exported model, which already holds its adapter and "
                           "backbone: drop --adapter/--backbone, or drop --onnx")
@@ -135,7 +137,7 @@ def _generate_onnx(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise ConfigError(f"--onnx {args.onnx!r} is not a folder: give the folder written by "
                           "`fed-llama export`")
-    lm = OnnxCausalLM(folder)
+    lm = OnnxCausalLM(folder, adapter=args.lora)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     for piece in lm.chat(messages, max_new_tokens=args.max_new_tokens,
@@ -168,6 +170,15 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"top-1 agreement {pooled['top1-agreement']:.3f}; prefill "
           f"{speed['prefill-ms']:.0f} ms, decode {speed['decode-tokens-per-s']:.1f} tokens/s "
           f"(PyTorch {ver['speed-pytorch']['decode-tokens-per-s']:.1f})")
+    return 0
+
+
+def cmd_export_adapter(args: argparse.Namespace) -> int:
+    from fed_llama.export.switchable import add_adapter
+
+    out = add_adapter(Path(args.adapter), Path(args.onnx), args.name)
+    print(f"runtime adapter written to {out} ({out.stat().st_size / 1e6:.1f} MB); use it with "
+          f"fed-llama generate --onnx {args.onnx} --lora {out.name[:-len('.onnx_adapter')]}")
     return 0
 
 

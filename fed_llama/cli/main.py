@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--onnx", help="an exported folder (fed-llama export): run it with "
                      "onnxruntime alone, without PyTorch")
+    gen.add_argument("--lora", help="with --onnx: a runtime adapter of that export (name in "
+                     "its adapters/ folder, or an .onnx_adapter file)")
     gen.set_defaults(func=commands.cmd_generate)
 
     exp = sub.add_parser("export", help="merge an adapter, build ONNX (fp32/int8/int4) with a "
@@ -90,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--backbone", help="backbone (default: the adapter's)")
     exp.add_argument("--force", action="store_true", help="replace an existing --out folder")
     exp.set_defaults(func=commands.cmd_export)
+
+    exa = sub.add_parser("export-adapter", help="add an adapter to an export made with "
+                         "runtime_adapters, as a file switched in at run time (no re-export)")
+    exa.add_argument("--adapter", required=True, help="adapter folder (same rank and targets "
+                     "as the export's)")
+    exa.add_argument("--onnx", required=True, help="the export folder")
+    exa.add_argument("--name", help="name to choose it by (default: the adapter folder's name)")
+    exa.set_defaults(func=commands.cmd_export_adapter)
 
     sim = sub.add_parser("simulate", help="run a federation scenario on Flower's Simulation "
                          "Engine")

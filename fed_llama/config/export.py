@@ -93,6 +93,12 @@ class ExportConfig:
     accuracy_level: int = 4
     """Activation precision of quantized MatMuls on CPU: 4 = int8 (fastest), 1 = fp32."""
 
+    runtime_adapters: bool = False
+    """Keep the adapter as switchable LoRA branches instead of merging it: the export's own
+    adapter is built in, and other adapters of the same rank and targets become
+    ``adapters/<name>.onnx_adapter`` files (``fed-llama export-adapter``) chosen at run time
+    (``generate --lora``). Decoding is somewhat slower than a merged export."""
+
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     """Verification against PyTorch; the export is refused when it fails."""
 

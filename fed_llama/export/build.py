@@ -42,27 +42,41 @@ def check_export_dependencies() -> None:
                           "pip install 'fed-llama[export]'")
 
 
-def builder_options(cfg: ExportConfig) -> list[str]:
-    """The builder's ``--extra_options`` for ``cfg`` (``KEY=VALUE`` strings)."""
+def builder_options(cfg: ExportConfig, adapter: Path | None = None) -> list[str]:
+    """The builder's ``--extra_options`` for ``cfg`` (``KEY=VALUE`` strings).
+
+    With ``adapter`` the graph gets LoRA branches holding it (runtime adapters); they stay
+    fp32 so that other adapters can replace them.
+    """
     options = ["hf_token=false", "hf_remote=false"]
+    lora_nodes: list[str] = []
+    if adapter is not None:
+        from fed_llama.export.switchable import lora_node_names
+
+        options.append(f"adapter_path={adapter}")
+        lora_nodes = lora_node_names(adapter)
     if cfg.quant != "fp32":
         options += [f"block_size={cfg.block_size}", f"accuracy_level={cfg.accuracy_level}",
                     f"algo_config={cfg.algorithm}"]
         if cfg.mixed_precision:
             mix = ",".join(f"{group}:int8" for group in cfg.mixed_precision)
             options.append(f"matmul_mixed_precision={mix}")
+        if lora_nodes:
+            options.append(f"nodes_to_exclude={','.join(lora_nodes)}")
     return options
 
 
-def build_onnx(hf_dir: Path, out: Path, cfg: ExportConfig, cache: Path) -> Path:
+def build_onnx(hf_dir: Path, out: Path, cfg: ExportConfig, cache: Path,
+               adapter: Path | None = None) -> Path:
     """Build ``out/model.onnx`` (+ ``model.onnx.data``, genai config, tokenizer) from ``hf_dir``.
 
+    ``adapter``: build LoRA branches holding it (see :mod:`fed_llama.export.switchable`).
     ``out`` must be a fresh folder; on failure the builder's last lines are in the error.
     """
     check_export_dependencies()
     cmd = [sys.executable, "-m", BUILDER, "-i", str(hf_dir), "-o", str(out),
            "-p", cfg.quant, "-e", "cpu", "-c", str(cache),
-           "--extra_options", *builder_options(cfg)]
+           "--extra_options", *builder_options(cfg, adapter)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONWARNINGS="ignore")
     log.info("building the %s ONNX graph (onnxruntime-genai builder)", cfg.quant)

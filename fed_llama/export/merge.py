@@ -32,11 +32,10 @@ class MergedModel:
     adapter_manifest: dict[str, Any]
 
 
-def merge_adapter(adapter: Path | None, backbone: str | None = None) -> MergedModel:
-    """Load ``backbone`` (default: the adapter's own) and fold ``adapter`` into it.
+def load_base(adapter: Path | None, backbone: str | None = None) -> MergedModel:
+    """The weights ``adapter`` was trained against, in fp32, without the adapter.
 
-    ``adapter`` None exports the backbone alone. Merging is idempotent in effect: the result
-    has no LoRA layers left, so it cannot be merged twice.
+    For a QLoRA adapter that is the dequantized NF4 backbone; otherwise the backbone itself.
     """
     manifest = read_manifest(adapter) if adapter else {}
     qlora = manifest.get("backbone", {}).get("quantization") == "nf4"
@@ -46,15 +45,28 @@ def merge_adapter(adapter: Path | None, backbone: str | None = None) -> MergedMo
     if qlora:
         log.info("QLoRA adapter: merging into the dequantized NF4 weights it was trained on")
         model = model.dequantize()
-    model = model.float()
-    if adapter is not None:
-        model = load_adapter(model, adapter, backbone_sha256=loaded.backbone.source.sha256)
-        model = model.merge_and_unload()
-    model.eval()
+    model = model.float().eval()
     return MergedModel(model=model, tokenizer=loaded.backbone.tokenizer,
                        backbone=loaded.backbone,
                        merged_into="dequantized-nf4" if qlora else "fp32",
                        adapter_manifest=manifest)
+
+
+def fold_adapter(base: MergedModel, adapter: Path) -> MergedModel:
+    """Fold ``adapter`` into ``base``'s weights (in place): no LoRA layers are left."""
+    model = load_adapter(base.model, adapter, backbone_sha256=base.backbone.source.sha256)
+    base.model = model.merge_and_unload().eval()
+    return base
+
+
+def merge_adapter(adapter: Path | None, backbone: str | None = None) -> MergedModel:
+    """Load ``backbone`` (default: the adapter's own) and fold ``adapter`` into it.
+
+    ``adapter`` None exports the backbone alone. The result has no LoRA layers left, so it
+    cannot be merged twice.
+    """
+    base = load_base(adapter, backbone)
+    return fold_adapter(base, adapter) if adapter is not None else base
 
 
 def save_merged(merged: MergedModel, out: Path) -> Path:

@@ -26,8 +26,9 @@ from fed_llama.config.export import ExportConfig
 from fed_llama.data import icd10
 from fed_llama.errors import ConfigError
 from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
-from fed_llama.export.merge import merge_adapter, save_merged
+from fed_llama.export.merge import fold_adapter, load_base, merge_adapter, save_merged
 from fed_llama.export.runtime import OnnxCausalLM
+from fed_llama.export.switchable import make_overridable, write_onnx_adapter
 from fed_llama.export.verify import ICD10, check_bounds, verification_sources, verify_export
 
 log = logging.getLogger(__name__)
@@ -64,21 +65,33 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     manifest_in = read_manifest(adapter) if adapter else {}
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
+    switchable = cfg.runtime_adapters and adapter is not None
     started = time.monotonic()
-    merged = merge_adapter(adapter, backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        hf_dir = save_merged(merged, work / "merged")
         onnx_dir = work / "onnx"
-        build_onnx(hf_dir, onnx_dir, cfg, cache=work / "cache")
+        runtime: dict[str, Any] = {}
+        if switchable and adapter is not None:
+            base = load_base(adapter, backbone)
+            hf_dir = save_merged(base, work / "base")
+            merged = fold_adapter(base, adapter)  # the PyTorch reference
+            build_onnx(hf_dir, onnx_dir, cfg, cache=work / "cache", adapter=adapter)
+            slots = make_overridable(onnx_dir / "model.onnx")
+            name = adapter.resolve().name
+            write_onnx_adapter(adapter, onnx_dir, name)
+            runtime = {"slots": len(slots), "built_in": name, "adapters": [name]}
+        else:
+            merged = merge_adapter(adapter, backbone)
+            hf_dir = save_merged(merged, work / "merged")
+            build_onnx(hf_dir, onnx_dir, cfg, cache=work / "cache")
         lm = OnnxCausalLM(onnx_dir)
         report = verify_export(merged.model, merged.tokenizer, lm, cfg, sources)
         failures = check_bounds(report, cfg)
         if failures:
             raise ExportError(f"export refused, nothing written to {out}: "
                               + "; ".join(failures))
-        files = sorted(p.name for p in onnx_dir.iterdir() if p.is_file())
+        files = sorted(str(p.relative_to(onnx_dir)) for p in onnx_dir.rglob("*") if p.is_file())
         manifest = {
             "format_version": 1,
             "fed_llama_version": __version__,
@@ -88,6 +101,7 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             "source_adapter": _adapter_identity(adapter, manifest_in),
             "backbone": merged.backbone.describe(),
             "merged_into": merged.merged_into,
+            "runtime_adapters": runtime,
             "size_mb": {"model": round(sum((onnx_dir / f).stat().st_size for f in files
                                            if f.startswith("model.onnx")) / 1e6, 2),
                         "folder": round(folder_size_mb(onnx_dir), 2),

@@ -95,7 +95,9 @@ def sample_next(logits: np.ndarray, temperature: float, top_p: float,
 class OnnxCausalLM:
     """An exported decoder with its tokenizer and chat template."""
 
-    def __init__(self, folder: Path, *, threads: int = 0) -> None:
+    def __init__(self, folder: Path, *, threads: int = 0, adapter: str | None = None) -> None:
+        """Load the export in ``folder``; ``adapter``: a runtime adapter's name (in
+        ``adapters/``) or ``.onnx_adapter`` file to use instead of the built-in one."""
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -117,6 +119,12 @@ class OnnxCausalLM:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.template, self.special = _chat_template(folder)
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._run_options = ort.RunOptions()
+        self.adapter = adapter
+        if adapter is not None:
+            self._lora = ort.LoraAdapter()  # must outlive the run options that use it
+            self._lora.Load(str(_adapter_file(folder, adapter)))
+            self._run_options.add_active_adapter(self._lora)
         self._dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
 
     # -- the graph -------------------------------------------------------------------------
@@ -133,7 +141,8 @@ class OnnxCausalLM:
         for i in range(self.spec.layers):
             feed[f"past_key_values.{i}.key"] = past[2 * i]
             feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        out = dict(zip(self._outputs, self.session.run(None, feed), strict=True))
+        out = dict(zip(self._outputs, self.session.run(None, feed, self._run_options),
+                       strict=True))
         cache = [out[f"present.{i}.{kind}"] for i in range(self.spec.layers)
                  for kind in ("key", "value")]
         return out["logits"][0].astype(np.float32), cache
@@ -179,6 +188,20 @@ class OnnxCausalLM:
     def answer(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> str:
         """A greedy answer as one string (for task evaluation)."""
         return "".join(self.chat(messages, max_new_tokens=max_new_tokens)).strip()
+
+
+def _adapter_file(folder: Path, adapter: str) -> Path:
+    path = Path(adapter)
+    if path.suffix == ".onnx_adapter" and path.is_file():
+        return path
+    named = folder / "adapters" / f"{adapter}.onnx_adapter"
+    if named.is_file():
+        return named
+    known = sorted(p.name[:-len(".onnx_adapter")] for p in (folder / "adapters").glob(
+        "*.onnx_adapter")) if (folder / "adapters").is_dir() else []
+    raise EdgeRuntimeError(f"--lora {adapter!r}: no such runtime adapter in {folder} (has: "
+                           f"{', '.join(known) or 'none; export with --set runtime_adapters=true'}"
+                           ")")
 
 
 def _chat_template(folder: Path) -> tuple[str, dict[str, str]]:

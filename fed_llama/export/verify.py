@@ -189,11 +189,13 @@ def check_bounds(report: dict[str, Any], cfg: ExportConfig) -> list[str]:
     increase = p["perplexity-onnx"] / p["perplexity-pytorch"] - 1
     failures = []
     if increase > cfg.perplexity_bound():
+        fix = {"int4": "try algorithm = 'k_quant', mixed_precision = ['last_matmul'] or int8",
+               "int8": "try a smaller block_size or fp32",
+               "fp32": "fp32 should match exactly: please report this"}[cfg.quant]
         failures.append(
             f"held-out perplexity rose {100 * increase:.1f}% ({p['perplexity-pytorch']:.3f} -> "
             f"{p['perplexity-onnx']:.3f}), above the {100 * cfg.perplexity_bound():.1f}% bound "
-            "(verify.max_perplexity_increase): use a higher precision, mixed_precision or "
-            "k_quant")
+            f"(verify.max_perplexity_increase): {fix}, or allow more")
     if p["top1-agreement"] < cfg.verify.min_top1_agreement:
         failures.append(f"top-1 agreement {p['top1-agreement']:.3f} is below "
                         f"verify.min_top1_agreement = {cfg.verify.min_top1_agreement}")

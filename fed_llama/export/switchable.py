@@ -1,0 +1,204 @@
+"""Runtime-switchable adapters: export the base once, each site's LoRA as a small file.
+
+The graph is built with LoRA branches (``x·A`` then ``·(scale·B)``, added to each adapted
+projection) whose weights are *overridable* initializers: they are also graph inputs, so an
+onnxruntime ``LoraAdapter`` can replace them per run (``RunOptions.add_active_adapter``). The
+built-in values are the export's own adapter; ``adapters/<name>.onnx_adapter`` files hold the
+others. Swapping an adapter needs no re-export and no torch: this module reads peft's
+safetensors with numpy.
+
+Slots are named as onnxruntime-genai's builder names them:
+``model.layers.<i>.{attn,mlp}.<proj>.lora_{A,B}.MatMul.weight``, A stored as ``A^T`` [in, r]
+and B as ``(scale·B)^T`` [r, out].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fed_llama.errors import AdapterError
+
+ADAPTERS_DIR = "adapters"
+SLOTS_FILE = "slots.json"
+SUFFIX = ".onnx_adapter"
+_PEFT_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+
+
+def slot_name(peft_key: str) -> str | None:
+    """The graph's slot for a peft tensor name, or None if it is not a LoRA factor we know."""
+    m = _PEFT_KEY.match(peft_key)
+    if not m:
+        return None
+    layer, block, proj, ab = m.groups()
+    return f"model.layers.{layer}.{'attn' if block == 'self_attn' else 'mlp'}.{proj}." \
+           f"lora_{ab}.MatMul.weight"
+
+
+def lora_node_names(adapter: Path) -> list[str]:
+    """The builder's node names of the LoRA MatMuls (kept out of weight quantization)."""
+    names = []
+    for key in _peft_tensor_names(adapter):
+        m = _PEFT_KEY.match(key)
+        if m:
+            layer, block, proj, ab = m.groups()
+            names.append(f"/model/layers.{layer}/{'attn' if block == 'self_attn' else 'mlp'}"
+                         f"/{proj}/lora_{ab}/MatMul")
+    return names
+
+
+def make_overridable(onnx_file: Path) -> dict[str, list[int]]:
+    """List the graph's LoRA initializers among its inputs; return slot -> shape.
+
+    Only ``model.onnx`` is rewritten; the weights in ``model.onnx.data`` are not touched.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    slots = {}
+    for init in model.graph.initializer:
+        if ".lora_" in init.name and init.name.endswith(".MatMul.weight"):
+            slots[init.name] = list(init.dims)
+            if init.name not in inputs:
+                model.graph.input.append(helper.make_tensor_value_info(
+                    init.name, init.data_type, list(init.dims)))
+    if not slots:
+        raise AdapterError(f"{onnx_file} has no LoRA branches to switch: it was built without "
+                           "runtime_adapters")
+    onnx.save_model(model, str(onnx_file))
+    (onnx_file.parent / ADAPTERS_DIR).mkdir(exist_ok=True)
+    (onnx_file.parent / ADAPTERS_DIR / SLOTS_FILE).write_text(json.dumps(slots, indent=1))
+    return slots
+
+
+def read_slots(export_dir: Path) -> dict[str, list[int]]:
+    path = export_dir / ADAPTERS_DIR / SLOTS_FILE
+    if not path.is_file():
+        raise AdapterError(f"{str(export_dir)!r} was exported without runtime adapters (no "
+                           f"{ADAPTERS_DIR}/{SLOTS_FILE}): export it with --set "
+                           "runtime_adapters=true")
+    slots: dict[str, list[int]] = json.loads(path.read_text())
+    return slots
+
+
+def adapter_arrays(adapter: Path, slots: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """The adapter's factors laid out as the graph's slots; refuses any mismatch."""
+    from safetensors.numpy import load_file
+
+    config = _adapter_config(adapter)
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    try:
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"adapter {str(adapter)!r}: adapter_model.safetensors cannot be read "
+                           f"({exc})") from None
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        name = slot_name(key)
+        if name is None:
+            raise AdapterError(f"adapter {str(adapter)!r}: tensor {key!r} is not a LoRA factor "
+                               "of an attention or MLP projection; it cannot be switched in")
+        value = value.astype(np.float32)
+        arrays[name] = np.ascontiguousarray(value.T if ".lora_A." in name else (scale * value).T)
+    missing = sorted(set(slots) - set(arrays))
+    extra = sorted(set(arrays) - set(slots))
+    wrong = sorted(n for n in set(arrays) & set(slots) if list(arrays[n].shape) != slots[n])
+    if missing or extra or wrong:
+        detail = "; ".join(x for x in (
+            f"{len(missing)} slot(s) it does not fill, e.g. {missing[0]}" if missing else "",
+            f"{len(extra)} tensor(s) with no slot, e.g. {extra[0]}" if extra else "",
+            f"shape {list(arrays[wrong[0]].shape)} for {wrong[0]}, the export has "
+            f"{slots[wrong[0]]}" if wrong else "") if x)
+        raise AdapterError(f"adapter {str(adapter)!r} does not fit this export ({detail}): "
+                           "runtime adapters must have the rank and target modules of the "
+                           "adapter the export was built with")
+    return arrays
+
+
+def write_onnx_adapter(adapter: Path, export_dir: Path, name: str) -> Path:
+    """Write ``export_dir/adapters/<name>.onnx_adapter`` from a peft adapter folder."""
+    import onnxruntime as ort
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise AdapterError(f"--name {name!r}: use letters, digits, '.', '_' or '-'")
+    arrays = adapter_arrays(adapter, read_slots(export_dir))
+    params = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # no copy:
+    fmt = ort.AdapterFormat()  # keep ``arrays`` alive until the file is written
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters(params)
+    out = export_dir / ADAPTERS_DIR / f"{name}{SUFFIX}"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fmt.export_adapter(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    del arrays
+    return out
+
+
+def available(export_dir: Path) -> list[str]:
+    folder = export_dir / ADAPTERS_DIR
+    return sorted(p.name[:-len(SUFFIX)] for p in folder.glob(f"*{SUFFIX}")) \
+        if folder.is_dir() else []
+
+
+def _adapter_config(adapter: Path) -> dict[str, Any]:
+    path = adapter / "adapter_config.json"
+    try:
+        config: dict[str, Any] = json.loads(path.read_text())
+        int(config["r"]), float(config["lora_alpha"])
+    except FileNotFoundError:
+        raise AdapterError(f"adapter {str(adapter)!r} has no adapter_config.json: give a peft "
+                           "adapter folder") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"adapter {str(adapter)!r}: adapter_config.json is not a LoRA "
+                           f"config ({exc!r})") from None
+    return config
+
+
+def _peft_tensor_names(adapter: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="numpy") as fh:
+        return list(fh.keys())
+
+
+def add_adapter(adapter: Path, export_dir: Path, name: str | None = None) -> Path:
+    """``fed-llama export-adapter``: check ``adapter`` against the export, write its file and
+    record it (with its sha256) in the export's manifest."""
+    from fed_llama.adapter.store import read_manifest
+    from fed_llama.common.files import file_sha256, write_text_atomic
+
+    manifest_path = export_dir / "export_manifest.json"
+    if not manifest_path.is_file():
+        raise AdapterError(f"--onnx {str(export_dir)!r} is not a folder written by "
+                           "`fed-llama export` (no export_manifest.json)")
+    export = json.loads(manifest_path.read_text())
+    trained_on = read_manifest(adapter).get("backbone", {}).get("sha256")
+    exported = export.get("backbone", {}).get("sha256")
+    if trained_on and exported and trained_on != exported:
+        raise AdapterError(f"adapter {str(adapter)!r} was trained on another backbone "
+                           f"(sha256 {trained_on[:12]}...) than this export's "
+                           f"({exported[:12]}...): export that backbone instead")
+    name = name or adapter.resolve().name
+    out = write_onnx_adapter(adapter, export_dir, name)
+    runtime = export.setdefault("runtime_adapters", {})
+    runtime["adapters"] = sorted(set(runtime.get("adapters", [])) | {name})
+    export.setdefault("files", {})[f"{ADAPTERS_DIR}/{out.name}"] = file_sha256(out)
+    write_text_atomic(manifest_path, json.dumps(export, indent=2, default=str))
+    return out
