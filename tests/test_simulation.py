@@ -114,6 +114,25 @@ def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_
     assert (out / "notes.txt").read_text() == "keep"
 
 
+def test_a_named_key_folder_is_checked_before_any_work(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
+    from fed_llama.crypto.keyring import KeyFolder
+    from fed_llama.simulation.runner import simulate
+
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1)
+    keys = tmp_path / "keys"
+    with pytest.raises(ConfigError, match="does not exist: run fed-llama keys init-server"):
+        simulate(scenario, tmp_path / "run", overrides=[f"security.keys='{keys}'"])
+    folder = KeyFolder(keys)
+    folder.init_server("x25519")
+    folder.init_site("site0")
+    with pytest.raises(ConfigError) as err:
+        simulate(scenario, tmp_path / "run", overrides=[f"security.keys='{keys}'"])
+    assert "site 'site0' is not enrolled" in str(err.value)
+    assert "site1.key is missing: run fed-llama keys init-site site1" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_scenarios_are_refused_before_any_work(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[federation]\nrounds = 0\nsites = ["icd10:cardiology"]\n'

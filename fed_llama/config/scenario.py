@@ -125,7 +125,8 @@ class FederationConfig:
         if self.proximal_mu < 0:
             out.append(f"proximal_mu must be 0 or more; got {self.proximal_mu}")
         if self.server_lr < 0:
-            out.append(f"server_lr must be 0 (Flower's default) or more; got {self.server_lr}")
+            out.append(f"server_lr must be 0 (the strategy's default: 1e-3 for FedAdam/FedYogi/"
+                       f"FedAdagrad, 1.0 for FedAvgM) or more; got {self.server_lr}")
         if not 0 <= self.server_momentum < 1:
             out.append(f"server_momentum must be in [0, 1); got {self.server_momentum}")
         if not 0 <= self.trim_fraction < 0.5:

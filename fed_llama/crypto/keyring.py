@@ -89,6 +89,26 @@ class KeyFolder:
         store.save(self.trust)
         return pub.site
 
+    def problems(self, sites: list[str]) -> list[str]:
+        """What keeps this folder from serving a simulation of ``sites`` (every party here)."""
+        out = []
+        if not self.root.is_dir():
+            return [f"key folder {str(self.root)!r} does not exist: run fed-llama keys "
+                    f"init-server --dir {self.root}, or leave security.keys empty to have "
+                    "the simulation make its own"]
+        if not self.server_key.is_file():
+            out.append(f"{self.server_key} is missing: run fed-llama keys init-server "
+                       f"--dir {self.root}")
+        enrolled = set(TrustStore.load(self.trust).sites) if self.trust.is_file() else set()
+        for site in sites:
+            if not self.site_key(site).is_file():
+                out.append(f"{self.site_key(site)} is missing: run fed-llama keys init-site "
+                           f"{site} --dir {self.root}")
+            elif site not in enrolled:
+                out.append(f"site {site!r} is not enrolled in {self.trust}: run fed-llama keys "
+                           f"enroll {self.site_public(site)} --dir {self.root}")
+        return out
+
     def ensure_simulation(self, sites: list[str], kem: str) -> None:
         """Make whatever is missing of a simulation's keys: every party runs here."""
         if not self.server_key.exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,7 +65,9 @@ class SiteSplit:
 def tabular_xml() -> Path:
     """The tabular-list XML shipped by ``simple-icd-10-cm`` (its name changes each release)."""
     try:
-        folder = importlib.resources.files("simple_icd_10_cm") / "data"
+        with warnings.catch_warnings():  # the package's import uses deprecated resource APIs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            folder = importlib.resources.files("simple_icd_10_cm") / "data"
     except ModuleNotFoundError:
         raise DataError("the ICD-10 demo data needs simple-icd-10-cm: "
                         "pip install simple-icd-10-cm") from None

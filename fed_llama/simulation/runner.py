@@ -63,6 +63,12 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
              overrides: list[str] | None = None) -> RunStore:
     """Run (or resume) the scenario at ``path`` into ``out``; return the run folder."""
     scenario, text = load_scenario(path, overrides or [])
+    if scenario.security.envelopes and scenario.security.keys:  # checked before any writing
+        from fed_llama.crypto.keyring import KeyFolder
+
+        problems = KeyFolder(Path(scenario.security.keys)).problems(scenario.site_names())
+        if problems:
+            raise ConfigError(f"security.keys: {'; '.join(problems)}")
     store = RunStore(out)
     done = store.start(text, resume)
     if scenario.security.envelopes and not scenario.security.keys:
