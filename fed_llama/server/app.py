@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,12 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         guard = ServerGuard.load(scenario.security, KeyFolder(Path(scenario.security.keys)),
                                  store.run_id(), store.out / "seals")
 
+    mark = [time.monotonic()]  # when the current round started
+
     def on_train(server_round: int, row: dict[str, float]) -> None:
-        rows[server_round] = {"round": server_round, "backbone-bytes": backbone_bytes, **row}
+        rows[server_round] = {"round": server_round, "backbone-bytes": backbone_bytes,
+                              "train-phase-seconds": round(time.monotonic() - mark[0], 2),
+                              **row}
         log.info("round %d/%d: %d site(s) trained, %d update(s) refused, train loss %.4f",
                  server_round, total, int(row["sites-trained"]),
                  int(row.get("sites-refused", 0)), row["train-loss"])
@@ -57,7 +62,10 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
                      server_round, total, row["dp-epsilon"], row["dp-delta"])
 
     def on_evaluate(server_round: int, row: dict[str, float]) -> None:
-        full = {**rows.pop(server_round, {"round": server_round}), **row}
+        now = time.monotonic()
+        full = {**rows.pop(server_round, {"round": server_round}), **row,
+                "round-seconds": round(now - mark[0], 2)}
+        mark[0] = now
         store.record(full)
         plot_history(store.history(), sites, store.out)
         per_site = ", ".join(f"{s} {row.get(f'{s}/perplexity', float('nan')):.2f}"
