@@ -61,8 +61,12 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     plt.close(fig)
     pooled = sorted({k for r in rows for k in r if k.startswith("pooled/")})
     if pooled:
-        fig, axes = plt.subplots(1, len(pooled), figsize=(4.2 * len(pooled), 4), squeeze=False)
-        for ax, key in zip(axes[0], pooled, strict=True):
+        ncols = min(3, len(pooled))
+        nrows = math.ceil(len(pooled) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows),
+                                 squeeze=False)
+        flat = list(axes.flat)
+        for ax, key in zip(flat, pooled, strict=False):
             metric = key[len("pooled/"):]
             for site in sites:
                 ax.plot(rounds, [r.get(f"{site}/{metric}", math.nan) for r in rows],
@@ -72,8 +76,11 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
             ax.set(xlabel="round", title=metric, ylim=(0, 1))
             ax.set_xticks(rounds)
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("score on held-out questions")
-        axes[0][-1].legend()
+        for ax in flat[len(pooled):]:
+            ax.set_visible(False)
+        for row in axes:
+            row[0].set_ylabel("score on held-out questions")
+        flat[0].legend()
         fig.tight_layout()
         written.append(_save(fig, out / "tasks.png"))
         plt.close(fig)
