@@ -37,6 +37,7 @@ ROOT = HERE.parent
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"quant": "fp32"},
     "int8": {"quant": "int8"},
+    "int4-default": {"quant": "int4", "algorithm": "default"},
     "int4-rtn": {"quant": "int4", "algorithm": "rtn"},
     "int4-kquant": {"quant": "int4", "algorithm": "k_quant"},
     "int4-kquant-head8": {"quant": "int4", "algorithm": "k_quant",

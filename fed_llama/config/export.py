@@ -81,9 +81,10 @@ class ExportConfig:
     """Weights per quantization block (16-256). This backbone's hidden size (576) is not a
     multiple of 128: 128 and 256 pad the last block and lose quality."""
 
-    algorithm: Literal["rtn", "k_quant"] = "rtn"
-    """int4/int8 weight quantizer: round-to-nearest or k-quant (llama.cpp-style search of
-    scales); neither needs calibration data."""
+    algorithm: Literal["default", "rtn", "k_quant"] = "default"
+    """int4/int8 weight quantizer: ``default`` (onnxruntime's MatMulNBits round-to-nearest),
+    ``rtn`` (the builder's RTN quantizer) or ``k_quant`` (llama.cpp-style search of scales);
+    none needs calibration data."""
 
     mixed_precision: tuple[str, ...] = ()
     """MatMul groups kept in 8-bit in an int4 model: ``last_matmul`` (the LM head) and/or
