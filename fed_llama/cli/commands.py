@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fed_llama.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
@@ -39,15 +41,20 @@ def cmd_data_icd10(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _config(cls: type[T], path: str | None, overrides: list[str]) -> T:
+    """``cls`` from a TOML file with ``--set`` overrides, or from the overrides alone."""
     from fed_llama.config.loader import apply_overrides, build_config, load_config
+
+    if path:
+        return load_config(cls, Path(path), overrides)
+    return build_config(cls, apply_overrides({}, overrides), source="--set options")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from fed_llama.config.train import TrainConfig
     from fed_llama.training.job import run_training
 
-    if args.config:
-        cfg = load_config(TrainConfig, Path(args.config), args.set)
-    else:
-        cfg = build_config(TrainConfig, apply_overrides({}, args.set), source="--set options")
+    cfg = _config(TrainConfig, args.config, args.set)
     metrics = run_training(cfg, Path(args.out), force=args.force, progress=not args.quiet)
     _write_json(args.metrics, metrics)
     before, after = metrics["heldout_before"], metrics["heldout_after"]
@@ -150,14 +157,10 @@ def _generate_onnx(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fed_llama.config.export import ExportConfig
-    from fed_llama.config.loader import apply_overrides, build_config, load_config
+    from fed_llama.export.pipeline import export_adapter
 
     overrides = list(args.set) + ([f"quant='{args.quant}'"] if args.quant else [])
-    if args.profile:
-        cfg = load_config(ExportConfig, Path(args.profile), overrides)
-    else:
-        cfg = build_config(ExportConfig, apply_overrides({}, overrides), source="export options")
-    from fed_llama.export.pipeline import export_adapter
+    cfg = _config(ExportConfig, args.profile, overrides)
 
     out = Path(args.out)
     manifest = export_adapter(Path(args.adapter), out, cfg, backbone=args.backbone,

@@ -74,8 +74,9 @@ class ExportConfig:
     """The profile's name, recorded in the export manifest."""
 
     quant: Literal["fp32", "int8", "int4"] = "int8"
-    """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits), with
-    the tied embedding / LM head quantized too."""
+    """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits). The LM
+    head is quantized too; int4 shares one quantized table with the embedding, int8 keeps the
+    embedding lookup in fp32."""
 
     block_size: int = 32
     """Weights per quantization block (16-256). This backbone's hidden size (576) is not a
