@@ -133,8 +133,9 @@ def write_onnx_adapter(adapter: Path, export_dir: Path, name: str) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         raise AdapterError(f"--name {name!r}: use letters, digits, '.', '_' or '-'")
     arrays = adapter_arrays(adapter, read_slots(export_dir))
-    params = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # no copy:
-    fmt = ort.AdapterFormat()  # keep ``arrays`` alive until the file is written
+    # ortvalue_from_numpy does not copy: ``arrays`` must stay alive until the file is written
+    params = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+    fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters(params)
@@ -149,12 +150,6 @@ def write_onnx_adapter(adapter: Path, export_dir: Path, name: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
     del arrays
     return out
-
-
-def available(export_dir: Path) -> list[str]:
-    folder = export_dir / ADAPTERS_DIR
-    return sorted(p.name[:-len(SUFFIX)] for p in folder.glob(f"*{SUFFIX}")) \
-        if folder.is_dir() else []
 
 
 def _adapter_config(adapter: Path) -> dict[str, Any]:
