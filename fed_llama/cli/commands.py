@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,11 +121,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fed_llama.inference.model import load_model
 
     loaded = load_model(args.backbone, Path(args.adapter) if args.adapter else None)
+    return _print_stream(stream_chat(
+        loaded.model, loaded.backbone.tokenizer, _chat_messages(args),
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed))
+
+
+def _chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
-    for piece in stream_chat(loaded.model, loaded.backbone.tokenizer, messages,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed):
+    return messages
+
+
+def _print_stream(pieces: Iterable[str]) -> int:
+    """Write generated text to stdout as it arrives, then a newline."""
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -145,14 +156,9 @@ def _generate_onnx(args: argparse.Namespace) -> int:
         raise ConfigError(f"--onnx {args.onnx!r} is not a folder: give the folder written by "
                           "`fed-llama export`")
     lm = OnnxCausalLM(folder, adapter=args.lora)
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append({"role": "user", "content": args.prompt})
-    for piece in lm.chat(messages, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    return _print_stream(lm.chat(_chat_messages(args), max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 seed=args.seed))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

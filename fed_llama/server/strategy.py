@@ -213,8 +213,8 @@ class LoraFedAvg(FedAvg):
             return None
         row: dict[str, float] = {"sites-evaluated": float(len(good))}
         nll = tokens = 0.0
-        for m in good:
-            met = scalars(m.content.metric_records["metrics"])
+        site_metrics = [scalars(m.content.metric_records["metrics"]) for m in good]
+        for met in site_metrics:
             name = self.site_names[int(met["site"])]
             loss, n = met["heldout-loss"], met["heldout-tokens"]
             for key, value in met.items():
@@ -226,14 +226,14 @@ class LoraFedAvg(FedAvg):
             tokens += n
         row["pooled-loss"] = nll / tokens
         row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
-        row.update(pool_task_scores([scalars(m.content.metric_records["metrics"])
-                                     for m in good]))
+        row.update(pool_task_scores(site_metrics))
         self.on_evaluate(self.round_offset + server_round, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
 
 
 ADAPTIVE_SERVER_LR = 1e-3
 """FedAdam/FedYogi/FedAdagrad's step when ``server_lr`` is 0: the order of a local AdamW step."""
+
 
 def pool_task_scores(metrics: list[dict[str, float]]) -> dict[str, float]:
     """``pooled/<task>/<metric>``: each site's mean score weighted by its question count."""
