@@ -1,8 +1,11 @@
 """The same apps on Flower's Deployment Engine: a real SuperLink and two SuperNodes on loopback.
 
-Each SuperNode's node config names its site (``partition-id``); ``flwr run .`` submits the app
-with a run config that points at a tiny-model scenario. Two rounds run, signed and encrypted,
-and every process the test started is stopped, whatever happens.
+The transport is secured with what ``fed-llama keys`` makes: TLS (a CA and the SuperLink's
+certificate) and SuperNode authentication (each site's node key, registered with
+``flwr supernode register``); a node whose key was never registered is turned away. Each
+SuperNode's node config names its site (``partition-id``); ``flwr run .`` submits the app with
+a run config that points at a tiny-model scenario. Two rounds run, signed and encrypted, and
+every process the test started is stopped, whatever happens.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60
-                 ) -> None:
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, ca: Path,
+                 timeout: float = 60) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -43,7 +46,8 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: f
         if proc.poll() is not None:
             pytest.fail(f"the SuperLink exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+            if httpx.get(f"https://127.0.0.1:{port}/health", timeout=1,
+                         verify=str(ca)).is_success:
                 return
         except httpx.HTTPError:
             pass
@@ -60,8 +64,14 @@ def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
 
 
-def test_two_supernodes_run_two_rounds(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
-                                       tmp_path: Path, flower_env: dict[str, str]) -> None:
+def test_two_authenticated_supernodes_run_two_rounds_over_tls(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, flower_env: dict[str, str]) -> None:
+    from fed_llama.crypto.transport import init_node, init_tls
+
+    keys = tmp_path / "keys"
+    tls = init_tls(keys)
+    for site in ("site0", "site1", "intruder"):
+        init_node(keys, site)
     for i in range(2):
         write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
     scenario = tmp_path / "scenario.toml"
@@ -74,7 +84,7 @@ def test_two_supernodes_run_two_rounds(tiny_backbone: Path, write_jsonl,  # type
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{tls.ca_cert}"\n')
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
 
@@ -87,15 +97,30 @@ def test_two_supernodes_run_two_rounds(tiny_backbone: Path, write_jsonl,  # type
         return proc
 
     try:
-        link = start("superlink", ["flower-superlink", "--insecure",
+        link = start("superlink", ["flower-superlink", "--ssl-ca-certfile", str(tls.ca_cert),
+                                   "--ssl-certfile", str(tls.cert), "--ssl-keyfile",
+                                   str(tls.key), "--enable-supernode-auth",
                                    "--disable-runtime-dependency-installation",
                                    "--host", "127.0.0.1", "--port", str(link_port),
                                    "--database", str(tmp_path / "state.db")])
-        wait_healthy(link_port, link, logs[0])
+        wait_healthy(link_port, link, logs[0], tls.ca_cert)
+        for site in ("site0", "site1"):
+            reg = subprocess.run(["flwr", "supernode", "register", str(tls.node_public(site)),
+                                  "loopback"], env=flower_env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+
+        def node(name: str, site: str, partition: int, *extra: str) -> subprocess.Popen[bytes]:
+            return start(name, ["flower-supernode", "--root-certificates", str(tls.ca_cert),
+                                "--superlink", f"127.0.0.1:{link_port}",
+                                "--auth-supernode-private-key", str(tls.node_key(site)),
+                                "--port", str(free_port()), "--node-config",
+                                f"partition-id={partition} num-partitions=2", *extra])
+
+        # its key was never registered: the SuperLink refuses to activate it
+        intruder = node("intruder", "intruder", 0, "--max-retries", "1")
         for i in range(2):
-            start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
-                                    f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                                    "--node-config", f"partition-id={i} num-partitions=2"])
+            node(f"supernode{i}", f"site{i}", i)
         run = subprocess.run(
             ["flwr", "run", str(ROOT), "loopback", "--stream", "--run-config",
              f'scenario="{scenario}" out="{out}"'],
@@ -109,6 +134,10 @@ def test_two_supernodes_run_two_rounds(tiny_backbone: Path, write_jsonl,  # type
         manifest = read_manifest(out / "rounds" / "round-002")
         assert manifest["sites"] == ["site0", "site1"]
         assert (out / "seals" / "round-002.json").is_file()
+        intruder.wait(timeout=60)
+        refusal = logs[1].read_text()
+        assert intruder.returncode != 0, refusal
+        assert "Exit Code: 305" in refusal and "Failed to activate SuperNode" in refusal, refusal
     finally:
         for proc in procs:  # each in its own session: stop it with every child it started
             if proc.poll() is None:

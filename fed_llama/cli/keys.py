@@ -35,6 +35,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     enroll.add_argument("--replace", action="store_true",
                         help="replace a site's key that is already enrolled")
     enroll.set_defaults(func=cmd_enroll)
+    tls = ks.add_parser("init-tls", help="a CA and the SuperLink's TLS certificate (Deployment "
+                        "Engine)")
+    tls.add_argument("--dir", required=True, help="key folder (writes tls/ca.crt, tls/ca.key, "
+                     "tls/superlink.crt, tls/superlink.key)")
+    tls.add_argument("--host", action="append", default=[], metavar="NAME",
+                     help="a DNS name or IP address the SuperNodes reach the SuperLink by "
+                     "(repeat; localhost and 127.0.0.1 are always included)")
+    tls.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    tls.set_defaults(func=cmd_init_tls)
+    node = ks.add_parser("init-node", help="a site's SuperNode authentication key (Deployment "
+                         "Engine)")
+    node.add_argument("site", help="the site's name (e.g. cardiology)")
+    node.add_argument("--dir", required=True, help="key folder (writes nodes/<site>.key and "
+                      "nodes/<site>.pub)")
+    node.set_defaults(func=cmd_init_node)
     show = ks.add_parser("list", help="the aggregator's key and the enrolled sites")
     show.add_argument("--dir", required=True)
     show.set_defaults(func=cmd_list)
@@ -67,6 +82,27 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     for public in args.public:
         site = folder.enroll(public, replace=args.replace)
         print(f"enrolled {site} in {folder.trust}")
+    return 0
+
+
+def cmd_init_tls(args: argparse.Namespace) -> int:
+    from fed_llama.crypto.transport import init_tls
+
+    files = init_tls(Path(args.dir), args.host, days=args.days)
+    print(f"CA {files.ca_cert} and SuperLink certificate {files.cert}; start the SuperLink with "
+          f"--ssl-ca-certfile {files.ca_cert} --ssl-certfile {files.cert} --ssl-keyfile "
+          f"{files.key}, give every site {files.ca_cert} (flower-supernode "
+          f"--root-certificates), and move {files.ca_key} offline")
+    return 0
+
+
+def cmd_init_node(args: argparse.Namespace) -> int:
+    from fed_llama.crypto.transport import init_node
+
+    files = init_node(Path(args.dir), args.site)
+    print(f"SuperNode key {files.node_key(args.site)}: start flower-supernode with "
+          f"--auth-supernode-private-key {files.node_key(args.site)}; the aggregator registers "
+          f"{files.node_public(args.site)} with flwr supernode register")
     return 0
 
 
