@@ -143,6 +143,40 @@ def test_bad_scenarios_are_refused_before_any_work(tmp_path: Path) -> None:
     assert "federation.rounds must be at least 1" in msg
     assert "federation.sites must list at least 2" in msg
     assert "robust = 'median' works on factor averages" in msg
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
+                    '[attack]\npoison_sites = ["neurology"]\n')
+    with pytest.raises(ConfigError, match=r"attack.poison_sites names \['neurology'\], not "
+                       "sites of this scenario"):
+        load_scenario(path, [])
     path.write_text('[federation]\nsites = ["icd10:cardiology", "missing.jsonl"]\n')
     with pytest.raises(ConfigError, match=r"data file .*missing\.jsonl' does not exist"):
         load_scenario(path, [])
+
+
+def test_a_poisoning_site_is_refused_and_the_round_is_the_honest_sites_mean(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fed_llama.simulation.runner import simulate
+
+    for i in range(3):
+        write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
+
+    def run(name: str, sites: list[str], *extra: str) -> tuple[dict[str, float], Path]:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'[backbone]\nname = "{tiny_backbone}"\n'
+                        "[train]\nmax_steps = 3\nwarmup_steps = 1\nbatch_size = 4\n"
+                        "[evaluation]\nquestions = 0\n"
+                        f"[federation]\nrounds = 1\nsites = {sites}\n")
+        store = simulate(path, tmp_path / name, overrides=list(extra))
+        return json.loads((store.out / "history.json").read_text())[0], store.out
+
+    row, out = run("attacked", ["site0.jsonl", "site1.jsonl", "site2.jsonl"],
+                   "attack.poison_sites=['site2']")
+    assert row["sites-trained"] == 2 and row["refused/norm-bound"] == 1
+    honest, honest_out = run("honest", ["site0.jsonl", "site1.jsonl"])
+    attacked = load_file(out / "rounds" / "round-001" / "adapter_model.safetensors")
+    expected = load_file(honest_out / "rounds" / "round-001" / "adapter_model.safetensors")
+    for key, value in expected.items():  # the same global adapter as without site2 at all
+        assert attacked[key].equal(value), key
+    assert row["pooled-perplexity"] != honest["pooled-perplexity"]  # site2's held-out counts

@@ -55,6 +55,22 @@ def test_warmup_then_cosine_schedule() -> None:
     assert lr_lambda(20, warmup=4, total=20) == pytest.approx(MIN_LR_RATIO)
 
 
+def test_rounds_share_one_schedule_as_one_run_would(tiny_backbone: Path,  # type: ignore[no-untyped-def]
+                                                     write_jsonl) -> None:
+    bb, data = _setup(tiny_backbone, write_jsonl(qa_records(16)))
+    model = attach_lora(bb.model, LoraSpec(r=4, dropout=0.0), seed=0)
+    pad = bb.tokenizer.pad_token_id
+    cfg = OptimConfig(max_steps=4, lr=1e-2, warmup_steps=2, batch_size=4)
+    rounds = [train_adapter(model, data.train, cfg, pad, progress=False,
+                            schedule=(k * 4, 12)).lrs for k in range(3)]
+    whole = [1e-2 * lr_lambda(s, warmup=2, total=12) for s in range(12)]
+    assert [lr for r in rounds for lr in r] == pytest.approx(whole)
+    assert rounds[0][0] == pytest.approx(0.5e-2)  # warm-up in the first round only
+    assert rounds[2][0] < rounds[1][0] < rounds[0][-1]
+    with pytest.raises(ValueError, match="offset"):
+        train_adapter(model, data.train, cfg, pad, progress=False, schedule=(12, 12))
+
+
 def test_a_few_steps_lower_the_loss(tiny_backbone: Path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
     bb, data = _setup(tiny_backbone, write_jsonl(qa_records(40)))
     model = attach_lora(bb.model, LoraSpec(r=8, dropout=0.0), seed=0)

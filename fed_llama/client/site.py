@@ -109,14 +109,25 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
     cfg = dataclasses.replace(scenario.train, seed=scenario.train.seed + 1000 * server_round
                               + site)
     proximal = proximal_term(loaded.model, proximal_mu) if proximal_mu > 0 else None
+    fed, steps = scenario.federation, cfg.max_steps
+    schedule = None
+    if fed.lr_schedule == "across-rounds":  # round k: steps (k-1)·S .. k·S-1 of one schedule
+        done = min(max(server_round, 1), fed.rounds) - 1
+        schedule = (done * steps, fed.rounds * steps)
     stats = train_adapter(loaded.model, data.train, cfg, loaded.tokenizer.pad_token_id,
-                          proximal=proximal, progress=progress,
+                          proximal=proximal, progress=progress, schedule=schedule,
                           desc=f"site {site} round {server_round}")
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
                "train-seconds": stats.seconds, "train-tokens": float(stats.tokens),
                "rank": float(rank)}
     new_state = adapter_state(loaded.model, adapter)
+    attack = scenario.attack
+    if scenario.site_names()[site] in attack.poison_sites:  # a simulated hostile site
+        log.warning("site %s poisons its round %d update ([attack]: change x %g)",
+                    scenario.site_names()[site], server_round, attack.poison_scale)
+        new_state = {k: state[k] + attack.poison_scale * (v - state[k])
+                     for k, v in new_state.items()}
     use_rank(loaded.model, lora, lora.r, scenario.train.seed)  # evaluation uses the global rank
     return new_state, metrics
 

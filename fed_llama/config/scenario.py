@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,12 @@ class FederationConfig:
     or a server optimizer that treats the aggregate's change as a pseudo-gradient
     (``fedadam``, ``fedyogi``, ``fedadagrad`` with ``server_lr``; ``fedavgm`` with
     ``server_lr`` and ``server_momentum``)."""
+
+    lr_schedule: Literal["across-rounds", "per-round"] = "across-rounds"
+    """``across-rounds``: the local steps of round k are steps (k-1)·S+1 .. k·S of one
+    warm-up + cosine schedule over all ``rounds``·S steps (S = ``train.max_steps``), as one
+    uninterrupted run would have them. ``per-round``: every round warms up and decays anew
+    (the learning rate falls to 10% at the end of each round)."""
 
     proximal_mu: float = 0.01
     """FedProx's proximal weight μ (``strategy = "fedprox"`` only)."""
@@ -240,6 +247,24 @@ class TaskEvalConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """Simulated hostile sites, for robustness experiments ([attack]); leave empty in real use."""
+
+    poison_sites: tuple[str, ...] = ()
+    """Sites (by name, e.g. ``oncology``) that poison every update they send: the global
+    adapter plus ``poison_scale`` times their honest change (a boosted, model-replacement
+    style update). It still travels signed and encrypted, as a compromised site's would."""
+
+    poison_scale: float = 100.0
+    """How much a poisoning site boosts its change."""
+
+    def problems(self) -> list[str]:
+        if self.poison_sites and not math.isfinite(self.poison_scale):
+            return [f"poison_scale must be a finite number; got {self.poison_scale}"]
+        return []
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """A simulated federation: backbone, adapter, local training, data and rounds."""
 
@@ -268,6 +293,9 @@ class ScenarioConfig:
     evaluation: TaskEvalConfig = field(default_factory=TaskEvalConfig)
     """Task accuracy each round, beside held-out perplexity ([evaluation])."""
 
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    """Simulated poisoning sites ([attack]; robustness experiments only)."""
+
     def site_rank(self, site: int) -> int:
         """The LoRA rank site ``site`` trains."""
         ranks = self.federation.site_ranks
@@ -289,6 +317,10 @@ class ScenarioConfig:
         out = [f"federation.sites has two sites named {dupes}: give each a distinct source"
                ] if dupes else []
         fed = self.federation
+        unknown = [s for s in self.attack.poison_sites if s not in self.site_names()]
+        if unknown:
+            out.append(f"attack.poison_sites names {unknown}, not sites of this scenario "
+                       f"(its sites: {', '.join(self.site_names())})")
         if fed.site_ranks:
             count = len(self.site_names())
             if len(fed.site_ranks) != count:

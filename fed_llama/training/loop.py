@@ -32,6 +32,8 @@ class TrainStats:
     answer_tokens: int = 0
     losses: list[float] = field(default_factory=list)
     """Mean answer-token loss of each optimizer step."""
+    lrs: list[float] = field(default_factory=list)
+    """Learning rate of each optimizer step."""
     stopped_by_time: bool = False
 
     @property
@@ -57,11 +59,14 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 
 
 def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: int, *,
-                  proximal: Any = None, progress: bool = True, desc: str = "train") -> TrainStats:
+                  proximal: Any = None, progress: bool = True, desc: str = "train",
+                  schedule: tuple[int, int] | None = None) -> TrainStats:
     """Train the adapter of ``model`` on ``items`` for ``cfg.max_steps`` optimizer steps.
 
     ``proximal``, if given, is called with the model and returns a loss term added to each
-    step's loss (FedProx's proximal term).
+    step's loss (FedProx's proximal term). ``schedule = (offset, total)`` places these steps
+    at ``offset`` of a learning-rate schedule ``total`` steps long (a federation round's
+    share of one schedule across all rounds); None: one schedule over ``cfg.max_steps``.
     """
     from tqdm.auto import tqdm
 
@@ -72,8 +77,11 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
     if not params:
         raise RuntimeError("the model has no trainable parameters: attach an adapter first")
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    offset, total = schedule or (0, cfg.max_steps)
+    if offset < 0 or total < offset + 1:
+        raise ValueError(f"schedule {schedule}: need 0 <= offset < total")
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps))
+        optim, lambda s: lr_lambda(offset + s, cfg.warmup_steps, total))
     order = batch_order([len(x.input_ids) for x in items], cfg.batch_size, cfg.seed,
                         cfg.group_by_length)
     stats = TrainStats()
@@ -97,6 +105,7 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
                 stats.tokens += int(batch["attention_mask"].sum())
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            stats.lrs.append(float(sched.get_last_lr()[0]))
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
