@@ -180,3 +180,27 @@ def test_a_poisoning_site_is_refused_and_the_round_is_the_honest_sites_mean(  # 
     for key, value in expected.items():  # the same global adapter as without site2 at all
         assert attacked[key].equal(value), key
     assert row["pooled-perplexity"] != honest["pooled-perplexity"]  # site2's held-out counts
+
+
+def test_encrypted_checkpoints_resume_after_a_crash(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
+                                                    tmp_path: Path) -> None:
+    import shutil
+
+    from fed_llama.adapter.store import SEALED_WEIGHTS
+    from fed_llama.server.checkpoint import RunStore
+    from fed_llama.simulation.runner import simulate
+
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=2)
+    out = tmp_path / "run"
+    extra = ["security.encrypt_checkpoints=true", "evaluation.questions=0"]
+    simulate(scenario, out, overrides=extra)
+    for r in (1, 2):
+        assert (out / "rounds" / f"round-00{r}" / SEALED_WEIGHTS).is_file()
+        assert not (out / "rounds" / f"round-00{r}" / "adapter_model.safetensors").exists()
+    # the aggregator crashed before round 2 was recorded: --resume decrypts round 1, redoes 2
+    store = RunStore(out)
+    (out / "history.json").write_text(json.dumps(store.history()[:1]))
+    shutil.rmtree(out / "rounds" / "round-002")
+    simulate(scenario, out, resume=True, overrides=extra)
+    assert [row["round"] for row in store.history()] == [1, 2]
+    assert (out / "rounds" / "round-002" / SEALED_WEIGHTS).is_file()

@@ -21,6 +21,8 @@ from fed_llama.errors import AdapterError
 
 MANIFEST = "fed_llama_manifest.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SEALED_WEIGHTS = "adapter_model.safetensors.hpke"
+"""The weights of a checkpoint encrypted at rest (in place of ``adapter_model.safetensors``)."""
 FORMAT_VERSION = 1
 
 
@@ -40,18 +42,35 @@ def save_adapter(model: Any, out: Path, manifest: dict[str, Any], *, force: bool
 
 
 def save_adapter_state(state: dict[str, Any], peft_config: Any, out: Path,
-                       manifest: dict[str, Any], *, force: bool = False) -> Path:
+                       manifest: dict[str, Any], *, force: bool = False,
+                       encrypt: Callable[[bytes], bytes] | None = None) -> Path:
     """Save adapter tensors (peft's saved names) with their peft config, as peft would.
 
     For the aggregator, which holds the global adapter's tensors but no model: the folder
     loads with plain ``PeftModel.from_pretrained`` like one written by ``save_pretrained``.
+    With ``encrypt``, the weights are written only encrypted (:data:`SEALED_WEIGHTS`) and the
+    folder must be decrypted before use (``fed-llama keys decrypt-checkpoint``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     def write(tmp: Path) -> None:
         peft_config.save_pretrained(str(tmp))
         tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        data = save(tensors, metadata={"format": "pt"})
+        if encrypt is None:
+            (tmp / "adapter_model.safetensors").write_bytes(data)
+        else:
+            (tmp / SEALED_WEIGHTS).write_bytes(encrypt(data))
+
+    return _write_adapter_dir(write, out, manifest, force)
+
+
+def write_adapter_files(files: dict[str, bytes], out: Path, manifest: dict[str, Any], *,
+                        force: bool = False) -> Path:
+    """Write an adapter folder from its files' bytes (e.g. a decrypted checkpoint)."""
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
     return _write_adapter_dir(write, out, manifest, force)
 
@@ -63,8 +82,9 @@ def _write_adapter_dir(write: Callable[[Path], None], out: Path, manifest: dict[
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         write(tmp)
+        names = [n for n in (*PEFT_FILES, SEALED_WEIGHTS) if (tmp / n).is_file()]
         full = dict(manifest, format_version=FORMAT_VERSION,
-                    files={name: file_sha256(tmp / name) for name in PEFT_FILES})
+                    files={name: file_sha256(tmp / name) for name in names})
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
         replace_dir(tmp, out)
     finally:
@@ -72,13 +92,26 @@ def _write_adapter_dir(write: Callable[[Path], None], out: Path, manifest: dict[
     return out
 
 
-def read_manifest(adapter_dir: Path) -> dict[str, Any]:
-    """Check an adapter folder's files and hashes; return its manifest ({} for plain peft)."""
+def read_manifest(adapter_dir: Path, *, sealed: bool = False) -> dict[str, Any]:
+    """Check an adapter folder's files and hashes; return its manifest ({} for plain peft).
+
+    An encrypted checkpoint is refused with how to decrypt it, unless ``sealed``.
+    """
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter {str(adapter_dir)!r} is not a folder: give the folder "
                            "written by `fed-llama train` (adapter_config.json + "
                            "adapter_model.safetensors)")
-    missing = [n for n in PEFT_FILES if not (adapter_dir / n).is_file()]
+    if (adapter_dir / SEALED_WEIGHTS).is_file():
+        if not sealed:
+            raise AdapterError(
+                f"adapter {str(adapter_dir)!r} is encrypted at rest (security."
+                "encrypt_checkpoints): decrypt a copy first with fed-llama keys "
+                f"decrypt-checkpoint {adapter_dir} --dir <the aggregator's key folder> "
+                "--out <folder>")
+        required: tuple[str, ...] = ("adapter_config.json", SEALED_WEIGHTS, MANIFEST)
+    else:
+        required = PEFT_FILES
+    missing = [n for n in required if not (adapter_dir / n).is_file()]
     if missing:
         raise AdapterError(f"adapter {str(adapter_dir)!r} lacks {', '.join(missing)}: it is not "
                            "a complete peft adapter folder")

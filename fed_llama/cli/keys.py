@@ -50,6 +50,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--dir", required=True, help="key folder (writes nodes/<site>.key and "
                       "nodes/<site>.pub)")
     node.set_defaults(func=cmd_init_node)
+    dec = ks.add_parser("decrypt-checkpoint", help="a plain copy of a round checkpoint "
+                        "encrypted at rest (security.encrypt_checkpoints)")
+    dec.add_argument("checkpoint", type=Path, help="the round folder, e.g. "
+                     "runs/x/rounds/round-003")
+    dec.add_argument("--dir", required=True, help="the aggregator's key folder (server.key)")
+    dec.add_argument("--out", required=True, type=Path, help="folder for the plain peft "
+                     "adapter")
+    dec.add_argument("--passphrase-env", default="", metavar="VAR",
+                     help="the variable holding server.key's passphrase, if it has one")
+    dec.add_argument("--force", action="store_true", help="replace --out if it exists")
+    dec.set_defaults(func=cmd_decrypt_checkpoint)
     show = ks.add_parser("list", help="the aggregator's key and the enrolled sites")
     show.add_argument("--dir", required=True)
     show.set_defaults(func=cmd_list)
@@ -103,6 +114,37 @@ def cmd_init_node(args: argparse.Namespace) -> int:
     print(f"SuperNode key {files.node_key(args.site)}: start flower-supernode with "
           f"--auth-supernode-private-key {files.node_key(args.site)}; the aggregator registers "
           f"{files.node_public(args.site)} with flwr supernode register")
+    return 0
+
+
+def cmd_decrypt_checkpoint(args: argparse.Namespace) -> int:
+    from fed_llama.adapter.store import (
+        SEALED_WEIGHTS,
+        check_output_dir,
+        read_manifest,
+        write_adapter_files,
+    )
+    from fed_llama.crypto.at_rest import decrypt_at_rest
+    from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
+    from fed_llama.crypto.keys import ServerKey
+    from fed_llama.errors import AdapterError
+
+    check_output_dir(args.out, args.force)
+    manifest = read_manifest(args.checkpoint, sealed=True)
+    sealed = manifest.get("encrypted_at_rest")
+    if not (args.checkpoint / SEALED_WEIGHTS).is_file() or not isinstance(sealed, dict):
+        raise AdapterError(f"{args.checkpoint} is not encrypted at rest: use it as it is")
+    key = ServerKey.load(KeyFolder(Path(args.dir)).server_key,
+                         passphrase_from_env(args.passphrase_env))
+    data = decrypt_at_rest(key, (args.checkpoint / SEALED_WEIGHTS).read_bytes(),
+                           str(sealed.get("label")))
+    plain = {k: v for k, v in manifest.items() if k not in ("files", "format_version",
+                                                            "encrypted_at_rest")}
+    plain["decrypted_from"] = str(args.checkpoint)
+    write_adapter_files({"adapter_config.json": (args.checkpoint / "adapter_config.json")
+                         .read_bytes(), "adapter_model.safetensors": data}, args.out, plain,
+                        force=args.force)
+    print(f"wrote the plain adapter of {args.checkpoint} to {args.out}")
     return 0
 
 

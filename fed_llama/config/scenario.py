@@ -182,6 +182,12 @@ class SecurityConfig:
     """Environment variable holding the passphrase of the private keys (empty: unencrypted
     keys)."""
 
+    encrypt_checkpoints: bool = False
+    """Write each round's adapter weights only encrypted to the aggregator's own HPKE key
+    (``adapter_model.safetensors.hpke``): a stolen disk or backup of the run folder yields no
+    weights. ``--resume`` decrypts by itself; ``fed-llama keys decrypt-checkpoint`` writes a
+    plain copy for eval or export."""
+
     def problems(self) -> list[str]:
         out = []
         if self.max_age <= 0:
@@ -194,6 +200,9 @@ class SecurityConfig:
         if self.seal_rounds and not self.envelopes:
             out.append("seal_rounds needs the aggregator's keys: set envelopes = true, or "
                        "seal_rounds = false")
+        if self.encrypt_checkpoints and not self.envelopes:
+            out.append("encrypt_checkpoints needs the aggregator's keys: set envelopes = true, "
+                       "or encrypt_checkpoints = false")
         return out
 
 

@@ -36,17 +36,29 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         log.info("all %d rounds are already complete in %s", total, store.out)
         return
     source = resolve_backbone(scenario.backbone.name)
-    state = store.load_round(done) if done else initial_state(scenario)
+    guard = None
+    if scenario.security.envelopes:
+        guard = ServerGuard.load(scenario.security, KeyFolder(Path(scenario.security.keys)),
+                                 store.run_id(), store.out / "seals")
+    encrypt = decrypt = None
+    if guard is not None and scenario.security.encrypt_checkpoints:
+        from fed_llama.crypto.at_rest import decrypt_at_rest, encrypt_at_rest
+
+        public = guard.key.public()
+        key = guard.key
+
+        def encrypt(data: bytes, label: str) -> bytes:
+            return encrypt_at_rest(public, data, label)
+
+        def decrypt(blob: bytes, label: str) -> bytes:
+            return decrypt_at_rest(key, blob, label)
+
+    state = store.load_round(done, decrypt) if done else initial_state(scenario)
     peft_cfg = peft_config(scenario.lora)
     peft_cfg.base_model_name_or_path = str(source.model_dir)
     sites = scenario.site_names()
     backbone_bytes = _backbone_bytes(source.model_dir)
     rows: dict[int, dict[str, Any]] = {}
-
-    guard = None
-    if scenario.security.envelopes:
-        guard = ServerGuard.load(scenario.security, KeyFolder(Path(scenario.security.keys)),
-                                 store.run_id(), store.out / "seals")
 
     mark = [time.monotonic()]  # when the current round started
 
@@ -88,7 +100,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             "backbone": {"id": source.id, "sha256": source.sha256,
                          "quantization": scenario.backbone.quantization,
                          "precision": scenario.backbone.precision},
-            "sites": sites})
+            "sites": sites}, encrypt=encrypt)
         return None
 
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,

@@ -6,7 +6,9 @@ Layout of ``--out``::
     run-id                       the id update envelopes are bound to
     keys/                        a simulation's keys, when the scenario names none
     seals/round-NNN.json         the aggregator's signed, hash-chained seal of each round
-    rounds/round-001/            global adapter after round 1 (peft format + manifest)
+    rounds/round-001/            global adapter after round 1 (peft format + manifest; with
+                                 security.encrypt_checkpoints the weights are
+                                 adapter_model.safetensors.hpke, encrypted to the aggregator)
     history.json, history.csv    one row per completed round
     perplexity.png, bytes.png    plots (see fed_llama.server.report)
 
@@ -22,17 +24,20 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fed_llama.adapter.store import read_manifest, save_adapter_state
+from fed_llama.adapter.store import SEALED_WEIGHTS, read_manifest, save_adapter_state
 from fed_llama.common.files import write_text_atomic
 from fed_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 State = dict[str, Any]
+Sealer = Callable[[bytes, str], bytes]
+"""Encrypts (or decrypts) a checkpoint's weights, bound to a label (run id and round)."""
 
 
 class RunStore:
@@ -94,19 +99,31 @@ class RunStore:
                 done = max(done, r)
         return done
 
-    def load_round(self, server_round: int) -> State:
-        from safetensors.torch import load_file
+    def checkpoint_label(self, server_round: int) -> str:
+        """What an encrypted checkpoint is bound to: this run and that round."""
+        return f"{self.run_id()}/round-{server_round:03d}"
+
+    def load_round(self, server_round: int, decrypt: Sealer | None = None) -> State:
+        """The global adapter after ``server_round`` (``decrypt``: for encrypted checkpoints)."""
+        from safetensors.torch import load, load_file
 
         folder = self.round_dir(server_round)
-        read_manifest(folder)  # checks the hashes
+        read_manifest(folder, sealed=decrypt is not None)  # checks the hashes
+        if (folder / SEALED_WEIGHTS).is_file() and decrypt is not None:
+            return dict(load(decrypt((folder / SEALED_WEIGHTS).read_bytes(),
+                                     self.checkpoint_label(server_round))))
         return dict(load_file(str(folder / "adapter_model.safetensors")))
 
     def save_round(self, server_round: int, state: State, peft_config: Any,
-                   manifest: dict[str, Any]) -> None:
-        save_adapter_state(state, peft_config, self.round_dir(server_round),
-                           dict(manifest, round=server_round,
-                                created=datetime.now(UTC).isoformat(timespec="seconds")),
-                           force=True)
+                   manifest: dict[str, Any], encrypt: Sealer | None = None) -> None:
+        """Write the round's checkpoint (its weights encrypted with ``encrypt`` if given)."""
+        label = self.checkpoint_label(server_round)
+        meta = dict(manifest, round=server_round,
+                    created=datetime.now(UTC).isoformat(timespec="seconds"))
+        if encrypt is not None:
+            meta["encrypted_at_rest"] = {"label": label}
+        save_adapter_state(state, peft_config, self.round_dir(server_round), meta, force=True,
+                           encrypt=None if encrypt is None else lambda b: encrypt(b, label))
 
     def record(self, row: dict[str, Any]) -> None:
         """Add or replace the row of ``row["round"]`` and rewrite the JSON and CSV."""
