@@ -72,6 +72,21 @@ def test_fedadam_takes_one_adam_step_along_the_lora_aware_mean() -> None:
         assert torch.allclose(new[k].double(), expected, atol=1e-6)
 
 
+def test_server_optimizers_pair_tensors_by_name_whatever_their_order() -> None:
+    # a real adapter's tensors are not in sorted order (layers.10 sorts before layers.2):
+    # the aggregate must come back in the order sent, as Flower's optimizers pair by position
+    g = torch.Generator().manual_seed(1)
+    current = {B: torch.randn(6, 2, generator=g), A: torch.randn(2, 5, generator=g)}
+    sites = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in current.items()}
+             for _ in range(2)]
+    strategy = _strategy(strategy="fedavgm", server_lr=3.0, server_momentum=0.0)
+    new, _ = _round(strategy, current, sites, [10, 30])
+    assert list(new) == [B, A]
+    for k in current:
+        mean = 0.25 * sites[0][k] + 0.75 * sites[1][k]
+        assert torch.allclose(new[k], current[k] + 3.0 * (mean - current[k]), atol=1e-6)
+
+
 def test_fedavgm_with_lr_one_and_no_history_is_fedavg() -> None:
     current, sites = _adapters()
     new, _ = _round(_strategy(strategy="fedavgm"), current, sites, [1, 1])

@@ -204,7 +204,10 @@ class LoraFedAvg(FedAvg):
         row["train-loss"] = sum(w * m.get("train-loss", math.nan) for w, m in
                                 zip(weights, metrics, strict=True)) / total
         self.on_train(self.round_offset + server_round, row)
-        return ArrayRecord(new), MetricRecord({"train-loss": row["train-loss"]})
+        # in the order of the arrays sent: Flower's server optimizers pair old and new arrays
+        # by position, not by name
+        ordered = {k: new[k] for k in self.current}
+        return ArrayRecord(ordered), MetricRecord({"train-loss": row["train-loss"]})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
