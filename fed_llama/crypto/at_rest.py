@@ -7,6 +7,8 @@ checkpoint moved into another run's or round's place does not decrypt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fed_llama.crypto.keys import ServerKey, ServerPublicKey
 from fed_llama.crypto.refusal import Refused
 
@@ -28,3 +30,17 @@ def decrypt_at_rest(key: ServerKey, blob: bytes, label: str) -> bytes:
     except Refused:
         raise Refused("decrypt-failed", f"{label}: not encrypted to this aggregator's key, or "
                       "made for another run or round") from None
+
+
+def checkpoint_ciphers(key: ServerKey) -> tuple[Callable[[bytes, str], bytes],
+                                                Callable[[bytes, str], bytes]]:
+    """``(encrypt, decrypt)`` of ``(data, label)`` with the aggregator's key, for its run store."""
+    public = key.public()
+
+    def encrypt(data: bytes, label: str) -> bytes:
+        return encrypt_at_rest(public, data, label)
+
+    def decrypt(blob: bytes, label: str) -> bytes:
+        return decrypt_at_rest(key, blob, label)
+
+    return encrypt, decrypt

@@ -42,16 +42,9 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
                                  store.run_id(), store.out / "seals")
     encrypt = decrypt = None
     if guard is not None and scenario.security.encrypt_checkpoints:
-        from fed_llama.crypto.at_rest import decrypt_at_rest, encrypt_at_rest
+        from fed_llama.crypto.at_rest import checkpoint_ciphers
 
-        public = guard.key.public()
-        key = guard.key
-
-        def encrypt(data: bytes, label: str) -> bytes:
-            return encrypt_at_rest(public, data, label)
-
-        def decrypt(blob: bytes, label: str) -> bytes:
-            return decrypt_at_rest(key, blob, label)
+        encrypt, decrypt = checkpoint_ciphers(guard.key)
 
     state = store.load_round(done, decrypt) if done else initial_state(scenario)
     peft_cfg = peft_config(scenario.lora)
