@@ -7,8 +7,11 @@ this measures, on every site's held-out set (codes unseen in training):
 - ``local:<site>``: one site alone, R·S steps on its own data (what it would get without
   joining: the same steps it spends in the federation);
 - ``centralized``: all sites' training data pooled, R·S·N steps (the federation's total);
-- ``federated:<mode>``: ``fed-llama simulate`` with that aggregation mode (Flower's Simulation
-  Engine, the product's own code path), evaluated after its last round.
+- ``federated:<variant>``: ``fed-llama simulate`` with that aggregation mode (Flower's
+  Simulation Engine, the product's own code path), evaluated after its last round; the
+  variants are :data:`FEDERATED` (``factors``, ``exact``, ``ffa``, and
+  ``factors+server-lr-3``: FedAvgM without momentum at server learning rate 3, i.e. the sum
+  of the sites' changes).
 
 It prints per-site and pooled held-out perplexity, task accuracy (greedy answers:
 description -> code category match, code -> description token F1), minutes per variant, and
@@ -34,6 +37,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TASKS = ("desc2code", "code2desc")
+FEDERATED: dict[str, list[str]] = {
+    "factors": ["federation.aggregation='factors'"],
+    "exact": ["federation.aggregation='exact'"],
+    "ffa": ["federation.aggregation='ffa'"],
+    # FedAvg with a server learning rate of N (here 3): the sites' changes are summed instead
+    # of averaged, so a round moves as far as N sites' local steps taken one after the other
+    "factors+server-lr-3": ["federation.aggregation='factors'", "federation.strategy='fedavgm'",
+                            "federation.server_lr=3.0", "federation.server_momentum=0.0"],
+}
 
 
 def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, Any]:
@@ -84,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
     parser.add_argument("--modes", nargs="+", default=["factors", "exact", "ffa"],
-                        choices=["factors", "exact", "ffa"])
+                        choices=list(FEDERATED), help="federated variants to run")
     parser.add_argument("--questions", type=int, default=32, help="questions per task per site")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="scenario override, as for fed-llama simulate")
@@ -145,8 +157,8 @@ def main() -> None:
             if f"federated:{mode}" in done:
                 continue
             start = time.perf_counter()
-            store = simulate(Path(args.scenario), runs / mode, overrides=[
-                *args.overrides, f"federation.aggregation='{mode}'"])
+            store = simulate(Path(args.scenario), runs / mode,
+                             overrides=[*args.overrides, *FEDERATED[mode]])
             add(f"federated:{mode}", per_site * len(names), store.load_round(fed.rounds), start)
 
     cols = ["variant", "steps", "pooled_ppl", *[f"{n}/ppl" for n in names], "pooled_category",
@@ -157,7 +169,7 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     order = ["base", *[f"local:{n}" for n in names], "centralized",
-             *[f"federated:{m}" for m in ("factors", "exact", "ffa")]]
+             *[f"federated:{m}" for m in FEDERATED]]
     rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")

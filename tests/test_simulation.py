@@ -145,8 +145,8 @@ def test_bad_scenarios_are_refused_before_any_work(tmp_path: Path) -> None:
     assert "robust = 'median' works on factor averages" in msg
     path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
                     '[attack]\npoison_sites = ["neurology"]\n')
-    with pytest.raises(ConfigError, match=r"attack.poison_sites names \['neurology'\], not "
-                       "sites of this scenario"):
+    with pytest.raises(ConfigError, match=r"attack.poison_sites/drop_sites name \['neurology'\], "
+                       "not sites of this scenario"):
         load_scenario(path, [])
     path.write_text('[federation]\nsites = ["icd10:cardiology", "missing.jsonl"]\n')
     with pytest.raises(ConfigError, match=r"data file .*missing\.jsonl' does not exist"):

@@ -9,6 +9,9 @@ scenario file named by the run config's ``scenario`` key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -39,14 +42,65 @@ def _site(context: Context, scenario: ScenarioConfig) -> int:
     return site
 
 
+def secagg_when_asked(msg: Message, context: Context,
+                      call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``secaggplus_mod`` on the messages of a SecAgg+ round; others pass through."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    out = secaggplus_mod(msg, context, call_next)
+    sent = out.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
+    if "fitres.metrics" in out.content.config_records and isinstance(sent, list):
+        # the masked update's size (the other stages carry keys and shares: a few kB)
+        size = sum(len(b) for b in sent if isinstance(b, bytes))
+        out.content.config_records["fitres.metrics"]["bytes-up"] = float(size)
+    return out
+
+
+def _legacy_train(msg: Message, sc: ScenarioConfig, site: int) -> Message:
+    """A SecAgg+ round's training, in Flower's legacy fit layout (what the mod masks)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fed_llama.server.secagg import from_arrays, to_arrays
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    keys = list(site_ops.initial_state(sc))
+    state = from_arrays(parameters_to_ndarrays(fitins.parameters), keys)
+    value = fitins.config.get("fed-round", 0)
+    new_state, metrics = site_ops.fit(sc, site, state, value if isinstance(value, int) else 0)
+    metrics["site"] = float(site)
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(to_arrays(new_state, keys)),
+                 int(metrics["num-examples"]), dict(metrics))
+    return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _legacy_evaluate(msg: Message, sc: ScenarioConfig, site: int) -> Message:
+    from flwr.common import Code, EvaluateRes, Status, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fed_llama.server.secagg import from_arrays
+
+    ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+    state = from_arrays(parameters_to_ndarrays(ins.parameters), list(site_ops.initial_state(sc)))
+    metrics: dict[str, Any] = dict(site_ops.evaluate(sc, site, state), site=float(site))
+    res = EvaluateRes(Status(Code.OK, ""), float(metrics["heldout-loss"]),
+                      int(metrics["num-examples"]), metrics)
+    return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
+
+
 def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     """A ClientApp for ``scenario`` (None: read it from the run config)."""
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         sc = scenario or scenario_from_run_config(context)
         site = _site(context, sc)
+        if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
+            return _legacy_train(msg, sc, site)
         state = msg.content.array_records["arrays"].to_torch_state_dict()
         config = msg.content.config_records["config"]
         value = config.get("fed-round", config.get("server-round", 0))
@@ -76,6 +130,8 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         sc = scenario or scenario_from_run_config(context)
         site = _site(context, sc)
+        if "evaluateins.parameters" in msg.content.array_records:  # a SecAgg+ run
+            return _legacy_evaluate(msg, sc, site)
         state = msg.content.array_records["arrays"].to_torch_state_dict()
         metrics = site_ops.evaluate(sc, site, state)
         metrics["site"] = float(site)

@@ -93,6 +93,9 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
         progress: bool = False, proximal_mu: float = 0.0) -> tuple[State, dict[str, float]]:
     """Train the global adapter ``state`` on site ``site`` for the local steps of a round
     (with FedProx's proximal term when ``proximal_mu`` > 0)."""
+    if scenario.site_names()[site] in scenario.attack.drop_sites:  # a simulated dropout
+        raise RuntimeError(f"site {scenario.site_names()[site]} drops out of round "
+                           f"{server_round} ([attack] drop_sites)")
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
     rank, lora = scenario.site_rank(site), scenario.lora

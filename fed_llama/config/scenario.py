@@ -256,6 +256,43 @@ class TaskEvalConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ ([secure_aggregation]): the aggregator learns only the sites' sum."""
+
+    enabled: bool = False
+    """Sites mask their updates with pairwise and private masks (Flower's SecAgg+ workflow
+    and ``secaggplus_mod``); the aggregator unmasks only the example-weighted sum. Works with
+    ``aggregation = "factors"`` or ``"ffa"`` and ``strategy = "fedavg"``; needs 3 or more
+    sites. The update envelopes do not apply (the masks protect the updates; use TLS and
+    SuperNode authentication in a deployment), so set ``security.envelopes = false``."""
+
+    reconstruction_threshold: int = 0
+    """Sites that must stay to the end of a round for it to be unmasked (0: all but one, at
+    least 2): up to ``sites - threshold`` sites may drop out of a round."""
+
+    clipping_range: float = 1.0
+    """Every adapter value is clipped to [-range, range] before quantization: larger than any
+    LoRA factor entry, small enough to keep the quantization error low."""
+
+    max_weight: float = 100000.0
+    """Largest example count a site may report. Each site's weight (its example count) is
+    quantized to count / max_weight in 2^22 levels: keep it near the largest site (the
+    ICD-10 sites have 2,000-4,500 examples: relative weight error below 1e-5)."""
+
+    timeout: float = 3600.0
+    """Seconds each SecAgg+ stage waits for the sites."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.reconstruction_threshold < 0:
+            out.append("reconstruction_threshold must be 0 (all sites but one) or at least 2; "
+                       f"got {self.reconstruction_threshold}")
+        if self.clipping_range <= 0 or self.max_weight <= 0 or self.timeout <= 0:
+            out.append("clipping_range, max_weight and timeout must be positive")
+        return out
+
+
+@dataclass(frozen=True)
 class AttackConfig:
     """Simulated hostile sites, for robustness experiments ([attack]); leave empty in real use."""
 
@@ -266,6 +303,10 @@ class AttackConfig:
 
     poison_scale: float = 100.0
     """How much a poisoning site boosts its change."""
+
+    drop_sites: tuple[str, ...] = ()
+    """Sites that fail in every round's training (a site dropping out): the round goes on
+    without them when ``federation.min_sites`` (or SecAgg+'s threshold) allows."""
 
     def problems(self) -> list[str]:
         if self.poison_sites and not math.isfinite(self.poison_scale):
@@ -302,6 +343,11 @@ class ScenarioConfig:
     evaluation: TaskEvalConfig = field(default_factory=TaskEvalConfig)
     """Task accuracy each round, beside held-out perplexity ([evaluation])."""
 
+    secure_aggregation: SecureAggregationConfig = field(
+        default_factory=SecureAggregationConfig)
+    """Flower's SecAgg+: the aggregator sees only the sum of the updates
+    ([secure_aggregation])."""
+
     attack: AttackConfig = field(default_factory=AttackConfig)
     """Simulated poisoning sites ([attack]; robustness experiments only)."""
 
@@ -319,6 +365,44 @@ class ScenarioConfig:
         return [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
                 for s in fed.sites]
 
+    def secagg_threshold(self) -> int:
+        """SecAgg+'s reconstruction threshold (the setting, or all sites but one, at least 2)."""
+        return (self.secure_aggregation.reconstruction_threshold
+                or max(2, len(self.site_names()) - 1))
+
+    def _secure_aggregation_problems(self) -> list[str]:
+        if not self.secure_aggregation.enabled:
+            return []
+        fed, out = self.federation, []
+        sites = len(self.site_names())
+        if sites < 3:
+            out.append(f"secure_aggregation needs at least 3 sites (SecAgg+ shares each "
+                       f"site's masks among the others); this scenario has {sites}")
+        if not 2 <= self.secagg_threshold() <= sites:
+            out.append(f"secure_aggregation.reconstruction_threshold must be in [2, {sites}] "
+                       f"(the number of sites); got {self.secagg_threshold()}")
+        if fed.aggregation == "exact":
+            out.append("secure_aggregation reveals only the sum of the updates, but "
+                       "aggregation = 'exact' needs each site's B·A product: use aggregation "
+                       "= 'factors' or 'ffa'")
+        if fed.strategy != "fedavg" or fed.robust != "none" or fed.clip_norm:
+            out.append("secure_aggregation gives the aggregator the mean only: set strategy = "
+                       "'fedavg', robust = 'none' and clip_norm = 0 (a median, a clip or a "
+                       "server optimizer's per-site view cannot be computed from a sum)")
+        if fed.site_ranks:
+            out.append("secure_aggregation sums factors of one shape: leave site_ranks empty")
+        if self.privacy.noise_multiplier > 0:
+            out.append("secure_aggregation with privacy.noise_multiplier > 0 is not supported "
+                       "(the aggregator cannot clip each site's change): set one of them off")
+        if self.security.envelopes or self.security.seal_rounds:
+            out.append("secure_aggregation replaces the update envelopes (masked updates cannot "
+                       "be signed and encrypted one by one): set security.envelopes = false "
+                       "and security.seal_rounds = false")
+        if self.attack.poison_sites:
+            out.append("attack.poison_sites needs the per-site checks that secure aggregation "
+                       "hides: leave it empty with secure_aggregation")
+        return out
+
     def problems(self) -> list[str]:
         names = [s[len(ICD10_PREFIX):] if s.startswith(ICD10_PREFIX) else Path(s).stem
                  for s in self.federation.sites]
@@ -326,9 +410,11 @@ class ScenarioConfig:
         out = [f"federation.sites has two sites named {dupes}: give each a distinct source"
                ] if dupes else []
         fed = self.federation
-        unknown = [s for s in self.attack.poison_sites if s not in self.site_names()]
+        unknown = [s for s in (*self.attack.poison_sites, *self.attack.drop_sites)
+                   if s not in self.site_names()]
         if unknown:
-            out.append(f"attack.poison_sites names {unknown}, not sites of this scenario "
+            out.append(f"attack.poison_sites/drop_sites name {unknown}, not sites of this "
+                       "scenario "
                        f"(its sites: {', '.join(self.site_names())})")
         if fed.site_ranks:
             count = len(self.site_names())
@@ -345,6 +431,7 @@ class ScenarioConfig:
                 out.append("federation.clip_norm clips factor changes, which sites of other "
                            "ranks do not have: set clip_norm = 0 with site_ranks (the norm "
                            "bounds of [security] still apply, on the products)")
+        out += self._secure_aggregation_problems()
         if self.privacy.noise_multiplier > 0:
             if fed.aggregation == "exact":
                 out.append("privacy.noise_multiplier > 0 bounds each site's change to the "

@@ -25,8 +25,10 @@ from fed_llama.server.strategy import build_strategy
 log = logging.getLogger(__name__)
 
 
-def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: int) -> None:
-    """Run the rounds after ``done`` (the last complete round) to ``federation.rounds``."""
+def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: int,
+                   context: Context | None = None) -> None:
+    """Run the rounds after ``done`` (the last complete round) to ``federation.rounds``
+    (``context``: the ServerApp's, which secure aggregation's workflow needs)."""
     from fed_llama.backbone.load import resolve_backbone
     from fed_llama.client.site import initial_state
     from fed_llama.training.lora import peft_config
@@ -82,18 +84,30 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         if scores:
             log.info("round %d/%d: pooled task scores: %s", server_round, total, scores)
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
-        real = done + server_round
-        store.save_round(real, arrays.to_torch_state_dict(), peft_cfg, {
+    def save(real: int, new_state: dict[str, Any]) -> None:
+        store.save_round(real, new_state, peft_cfg, {
             "kind": "global-adapter", "method": "qlora" if scenario.backbone.quantization ==
             "nf4" else "lora", "aggregation": scenario.federation.aggregation,
             "strategy": scenario.federation.strategy,
+            "secure_aggregation": scenario.secure_aggregation.enabled,
             "backbone": {"id": source.id, "sha256": source.sha256,
                          "quantization": scenario.backbone.quantization,
                          "precision": scenario.backbone.precision},
             "sites": sites}, encrypt=encrypt)
+
+    if scenario.secure_aggregation.enabled:
+        from fed_llama.server.secagg import SecAggFedAvg, run_secure_rounds
+
+        if context is None:
+            raise ValueError("secure aggregation needs the ServerApp's context")
+        run_secure_rounds(grid, context, SecAggFedAvg(
+            scenario, state, round_offset=done, on_train=on_train, on_evaluate=on_evaluate,
+            checkpoint=save), total - done)
+        return
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            save(done + server_round, arrays.to_torch_state_dict())
         return None
 
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
@@ -112,7 +126,7 @@ def make_server_app(scenario: ScenarioConfig, store: RunStore, done: int) -> Ser
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, scenario, store, done)
+        run_federation(grid, scenario, store, done, context)
 
     return app
 
@@ -131,7 +145,7 @@ def main(grid: Grid, context: Context) -> None:
     store = RunStore(out)
     done = store.start(text, resume=True)
     scenario = prepare_keys(with_key_folder(scenario, context.run_config), store.out)
-    run_federation(grid, scenario, store, done)
+    run_federation(grid, scenario, store, done, context)
 
 
 def prepare_keys(scenario: ScenarioConfig, out: Path) -> ScenarioConfig:

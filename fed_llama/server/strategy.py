@@ -214,24 +214,32 @@ class LoraFedAvg(FedAvg):
         good = self._good(replies, "evaluate", server_round)
         if not good:
             return None
-        row: dict[str, float] = {"sites-evaluated": float(len(good))}
-        nll = tokens = 0.0
-        site_metrics = [scalars(m.content.metric_records["metrics"]) for m in good]
-        for met in site_metrics:
-            name = self.site_names[int(met["site"])]
-            loss, n = met["heldout-loss"], met["heldout-tokens"]
-            for key, value in met.items():
-                if key.startswith("task/"):  # task/<task>/<metric>: this site's scores
-                    row[f"{name}/{key[5:]}"] = value
-            row[f"{name}/loss"] = loss
-            row[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
-            nll += loss * n
-            tokens += n
-        row["pooled-loss"] = nll / tokens
-        row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
-        row.update(pool_task_scores(site_metrics))
+        row = evaluation_row([scalars(m.content.metric_records["metrics"]) for m in good],
+                             self.site_names)
         self.on_evaluate(self.round_offset + server_round, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
+
+
+def evaluation_row(site_metrics: list[dict[str, float]], site_names: list[str]
+                   ) -> dict[str, float]:
+    """A round's evaluation row from what each site reported (``site``, ``heldout-loss``,
+    ``heldout-tokens``, ``task/...``): per-site and token-pooled perplexity, task scores."""
+    row: dict[str, float] = {"sites-evaluated": float(len(site_metrics))}
+    nll = tokens = 0.0
+    for met in site_metrics:
+        name = site_names[int(met["site"])]
+        loss, n = met["heldout-loss"], met["heldout-tokens"]
+        for key, value in met.items():
+            if key.startswith("task/"):  # task/<task>/<metric>: this site's scores
+                row[f"{name}/{key[5:]}"] = value
+        row[f"{name}/loss"] = loss
+        row[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
+        nll += loss * n
+        tokens += n
+    row["pooled-loss"] = nll / tokens
+    row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
+    row.update(pool_task_scores(site_metrics))
+    return row
 
 
 ADAPTIVE_SERVER_LR = 1e-3

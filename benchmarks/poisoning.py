@@ -1,0 +1,80 @@
+"""One poisoning site against the aggregator's defences: held-out perplexity vs a clean run.
+
+Four ICD-10 hospitals (cardiology, oncology, psychiatry, neurology) on the default backbone,
+2 rounds of 10 local steps; one site (neurology) sends, every round, the global adapter plus
+100 times its honest change (``[attack] poison_sites``; the update is still signed and
+encrypted, as a compromised site's would be). Every variant runs with ``fed-llama simulate``
+(Flower's Simulation Engine, the product's code path):
+
+- ``clean``: no attack, FedAvg on factors (the reference);
+- ``clean+median`` / ``clean+trimmed``: no attack, with the robust aggregation (what the
+  defence costs when nobody attacks);
+- ``poisoned, no defence``: FedAvg, the norm-outlier refusal switched off;
+- ``poisoned+median``: coordinate-wise median, no refusal;
+- ``poisoned+trimmed``: trimmed mean dropping the largest and smallest value of each
+  coordinate (``trim_fraction = 0.25`` of 4 sites), no refusal;
+- ``poisoned+refusal``: FedAvg with the default check that refuses an update changing the
+  adapter by more than ``norm_outlier_factor`` (10) times the round's median change.
+
+It prints pooled held-out perplexity and its ratio to ``clean`` (target of the privacy issue:
+within 5% with a defence on), and writes JSON.
+
+    python benchmarks/poisoning.py                # about 30 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from variant_runs import print_table, run_variants
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SETUP = ["federation.sites=['icd10:cardiology', 'icd10:oncology', 'icd10:psychiatry', "
+         "'icd10:neurology']", "federation.rounds=2", "train.max_steps=10",
+         "data.max_heldout_records=64", "evaluation.questions=0"]
+POISON = ["attack.poison_sites=['neurology']", "attack.poison_scale=100.0"]
+NO_REFUSAL = ["security.norm_outlier_factor=0"]
+MEDIAN = ["federation.robust='median'"]
+TRIMMED = ["federation.robust='trimmed-mean'", "federation.trim_fraction=0.25"]
+VARIANTS: dict[str, list[str]] = {
+    "clean": [],
+    "clean+median": MEDIAN,
+    "clean+trimmed": TRIMMED,
+    "poisoned, no defence": POISON + NO_REFUSAL,
+    "poisoned+median": POISON + NO_REFUSAL + MEDIAN,
+    "poisoned+trimmed": POISON + NO_REFUSAL + TRIMMED,
+    "poisoned+refusal": POISON,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="extra scenario overrides for every variant")
+    parser.add_argument("--json", default=str(HERE / "results" / "poisoning.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from fed_llama.common.files import write_text_atomic
+
+    overrides = SETUP + args.overrides
+    results = run_variants(Path(args.scenario), VARIANTS, overrides)
+    clean = results["clean"]["pooled_ppl"]
+    for r in results.values():
+        r["ppl_x_clean"] = round(r["pooled_ppl"] / clean, 3)
+        r["within_5pct"] = r["pooled_ppl"] <= 1.05 * clean
+    print("4 sites, 2 rounds x 10 local steps; neurology poisons (change x 100) every round:")
+    print_table(results, ["pooled_ppl", "ppl_x_clean", "within_5pct", "refused", "round_s"])
+    write_text_atomic(Path(args.json), json.dumps(
+        {"scenario": args.scenario, "overrides": overrides, "poison": POISON,
+         "variants": results}, indent=2))
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
