@@ -7,8 +7,8 @@ encrypted, as a compromised site's would be). Every variant runs with ``fed-llam
 (Flower's Simulation Engine, the product's code path):
 
 - ``clean``: no attack, FedAvg on factors (the reference);
-- ``clean+median`` / ``clean+trimmed``: no attack, with the robust aggregation (what the
-  defence costs when nobody attacks);
+- ``clean+median``: no attack, with the coordinate-wise median (what a robust aggregation
+  costs when nobody attacks);
 - ``poisoned, no defence``: FedAvg, the norm-outlier refusal switched off;
 - ``poisoned+median``: coordinate-wise median, no refusal;
 - ``poisoned+trimmed``: trimmed mean dropping the largest and smallest value of each
@@ -19,7 +19,7 @@ encrypted, as a compromised site's would be). Every variant runs with ``fed-llam
 It prints pooled held-out perplexity and its ratio to ``clean`` (target of the privacy issue:
 within 5% with a defence on), and writes JSON.
 
-    python benchmarks/poisoning.py                # about 30 minutes on 2 cores
+    python benchmarks/poisoning.py                # about 40 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ TRIMMED = ["federation.robust='trimmed-mean'", "federation.trim_fraction=0.25"]
 VARIANTS: dict[str, list[str]] = {
     "clean": [],
     "clean+median": MEDIAN,
-    "clean+trimmed": TRIMMED,
     "poisoned, no defence": POISON + NO_REFUSAL,
     "poisoned+median": POISON + NO_REFUSAL + MEDIAN,
     "poisoned+trimmed": POISON + NO_REFUSAL + TRIMMED,
