@@ -7,19 +7,15 @@ encrypted, as a compromised site's would be). Every variant runs with ``fed-llam
 (Flower's Simulation Engine, the product's code path):
 
 - ``clean``: no attack, FedAvg on factors (the reference);
-- ``clean+median``: no attack, with the coordinate-wise median (what a robust aggregation
-  costs when nobody attacks);
 - ``poisoned, no defence``: FedAvg, the norm-outlier refusal switched off;
 - ``poisoned+median``: coordinate-wise median, no refusal;
-- ``poisoned+trimmed``: trimmed mean dropping the largest and smallest value of each
-  coordinate (``trim_fraction = 0.25`` of 4 sites), no refusal;
 - ``poisoned+refusal``: FedAvg with the default check that refuses an update changing the
   adapter by more than ``norm_outlier_factor`` (10) times the round's median change.
 
 It prints pooled held-out perplexity and its ratio to ``clean`` (target of the privacy issue:
 within 5% with a defence on), and writes JSON.
 
-    python benchmarks/poisoning.py                # about 40 minutes on 2 cores
+    python benchmarks/poisoning.py                # about 25 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -39,13 +35,10 @@ SETUP = ["federation.sites=['icd10:cardiology', 'icd10:oncology', 'icd10:psychia
 POISON = ["attack.poison_sites=['neurology']", "attack.poison_scale=100.0"]
 NO_REFUSAL = ["security.norm_outlier_factor=0"]
 MEDIAN = ["federation.robust='median'"]
-TRIMMED = ["federation.robust='trimmed-mean'", "federation.trim_fraction=0.25"]
 VARIANTS: dict[str, list[str]] = {
     "clean": [],
-    "clean+median": MEDIAN,
     "poisoned, no defence": POISON + NO_REFUSAL,
     "poisoned+median": POISON + NO_REFUSAL + MEDIAN,
-    "poisoned+trimmed": POISON + NO_REFUSAL + TRIMMED,
     "poisoned+refusal": POISON,
 }
 

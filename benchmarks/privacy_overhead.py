@@ -17,9 +17,10 @@ round. Ratios are to ``plain`` measured in the same run of this script.
 - ``envelopes+dp z=...``: more noise multipliers, for the utility-vs-epsilon table (pooled
   held-out perplexity and its ratio to the run without DP, against the epsilon reached).
 
-Task accuracy is left out here (``evaluation.questions=0``): with 5 local steps per site per round the adapters have barely
-learned the answer format (even 60 steps give a category accuracy under 0.1 in
-``federated_vs_local.py``), and the questions would add generation time to every round.
+Task accuracy is left out here (``evaluation.questions=0``): with 5 local steps per site per
+round the adapters have barely learned the answer format (even 60 steps give a category
+accuracy under 0.1 in ``federated_vs_local.py``), and the questions would add generation time
+to every round.
 
     python benchmarks/privacy_overhead.py             # about 20 minutes on 2 cores
 """
