@@ -1,10 +1,10 @@
 """One poisoning site against the aggregator's defences: held-out perplexity vs a clean run.
 
 Four ICD-10 hospitals (cardiology, oncology, psychiatry, neurology) on the default backbone,
-2 rounds of 10 local steps; one site (neurology) sends, every round, the global adapter plus
-100 times its honest change (``[attack] poison_sites``; the update is still signed and
-encrypted, as a compromised site's would be). Every variant runs with ``fed-llama simulate``
-(Flower's Simulation Engine, the product's code path):
+2 rounds of 5 local steps, 32 held-out records per site; one site (neurology) sends, every
+round, the global adapter plus 100 times its honest change (``[attack] poison_sites``; the
+update is still signed and encrypted, as a compromised site's would be). Every variant runs
+with ``fed-llama simulate`` (Flower's Simulation Engine, the product's code path):
 
 - ``clean``: no attack, FedAvg on factors (the reference);
 - ``poisoned, no defence``: FedAvg, the norm-outlier refusal switched off;
@@ -15,7 +15,7 @@ encrypted, as a compromised site's would be). Every variant runs with ``fed-llam
 It prints pooled held-out perplexity and its ratio to ``clean`` (target of the privacy issue:
 within 5% with a defence on), and writes JSON.
 
-    python benchmarks/poisoning.py                # about 25 minutes on 2 cores
+    python benchmarks/poisoning.py                # about 16 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from variant_runs import print_table, run_variants
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SETUP = ["federation.sites=['icd10:cardiology', 'icd10:oncology', 'icd10:psychiatry', "
-         "'icd10:neurology']", "federation.rounds=2", "train.max_steps=10",
-         "data.max_heldout_records=64", "evaluation.questions=0"]
+         "'icd10:neurology']", "federation.rounds=2", "train.max_steps=5",
+         "data.max_heldout_records=32", "evaluation.questions=0"]
 POISON = ["attack.poison_sites=['neurology']", "attack.poison_scale=100.0"]
 NO_REFUSAL = ["security.norm_outlier_factor=0"]
 MEDIAN = ["federation.robust='median'"]
@@ -60,7 +60,7 @@ def main() -> None:
     for r in results.values():
         r["ppl_x_clean"] = round(r["pooled_ppl"] / clean, 3)
         r["within_5pct"] = r["pooled_ppl"] <= 1.05 * clean
-    print("4 sites, 2 rounds x 10 local steps; neurology poisons (change x 100) every round:")
+    print("4 sites, 2 rounds x 5 local steps; neurology poisons (change x 100) every round:")
     print_table(results, ["pooled_ppl", "ppl_x_clean", "within_5pct", "refused", "round_s"])
     write_text_atomic(Path(args.json), json.dumps(
         {"scenario": args.scenario, "overrides": overrides, "poison": POISON,
