@@ -64,7 +64,7 @@ def _legacy_train(msg: Message, sc: ScenarioConfig, site: int) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from fed_llama.server.secagg import from_arrays, to_arrays
+    from fed_llama.common.legacy_arrays import from_arrays, to_arrays
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = list(site_ops.initial_state(sc))
@@ -81,7 +81,7 @@ def _legacy_evaluate(msg: Message, sc: ScenarioConfig, site: int) -> Message:
     from flwr.common import Code, EvaluateRes, Status, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from fed_llama.server.secagg import from_arrays
+    from fed_llama.common.legacy_arrays import from_arrays
 
     ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
     state = from_arrays(parameters_to_ndarrays(ins.parameters), list(site_ops.initial_state(sc)))

@@ -7,8 +7,8 @@ count) with pairwise and private masks; the aggregator can unmask only the weigh
 the workflow hands to :class:`SecAggFedAvg` as every site's result. This module keeps the
 product's bookkeeping on top of it: a checkpoint per round, per-site evaluation, history rows.
 
-Adapter tensors travel as Flower's legacy parameter lists, in the order of the scenario's
-initial adapter (:func:`adapter_keys`), which sites and aggregator compute alike.
+Adapter tensors travel as Flower's legacy parameter lists
+(:mod:`fed_llama.common.legacy_arrays`).
 """
 
 from __future__ import annotations
@@ -18,34 +18,19 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fed_llama.common.legacy_arrays import from_arrays, to_arrays
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.server.strategy import RowHook, evaluation_row, state_bytes
 
 log = logging.getLogger(__name__)
 
 State = dict[str, Any]
-
-
-def to_arrays(state: State, keys: list[str]) -> list[np.ndarray]:
-    """An adapter state as Flower's legacy parameter list, in ``keys`` order."""
-    return [state[k].detach().float().numpy() for k in keys]
-
-
-def from_arrays(arrays: list[np.ndarray], keys: list[str]) -> State:
-    """The inverse of :func:`to_arrays`."""
-    import torch
-
-    if len(arrays) != len(keys):
-        raise ValueError(f"{len(arrays)} arrays for an adapter of {len(keys)} tensors")
-    return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).clone()
-            for k, a in zip(keys, arrays, strict=True)}
 
 
 class SecAggFedAvg(LegacyFedAvg):
