@@ -171,6 +171,24 @@ def test_int8_export_is_smaller_and_close(adapter: Path, verify_data: Path, tiny
     assert pooled["perplexity-onnx"] <= pooled["perplexity-pytorch"] * 1.02
 
 
+def test_a_gptq_int4_export_is_calibrated_on_records_verification_does_not_use(
+        adapter: Path, verify_data: Path, tiny_backbone: Path, tmp_path: Path) -> None:
+    cfg = _cfg(verify_data, quant="int4", algorithm="gptq", calibration_records=8,
+               verify={"max_perplexity_increase": 10.0})
+    manifest = export_adapter(adapter, tmp_path / "gptq", cfg, backbone=str(tiny_backbone))
+    q = manifest["quantization"]
+    assert q["algorithm"] == "gptq"
+    assert q["matrices"] == 2 * 5  # qkv, o, gate, up, down of both layers
+    assert q["calibration_records"] == 6 - 4  # the file's records outside verification
+    # what GPTQ minimizes, the layers' output error on the calibration data, went down
+    assert q["output_error_gptq"] < q["output_error_builder"]
+
+    every_record = _cfg(verify_data, quant="int4", algorithm="gptq", verify={"records": 6})
+    with pytest.raises(ConfigError, match="none is left to calibrate"):
+        export_adapter(adapter, tmp_path / "none-left", every_record, backbone=str(tiny_backbone))
+    assert not (tmp_path / "none-left").exists()
+
+
 def test_failed_verification_writes_nothing(adapter: Path, verify_data: Path,
                                             tiny_backbone: Path, tmp_path: Path) -> None:
     cfg = _cfg(verify_data, quant="int4", verify={"max_perplexity_increase": 0.0,

@@ -82,10 +82,16 @@ class ExportConfig:
     """Weights per quantization block (16-256). This backbone's hidden size (576) is not a
     multiple of 128: 128 and 256 pad the last block and lose quality."""
 
-    algorithm: Literal["default", "rtn", "k_quant"] = "default"
+    algorithm: Literal["default", "rtn", "k_quant", "gptq"] = "default"
     """int4/int8 weight quantizer: ``default`` (onnxruntime's MatMulNBits round-to-nearest),
-    ``rtn`` (the builder's RTN quantizer) or ``k_quant`` (llama.cpp-style search of scales);
-    none needs calibration data."""
+    ``rtn`` (the builder's RTN quantizer) or ``k_quant`` (llama.cpp-style search of scales),
+    which need no data; or ``gptq`` (int4 only): the decoder's projections quantized by GPTQ,
+    calibrated on the training records of the verification sources (see
+    ``calibration_records``), the LM head as ``k_quant``."""
+
+    calibration_records: int = 64
+    """``gptq``: calibration records per verification source, drawn from its training split
+    (ICD-10 sites) or, for a JSONL file, from its records not used for verification."""
 
     mixed_precision: tuple[str, ...] = ()
     """MatMul groups kept in 8-bit in an int4 model: ``last_matmul`` (the LM head) and/or
@@ -115,6 +121,15 @@ class ExportConfig:
         if self.mixed_precision and self.quant != "int4":
             out.append(f"mixed_precision {list(self.mixed_precision)} only applies to "
                        f"quant = 'int4' (got quant = {self.quant!r}): remove it or use int4")
+        if self.algorithm == "gptq" and self.quant != "int4":
+            out.append(f"algorithm = 'gptq' is calibrated int4 (got quant = {self.quant!r}): "
+                       "use quant = 'int4', or algorithm = 'default' for int8")
+        if self.algorithm == "gptq" and self.runtime_adapters:
+            out.append("algorithm = 'gptq' calibrates the merged weights but runtime_adapters "
+                       "keeps the adapter unmerged: use algorithm = 'k_quant' with runtime "
+                       "adapters, or turn runtime_adapters off")
+        if self.calibration_records < 1:
+            out.append(f"calibration_records must be at least 1; got {self.calibration_records}")
         if self.accuracy_level not in (1, 2, 3, 4):
             out.append(f"accuracy_level must be 1, 2, 3 or 4; got {self.accuracy_level}")
         return out

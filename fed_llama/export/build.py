@@ -56,8 +56,10 @@ def builder_options(cfg: ExportConfig, adapter: Path | None = None) -> list[str]
         options.append(f"adapter_path={adapter}")
         lora_nodes = lora_node_names(adapter)
     if cfg.quant != "fp32":
+        # gptq: the builder's k_quant graph, whose decoder projections gptq.py then replaces
+        algo = "k_quant" if cfg.algorithm == "gptq" else cfg.algorithm
         options += [f"block_size={cfg.block_size}", f"accuracy_level={cfg.accuracy_level}",
-                    f"algo_config={cfg.algorithm}"]
+                    f"algo_config={algo}"]
         if cfg.mixed_precision:
             mix = ",".join(f"{group}:int8" for group in cfg.mixed_precision)
             options.append(f"matmul_mixed_precision={mix}")

@@ -24,12 +24,26 @@ from fed_llama.adapter.store import check_output_dir, read_manifest
 from fed_llama.common.files import file_sha256, replace_dir
 from fed_llama.config.export import ExportConfig
 from fed_llama.data import icd10
+from fed_llama.data.tokenize import encode_all
 from fed_llama.errors import ConfigError
 from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
-from fed_llama.export.merge import fold_adapter, load_base, merge_adapter, save_merged
+from fed_llama.export.gptq import calibrate_graph
+from fed_llama.export.merge import (
+    MergedModel,
+    fold_adapter,
+    load_base,
+    merge_adapter,
+    save_merged,
+)
 from fed_llama.export.runtime import OnnxCausalLM
 from fed_llama.export.switchable import make_overridable, write_onnx_adapter
-from fed_llama.export.verify import ICD10, check_bounds, verification_sources, verify_export
+from fed_llama.export.verify import (
+    ICD10,
+    calibration_examples,
+    check_bounds,
+    verification_sources,
+    verify_export,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +79,9 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     manifest_in = read_manifest(adapter) if adapter else {}
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
+    if cfg.algorithm == "gptq":  # refuse a source with nothing to calibrate on before the work
+        for source in sources:
+            calibration_examples(source, cfg)
     switchable = cfg.runtime_adapters and adapter is not None
     started = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,15 +93,16 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             base = load_base(adapter, backbone)
             hf_dir = save_merged(base, work / "base")
             merged = fold_adapter(base, adapter)  # the PyTorch reference
-            build_onnx(hf_dir, onnx_dir, cfg, cache=work / "cache", adapter=adapter)
+        else:
+            merged = merge_adapter(adapter, backbone)
+            hf_dir = save_merged(merged, work / "merged")
+        quantization = build_graph(merged, hf_dir, onnx_dir, cfg, sources, work / "cache",
+                                   adapter=adapter if switchable else None)
+        if switchable and adapter is not None:
             slots = make_overridable(onnx_dir / "model.onnx")
             name = adapter.resolve().name
             write_onnx_adapter(adapter, onnx_dir, name)
             runtime = {"slots": len(slots), "built_in": name, "adapters": [name]}
-        else:
-            merged = merge_adapter(adapter, backbone)
-            hf_dir = save_merged(merged, work / "merged")
-            build_onnx(hf_dir, onnx_dir, cfg, cache=work / "cache")
         lm = OnnxCausalLM(onnx_dir)
         report = verify_export(merged.model, merged.tokenizer, lm, cfg, sources)
         failures = check_bounds(report, cfg)
@@ -101,6 +119,7 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             "source_adapter": _adapter_identity(adapter, manifest_in),
             "backbone": merged.backbone.describe(),
             "merged_into": merged.merged_into,
+            "quantization": quantization,
             "runtime_adapters": runtime,
             "size_mb": {"model": round(sum((onnx_dir / f).stat().st_size for f in files
                                            if f.startswith("model.onnx")) / 1e6, 2),
@@ -116,6 +135,20 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportConfig,
+                sources: list[str], cache: Path, adapter: Path | None = None) -> dict[str, Any]:
+    """Build the ONNX graph of ``hf_dir`` (the folder of ``merged``) into ``onnx_dir``; with
+    ``algorithm = 'gptq'`` calibrate its 4-bit projections on ``sources``. Returns what the
+    manifest records of the quantization (the GPTQ report, or the quantizer used)."""
+    build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
+    if cfg.algorithm != "gptq":
+        return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
+    records = [ex for source in sources for ex in calibration_examples(source, cfg)]
+    items, _ = encode_all(merged.tokenizer, records, cfg.verify.max_length)
+    return calibrate_graph(merged.model, [item.input_ids for item in items],
+                           onnx_dir / "model.onnx", block_size=cfg.block_size)
 
 
 def _adapter_identity(adapter: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,24 @@ def heldout_examples(source: str, cfg: VerifyConfig) -> list[Example]:
     return sample(examples, cfg.records, cfg.seed)
 
 
+def calibration_examples(source: str, cfg: ExportConfig) -> list[Example]:
+    """``cfg.calibration_records`` seeded records of ``source`` that verification does not use:
+    an ICD-10 site's training split, or a JSONL file's records outside the verification
+    sample."""
+    v = cfg.verify
+    if source.startswith(ICD10):
+        pool = icd10.site_split(source[len(ICD10):], seed=v.seed).train
+    else:
+        examples = read_jsonl(Path(source)).examples
+        held = {id(ex) for ex in sample(examples, v.records, v.seed)}
+        pool = [ex for ex in examples if id(ex) not in held]
+        if not pool:
+            raise ConfigError(f"{source}: all {len(examples)} records are used for verification "
+                              f"(verify.records = {v.records}), none is left to calibrate "
+                              "algorithm = 'gptq' on: lower verify.records or give more data")
+    return sample(pool, cfg.calibration_records, v.seed + 1)
+
+
 @dataclass
 class Agreement:
     """Sums over answer tokens (perplexity) and all positions (agreement) of one source."""
@@ -189,7 +207,7 @@ def check_bounds(report: dict[str, Any], cfg: ExportConfig) -> list[str]:
     increase = p["perplexity-onnx"] / p["perplexity-pytorch"] - 1
     failures = []
     if increase > cfg.perplexity_bound():
-        fix = {"int4": "try algorithm = 'k_quant', mixed_precision = ['last_matmul'] or int8",
+        fix = {"int4": "try algorithm = 'gptq', mixed_precision = ['last_matmul'] or int8",
                "int8": "try a smaller block_size or fp32",
                "fp32": "fp32 should match exactly: please report this"}[cfg.quant]
         failures.append(
