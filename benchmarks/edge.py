@@ -4,6 +4,10 @@ The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which README 
 writes) is merged once; each ONNX variant is built with the same code as ``fed-llama export``
 and measured on the same held-out records of every site of the adapter:
 
+The int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
+8-bit LM head and sensitive layers, and GPTQ (``algorithm = "gptq"``: calibrated on 64 training
+records per site, none of them among the held-out records measured here).
+
 - size (MB of model files), prefill latency for 256 tokens, decode tokens/s for 64 tokens with
   the KV cache (median of ``--repeats``);
 - held-out answer perplexity and greedy next-token (top-1) agreement with PyTorch fp32, and
@@ -44,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                           "mixed_precision": ["last_matmul"]},
     "int4-kquant-mixed8": {"quant": "int4", "algorithm": "k_quant",
                            "mixed_precision": ["last_matmul", "mixed_layers"]},
+    "int4-gptq": {"quant": "int4", "algorithm": "gptq"},
+    "int4-gptq-head8": {"quant": "int4", "algorithm": "gptq", "mixed_precision": ["last_matmul"]},
 }
 
 
@@ -82,8 +88,8 @@ def main() -> None:
     from fed_llama.config.loader import build_config
     from fed_llama.data.tokenize import encode_all
     from fed_llama.evaluation.tasks import choose_questions, evaluate_tasks, score_answers
-    from fed_llama.export.build import build_onnx
     from fed_llama.export.merge import merge_adapter, save_merged
+    from fed_llama.export.pipeline import build_graph
     from fed_llama.export.runtime import OnnxCausalLM
     from fed_llama.export.verify import (
         Agreement,
@@ -139,7 +145,7 @@ def main() -> None:
             cfg = build_config(ExportConfig, {**VARIANTS[name], "verify": verify}, source=name)
             out = Path(tmp) / name
             started = time.monotonic()
-            build_onnx(hf_dir, out, cfg, cache=Path(tmp) / "cache")
+            build_graph(merged, hf_dir, out, cfg, sources, cache=Path(tmp) / "cache")
             build_s = time.monotonic() - started
             lm = OnnxCausalLM(out)
             agreement = Agreement()
