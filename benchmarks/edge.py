@@ -4,16 +4,16 @@ The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which README 
 writes) is merged once; each ONNX variant is built with the same code as ``fed-llama export``
 and measured on the same held-out records of every site of the adapter:
 
-The int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
-8-bit LM head and sensitive layers, and GPTQ (``algorithm = "gptq"``: calibrated on 64 training
-records per site, none of them among the held-out records measured here).
-
 - size (MB of model files), prefill latency for 256 tokens, decode tokens/s for 64 tokens with
   the KV cache (median of ``--repeats``);
 - held-out answer perplexity and greedy next-token (top-1) agreement with PyTorch fp32, and
   greedy task scores (description -> code category match, code -> description token F1);
 - this machine's memory bandwidth (fp32 matrix-vector, measured here first), the decode speed
   it would allow if every weight byte were read once per token, and each variant's fraction.
+
+The int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
+8-bit LM head and sensitive layers, and GPTQ (``algorithm = "gptq"``: calibrated on 64 training
+records per site, none of them among the held-out records measured here).
 
 Ratios are to PyTorch eager fp32 measured in this run. Targets (edge issue): ONNX fp32 logits
 within 1e-3; int8 perplexity within 2% of PyTorch fp32 and int4 within 15%; int4 at most 20%
