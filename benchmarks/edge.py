@@ -93,6 +93,7 @@ def main() -> None:
     from fed_llama.export.runtime import OnnxCausalLM
     from fed_llama.export.verify import (
         Agreement,
+        calibration_set,
         heldout_examples,
         onnx_answers,
         speed_onnx,
@@ -145,7 +146,8 @@ def main() -> None:
             cfg = build_config(ExportConfig, {**VARIANTS[name], "verify": verify}, source=name)
             out = Path(tmp) / name
             started = time.monotonic()
-            build_graph(merged, hf_dir, out, cfg, sources, cache=Path(tmp) / "cache")
+            build_graph(merged, hf_dir, out, cfg, calibration_set(sources, cfg),
+                        cache=Path(tmp) / "cache")
             build_s = time.monotonic() - started
             lm = OnnxCausalLM(out)
             agreement = Agreement()

@@ -134,10 +134,11 @@ def gptq(weight: Any, hessian: Any, *, bits: int = 4, block_size: int = 32,
 
 
 def collect_hessians(model: Any, sequences: Sequence[Sequence[int]],
-                     progress: Callable[[Any], Any] = iter) -> dict[str, Any]:
+                     progress: Callable[[Any], Any] = iter,
+                     keys: set[str] | None = None) -> dict[str, Any]:
     """``2·XᵀX / n`` of the input ``X`` of every :data:`GROUPS` projection of every decoder
-    layer of the Hugging Face ``model``, over ``sequences`` of token ids; keyed
-    ``"<layer>/<group>"`` (e.g. ``"3/mlp/down_proj"``)."""
+    layer of the Hugging Face ``model`` (or only those in ``keys``), over ``sequences`` of token
+    ids; keyed ``"<layer>/<group>"`` (e.g. ``"3/mlp/down_proj"``)."""
     import torch
 
     sums: dict[str, Any] = {}
@@ -153,8 +154,9 @@ def collect_hessians(model: Any, sequences: Sequence[Sequence[int]],
 
     for i, layer in enumerate(model.model.layers):
         for group, modules in GROUPS.items():
-            hooks.append(layer.get_submodule(modules[0]).register_forward_pre_hook(
-                hook(f"{i}/{group}")))
+            if keys is None or f"{i}/{group}" in keys:
+                hooks.append(layer.get_submodule(modules[0]).register_forward_pre_hook(
+                    hook(f"{i}/{group}")))
     try:
         with torch.no_grad():
             for ids in progress(sequences):
@@ -215,18 +217,20 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
                 raise GptqError(f"algorithm = 'gptq' needs block_size to divide every input size "
                                 f"({group} has {k}); block_size = {block_size} does not: "
                                 "use 16, 32 or 64, or k_quant")
-    hessians = collect_hessians(model, sequences,
-                                lambda s: tqdm(s, desc="GPTQ calibration", unit="record",
-                                               leave=False))
     graph = onnx.load(str(onnx_file))
     inits = {t.name: t for t in graph.graph.initializer}
     nodes = {n.name: n for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    # the 4-bit projections; those kept in 8-bit (mixed precision) are left as built
+    four_bit = {f"{i}/{group}": nodes[name]
+                for i in range(len(model.model.layers)) for group in GROUPS
+                if (name := f"/model/layers.{i}/{group}/MatMul_Q4") in nodes}
+    hessians = collect_hessians(model, sequences,
+                                lambda s: tqdm(s, desc="GPTQ calibration", unit="record",
+                                               leave=False), keys=set(four_bit))
     before, after, changed = [], [], 0
     for key in tqdm(sorted(hessians), desc="GPTQ", unit="matrix", leave=False):
         layer, group = key.split("/", 1)
-        node = nodes.get(f"/model/layers.{layer}/{group}/MatMul_Q4")
-        if node is None:  # kept in 8-bit (mixed precision): left as built
-            continue
+        node = four_bit[key]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("bits") != 4 or attrs.get("block_size") != block_size or len(node.input) < 4:
             raise GptqError(f"{node.name} is not a 4-bit, block-{block_size} MatMulNBits with "
@@ -247,7 +251,7 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
         after.append(output_error(w, q, h))
         for name, array in zip((b_name, s_name, z_name), pack(q), strict=True):
             inits[name].CopyFrom(numpy_helper.from_array(
-                array.reshape(numpy_helper.to_array(inits[name]).shape), name))
+                array.reshape(tuple(inits[name].dims)), name))
         changed += 1
     data = onnx_file.with_name(onnx_file.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing external data file

@@ -24,6 +24,7 @@ from fed_llama.adapter.store import check_output_dir, read_manifest
 from fed_llama.common.files import file_sha256, replace_dir
 from fed_llama.config.export import ExportConfig
 from fed_llama.data import icd10
+from fed_llama.data.records import Example
 from fed_llama.data.tokenize import encode_all
 from fed_llama.errors import ConfigError
 from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
@@ -39,7 +40,7 @@ from fed_llama.export.runtime import OnnxCausalLM
 from fed_llama.export.switchable import make_overridable, write_onnx_adapter
 from fed_llama.export.verify import (
     ICD10,
-    calibration_examples,
+    calibration_set,
     check_bounds,
     verification_sources,
     verify_export,
@@ -79,9 +80,7 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     manifest_in = read_manifest(adapter) if adapter else {}
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
-    if cfg.algorithm == "gptq":  # refuse a source with nothing to calibrate on before the work
-        for source in sources:
-            calibration_examples(source, cfg)
+    calibration = calibration_set(sources, cfg)  # refuses a source without any, before the work
     switchable = cfg.runtime_adapters and adapter is not None
     started = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +95,7 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
         else:
             merged = merge_adapter(adapter, backbone)
             hf_dir = save_merged(merged, work / "merged")
-        quantization = build_graph(merged, hf_dir, onnx_dir, cfg, sources, work / "cache",
+        quantization = build_graph(merged, hf_dir, onnx_dir, cfg, calibration, work / "cache",
                                    adapter=adapter if switchable else None)
         if switchable and adapter is not None:
             slots = make_overridable(onnx_dir / "model.onnx")
@@ -138,15 +137,16 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
 
 
 def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportConfig,
-                sources: list[str], cache: Path, adapter: Path | None = None) -> dict[str, Any]:
+                calibration: list[Example], cache: Path,
+                adapter: Path | None = None) -> dict[str, Any]:
     """Build the ONNX graph of ``hf_dir`` (the folder of ``merged``) into ``onnx_dir``; with
-    ``algorithm = 'gptq'`` calibrate its 4-bit projections on ``sources``. Returns what the
-    manifest records of the quantization (the GPTQ report, or the quantizer used)."""
+    ``algorithm = 'gptq'`` calibrate its 4-bit projections on ``calibration`` (from
+    :func:`calibration_set`). Returns what the manifest records of the quantization (the GPTQ
+    report, or the quantizer used)."""
     build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
     if cfg.algorithm != "gptq":
         return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
-    records = [ex for source in sources for ex in calibration_examples(source, cfg)]
-    items, _ = encode_all(merged.tokenizer, records, cfg.verify.max_length)
+    items, _ = encode_all(merged.tokenizer, calibration, cfg.verify.max_length)
     return calibrate_graph(merged.model, [item.input_ids for item in items],
                            onnx_dir / "model.onnx", block_size=cfg.block_size)
 

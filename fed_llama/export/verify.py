@@ -71,6 +71,13 @@ def calibration_examples(source: str, cfg: ExportConfig) -> list[Example]:
     return sample(pool, cfg.calibration_records, v.seed + 1)
 
 
+def calibration_set(sources: list[str], cfg: ExportConfig) -> list[Example]:
+    """The calibration records of every source for ``algorithm = 'gptq'`` (none otherwise)."""
+    if cfg.algorithm != "gptq":
+        return []
+    return [ex for source in sources for ex in calibration_examples(source, cfg)]
+
+
 @dataclass
 class Agreement:
     """Sums over answer tokens (perplexity) and all positions (agreement) of one source."""
