@@ -11,7 +11,9 @@ and measured on the same held-out records of every site of the adapter:
 - this machine's memory bandwidth (fp32 matrix-vector, measured here first), the decode speed
   it would allow if every weight byte were read once per token, and each variant's fraction.
 
-The int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
+``onnx-torch-fp32`` is the plain route (``exporter = "torch"``: ``torch.onnx.export`` of the
+merged model with a KV cache, run by the same runtime), beside the builder's fp32 graph; the
+int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
 8-bit LM head and sensitive layers, and GPTQ (``algorithm = "gptq"``: calibrated on 64 training
 records per site, none of them among the held-out records measured here).
 
@@ -40,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"quant": "fp32"},
+    "torch-fp32": {"quant": "fp32", "exporter": "torch"},
     "int8": {"quant": "int8"},
     "int4-default": {"quant": "int4", "algorithm": "default"},
     "int4-rtn": {"quant": "int4", "algorithm": "rtn"},

@@ -144,6 +144,28 @@ def test_onnx_fp32_logits_match_pytorch_with_and_without_the_kv_cache(
     np.testing.assert_allclose(np.concatenate(steps), ref.numpy(), atol=1e-4)
 
 
+def test_the_plain_torch_route_matches_pytorch_and_the_builder_graph(
+        adapter: Path, verify_data: Path, tiny_backbone: Path, fp32_export: Path,
+        tmp_path: Path) -> None:
+    manifest = export_adapter(adapter, tmp_path / "plain", _cfg(verify_data, quant="fp32",
+                                                                 exporter="torch"),
+                              backbone=str(tiny_backbone))
+    assert manifest["quantization"]["exporter"] == "torch.onnx.export"
+    assert manifest["verification"]["pooled"]["max-logit-diff"] < 1e-3
+    plain, builder = OnnxCausalLM(tmp_path / "plain"), OnnxCausalLM(fp32_export)
+    ids = [5, 17, 33, 99, 120, 7, 250, 11]
+    with torch.no_grad():
+        ref = merge_adapter(adapter, str(tiny_backbone)).model(torch.tensor([ids])).logits[0]
+    logits, cache = plain.forward(ids[:5], plain.empty_cache())  # the same runtime runs it
+    steps = [logits]
+    for token in ids[5:]:
+        logits, cache = plain.forward([token], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps), ref.numpy(), atol=1e-4)
+    np.testing.assert_allclose(plain.sequence_logits(ids), builder.sequence_logits(ids),
+                               atol=1e-4)
+
+
 def test_the_export_folder_holds_a_verified_manifest(fp32_export: Path, adapter: Path) -> None:
     manifest = json.loads((fp32_export / EXPORT_MANIFEST).read_text())
     pooled = manifest["verification"]["pooled"]
@@ -169,6 +191,47 @@ def test_int8_export_is_smaller_and_close(adapter: Path, verify_data: Path, tiny
     assert manifest["size_mb"]["model"] < fp32["size_mb"]["model"]
     pooled = manifest["verification"]["pooled"]
     assert pooled["perplexity-onnx"] <= pooled["perplexity-pytorch"] * 1.02
+    # the tied embedding is read from the LM head's 8-bit weights: no fp32 table is left
+    assert manifest["quantization"]["embedding"] == "int8-shared"
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+    assert [n.op_type for n in graph.node if "embed_tokens" in n.name] == [
+        "Reshape", "GatherBlockQuantized"]
+
+
+def test_the_int8_embedding_shares_the_head_only_when_it_is_the_same_matrix(
+        tiny_backbone: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from fed_llama.export.build import build_onnx
+    from fed_llama.export.embedding import share_tied_embedding
+
+    built = tmp_path / "built"
+    build_onnx(tiny_backbone, built, ExportConfig(quant="int8"), cache=tmp_path / "cache")
+    shared, untied = tmp_path / "shared", tmp_path / "untied"
+    shutil.copytree(built, shared)
+    shutil.copytree(built, untied)
+    ids = [5, 17, 33, 99, 120, 7]
+    before = OnnxCausalLM(built).sequence_logits(ids)
+    assert share_tied_embedding(shared / "model.onnx")["embedding"] == "int8-shared"
+    after = OnnxCausalLM(shared).sequence_logits(ids)
+    # only the embedding's 8-bit rounding differs: far below the logits' spread
+    assert np.abs(after - before).max() < 0.02 * np.abs(before).max()
+    assert (shared / "model.onnx.data").stat().st_size < (built / "model.onnx.data").stat().st_size
+
+    model = onnx.load(str(untied / "model.onnx"))
+    table = next(t for t in model.graph.initializer if t.name == "model.embed_tokens.weight")
+    table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table) + 0.1, table.name))
+    (untied / "model.onnx.data").unlink()
+    onnx.save_model(model, str(untied / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data")
+    report = share_tied_embedding(untied / "model.onnx")
+    assert report == {"embedding": "fp32", "reason": "the embedding is not tied to the LM head"}
 
 
 def test_a_gptq_int4_export_is_calibrated_on_records_verification_does_not_use(
@@ -230,6 +293,8 @@ def test_profiles_are_checked_up_front() -> None:
     text = str(err.value)
     assert "3 problems" in text and "block_size" in text and "unknown key colour" in text
     assert "only applies to quant = 'int4'" in text
+    with pytest.raises(ConfigError, match="exporter = 'torch' writes fp32"):
+        build_config(ExportConfig, {"exporter": "torch", "quant": "int8"}, source="p.toml")
     for profile in sorted((ROOT / "edge_export" / "profiles").glob("*.toml")):
         assert isinstance(load_config(ExportConfig, profile), ExportConfig)
     assert ExportConfig(quant="int4").perplexity_bound() == 0.15

@@ -73,10 +73,16 @@ class ExportConfig:
     name: str = "custom"
     """The profile's name, recorded in the export manifest."""
 
+    exporter: Literal["builder", "torch"] = "builder"
+    """How the ONNX graph is made: ``builder`` (onnxruntime-genai's model builder: fused
+    attention, block-wise int8/int4; the fastest graphs measured here) or ``torch`` (plain
+    ``torch.onnx.export`` of the merged model with a KV cache, fp32 only: for a LLaMA-family
+    variant the builder cannot build, or as an independent cross-check of its graph)."""
+
     quant: Literal["fp32", "int8", "int4"] = "int8"
     """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits). The LM
-    head is quantized too; int4 shares one quantized table with the embedding, int8 keeps the
-    embedding lookup in fp32."""
+    head is quantized too, and the tied embedding shares its quantized table (int8: re-quantized
+    round-to-nearest and read by ``GatherBlockQuantized``; an untied table stays fp32)."""
 
     block_size: int = 32
     """Weights per quantization block (16-256). This backbone's hidden size (576) is not a
@@ -128,6 +134,12 @@ class ExportConfig:
             out.append("algorithm = 'gptq' calibrates the merged weights but runtime_adapters "
                        "keeps the adapter unmerged: use algorithm = 'k_quant' with runtime "
                        "adapters, or turn runtime_adapters off")
+        if self.exporter == "torch" and self.quant != "fp32":
+            out.append(f"exporter = 'torch' writes fp32 graphs (got quant = {self.quant!r}): use "
+                       "exporter = 'builder' to quantize, or quant = 'fp32'")
+        if self.exporter == "torch" and self.runtime_adapters:
+            out.append("exporter = 'torch' exports the merged model; runtime_adapters needs the "
+                       "builder's LoRA branches: use exporter = 'builder'")
         if self.calibration_records < 1:
             out.append(f"calibration_records must be at least 1; got {self.calibration_records}")
         if self.accuracy_level not in (1, 2, 3, 4):

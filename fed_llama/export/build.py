@@ -5,7 +5,8 @@ embeddings and RMSNorm, ``past_key_values.N.key/value`` inputs and ``present.N.k
 outputs, and block-wise int8/int4 (MatMulNBits) weights with the tied embedding / LM head
 quantized too. Measured here (``../shared/notes/edge-export.md``) it decodes faster than a
 plain ``torch.onnx.export`` graph at every precision and its block-wise int8 costs under 1%
-perplexity where onnxruntime's ``quantize_dynamic`` costs 73%, so it is the one route kept.
+perplexity where onnxruntime's ``quantize_dynamic`` costs 73%, so it is the default route; the
+plain ``torch.onnx.export`` route (fp32, :mod:`fed_llama.export.plain`) is kept beside it.
 
 The builder runs in a child process: it prints freely and holds the whole model in memory,
 and neither should leak into the caller.

@@ -28,6 +28,7 @@ from fed_llama.data.records import Example
 from fed_llama.data.tokenize import encode_all
 from fed_llama.errors import ConfigError
 from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
+from fed_llama.export.embedding import share_tied_embedding
 from fed_llama.export.gptq import calibrate_graph
 from fed_llama.export.merge import (
     MergedModel,
@@ -36,6 +37,7 @@ from fed_llama.export.merge import (
     merge_adapter,
     save_merged,
 )
+from fed_llama.export.plain import export_plain
 from fed_llama.export.runtime import OnnxCausalLM
 from fed_llama.export.switchable import make_overridable, write_onnx_adapter
 from fed_llama.export.verify import (
@@ -141,9 +143,15 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
                 adapter: Path | None = None) -> dict[str, Any]:
     """Build the ONNX graph of ``hf_dir`` (the folder of ``merged``) into ``onnx_dir``; with
     ``algorithm = 'gptq'`` calibrate its 4-bit projections on ``calibration`` (from
-    :func:`calibration_set`). Returns what the manifest records of the quantization (the GPTQ
-    report, or the quantizer used)."""
+    :func:`calibration_set`); int8 builds read the tied embedding from the LM head's 8-bit
+    weights (:mod:`fed_llama.export.embedding`). Returns what the manifest records of the
+    quantization (the GPTQ report, or the quantizer used)."""
+    if cfg.exporter == "torch":
+        export_plain(merged.model, hf_dir, onnx_dir)
+        return {"algorithm": None, "exporter": "torch.onnx.export"}
     build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
+    if cfg.quant == "int8":
+        return {"algorithm": cfg.algorithm, **share_tied_embedding(onnx_dir / "model.onnx")}
     if cfg.algorithm != "gptq":
         return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
     items, _ = encode_all(merged.tokenizer, calibration, cfg.verify.max_length)

@@ -1,0 +1,132 @@
+"""The plain route: ``torch.onnx.export`` of the merged model, fp32, with a KV cache.
+
+onnxruntime-genai's builder (:mod:`fed_llama.export.build`) is the default route: its fused
+attention decodes faster and it quantizes. This route traces the PyTorch model itself (the
+TorchScript exporter), so it needs nothing but torch and onnx and follows whatever the model's
+own code does: it is kept for a LLaMA-family variant the builder cannot build, as an
+independent cross-check of the builder's graph, and as the baseline ``benchmarks/edge.py``
+compares the builder against. fp32 only.
+
+The graph has the builder's interface (``input_ids``, ``attention_mask``,
+``past_key_values.N.key/value`` in; ``logits``, ``present.N.key/value`` out; positions follow
+from the cache length), and the folder gets the same ``genai_config.json`` and tokenizer
+files, so :class:`~fed_llama.export.runtime.OnnxCausalLM` and ``fed-llama generate`` run it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fed_llama.export.build import ExportError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder graph (the builder's)."""
+    cache_in = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    cache_out = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out]
+
+
+def export_plain(model: Any, hf_dir: Path, out: Path) -> Path:
+    """Write ``out/model.onnx`` (fp32, KV cache) of the merged ``model``, whose Hugging Face
+    folder (config and tokenizer) is ``hf_dir``; return the model file."""
+    import torch
+
+    config = model.config
+    layers = int(config.num_hidden_layers)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_size = int(getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
+    inputs, outputs = io_names(layers)
+    dynamic = {"input_ids": {1: "sequence"}, "attention_mask": {1: "total_sequence"},
+               "logits": {1: "sequence"}}
+    dynamic.update({name: {2: "past_sequence"} for name in inputs[2:]})
+    dynamic.update({name: {2: "total_sequence"} for name in outputs[1:]})
+    # example sizes above 1 on every dynamic axis, so that the trace keeps them symbolic
+    ids = torch.randint(0, int(config.vocab_size), (1, 3))
+    past = [torch.zeros(1, kv_heads, 4, head_size) for _ in range(2 * layers)]
+    mask = torch.ones(1, 7, dtype=torch.long)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_file = out / "model.onnx"
+    log.info("exporting the fp32 ONNX graph with torch.onnx.export (%d layers)", layers)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow
+            torch.onnx.export(_flat_cache_decoder(model.eval(), layers), (ids, mask, *past),
+                              str(onnx_file), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    except Exception as exc:  # the exporter raises many types for unsupported code
+        raise ExportError(f"torch.onnx.export failed on {hf_dir} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): use "
+                          "exporter = 'builder'") from None
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out / name)
+    (out / "genai_config.json").write_text(json.dumps(
+        genai_config(config, head_size, kv_heads), indent=2))
+    return onnx_file
+
+
+def genai_config(config: Any, head_size: int, kv_heads: int) -> dict[str, Any]:
+    """The decoder description (onnxruntime-genai's ``genai_config.json`` layout)."""
+    eos = config.eos_token_id
+    return {"model": {
+        "bos_token_id": config.bos_token_id,
+        "context_length": int(config.max_position_embeddings),
+        "decoder": {
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "filename": "model.onnx", "head_size": head_size,
+            "hidden_size": int(config.hidden_size),
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                       "past_key_names": "past_key_values.%d.key",
+                       "past_value_names": "past_key_values.%d.value"},
+            "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                        "present_value_names": "present.%d.value"},
+            "num_attention_heads": int(config.num_attention_heads),
+            "num_hidden_layers": int(config.num_hidden_layers),
+            "num_key_value_heads": kv_heads},
+        "eos_token_id": eos, "pad_token_id": config.pad_token_id if config.pad_token_id
+        is not None else (eos[0] if isinstance(eos, list) else eos),
+        "type": "llama", "vocab_size": int(config.vocab_size)},
+        # the cache grows by concatenation here, not in a preallocated buffer
+        "search": {"do_sample": False, "max_length": int(config.max_position_embeddings),
+                   "num_beams": 1, "past_present_share_buffer": False}}
+
+
+def _flat_cache_decoder(model: Any, layers: int) -> Any:
+    """``model`` as a module taking and returning the cache as flat tensors (what an ONNX
+    graph can carry); torch is imported here, not when this module is."""
+    import torch
+    from transformers import DynamicCache
+
+    class FlatCacheDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, *past: Any) -> tuple[Any, ...]:
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            start = past[0].shape[2]
+            positions = (torch.arange(input_ids.shape[1]) + start).unsqueeze(0)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=positions, past_key_values=cache, use_cache=True)
+            grown = out.past_key_values
+            flat = [t for i in range(layers)
+                    for t in (grown.layers[i].keys, grown.layers[i].values)]
+            return (out.logits, *flat)
+
+    return FlatCacheDecoder()
