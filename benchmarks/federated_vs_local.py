@@ -10,8 +10,8 @@ this measures, on every site's held-out set (codes unseen in training):
 - ``federated:<variant>``: ``fed-llama simulate`` with that aggregation mode (Flower's
   Simulation Engine, the product's own code path), evaluated after its last round; the
   variants are :data:`FEDERATED` (``factors``, ``exact``, ``ffa``, and
-  ``factors+server-lr-3``: FedAvgM without momentum at server learning rate 3, i.e. the sum
-  of the sites' changes).
+  ``factors+server-lr-3`` / ``ffa+server-lr-3``: FedAvgM without momentum at server learning
+  rate 3, i.e. the sum of the sites' changes).
 
 It prints per-site and pooled held-out perplexity, task accuracy (greedy answers:
 description -> code category match, code -> description token F1), minutes per variant, and
@@ -45,6 +45,10 @@ FEDERATED: dict[str, list[str]] = {
     # of averaged, so a round moves as far as N sites' local steps taken one after the other
     "factors+server-lr-3": ["federation.aggregation='factors'", "federation.strategy='fedavgm'",
                             "federation.server_lr=3.0", "federation.server_momentum=0.0"],
+    # the same with A frozen (FFA): B·A is linear in B, so summing the B changes sums the
+    # sites' weight changes exactly (with factors the cross terms of 3ΔB·3ΔA diverge)
+    "ffa+server-lr-3": ["federation.aggregation='ffa'", "federation.strategy='fedavgm'",
+                        "federation.server_lr=3.0", "federation.server_momentum=0.0"],
 }
 
 
