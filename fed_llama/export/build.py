@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from fed_llama.config.export import ExportConfig
 from fed_llama.errors import FedLlamaError
@@ -67,6 +68,17 @@ def builder_options(cfg: ExportConfig, adapter: Path | None = None) -> list[str]
         if lora_nodes:
             options.append(f"nodes_to_exclude={','.join(lora_nodes)}")
     return options
+
+
+def save_graph(model: Any, onnx_file: Path) -> None:
+    """Write ``model`` (an ``onnx.ModelProto`` with its weights loaded) over ``onnx_file``, the
+    weights in ``<onnx_file>.data`` as the builder writes them."""
+    import onnx
+
+    data = onnx_file.with_name(onnx_file.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
+    onnx.save_model(model, str(onnx_file), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data.name)
 
 
 def build_onnx(hf_dir: Path, out: Path, cfg: ExportConfig, cache: Path,

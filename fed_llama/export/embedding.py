@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from fed_llama.export.build import save_graph
+
 log = logging.getLogger(__name__)
 
 EMBED_GATHER = "/model/embed_tokens/Gather"
@@ -118,10 +120,7 @@ def share_tied_embedding(onnx_file: Path) -> dict[str, Any]:
     graph.initializer.remove(inits[gather.input[0]])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    data = onnx_file.with_name(onnx_file.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
-    onnx.save_model(model, str(onnx_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=data.name)
+    save_graph(model, onnx_file)
     saved = table.nbytes / 1e6
     log.info("int8 export: embedding lookup shares the LM head's 8-bit weights (%.0f MB saved)",
              saved)

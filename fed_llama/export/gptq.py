@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fed_llama.errors import FedLlamaError
+from fed_llama.export.build import save_graph
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +254,7 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
             inits[name].CopyFrom(numpy_helper.from_array(
                 array.reshape(tuple(inits[name].dims)), name))
         changed += 1
-    data = onnx_file.with_name(onnx_file.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
-    onnx.save_model(graph, str(onnx_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=data.name)
+    save_graph(graph, onnx_file)
     report = {"algorithm": "gptq", "matrices": changed, "damp": damp,
               "calibration_records": len(sequences),
               "calibration_tokens": sum(len(s) for s in sequences),
