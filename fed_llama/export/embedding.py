@@ -96,7 +96,7 @@ def share_tied_embedding(onnx_file: Path) -> dict[str, Any]:
     # written over the builder's LM head codes (its quantizer clips that value one step short)
     codes, scales = quantize_int8_rtn(table, block)
     for name, array in ((head.input[1], codes), (head.input[2], scales)):
-        dtype = numpy_helper.to_array(inits[name]).dtype
+        dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
         inits[name].CopyFrom(numpy_helper.from_array(
             array.reshape(tuple(inits[name].dims)).astype(dtype), name))
     if zp_name:

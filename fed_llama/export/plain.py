@@ -24,19 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from fed_llama.export.build import ExportError
+from fed_llama.export.runtime import io_names
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
-
-
-def io_names(layers: int) -> tuple[list[str], list[str]]:
-    """Input and output names of the decoder graph (the builder's)."""
-    cache_in = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    cache_out = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out]
 
 
 def export_plain(model: Any, hf_dir: Path, out: Path) -> Path:

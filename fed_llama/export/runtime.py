@@ -25,6 +25,15 @@ MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 
 
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder graph: ``input_ids``, ``attention_mask``,
+    ``past_key_values.N.key/value`` in; ``logits``, ``present.N.key/value`` out (the builder's
+    interface, which the plain route copies)."""
+    cache_in = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    cache_out = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out]
+
+
 class EdgeRuntimeError(FedLlamaError):
     """An exported model folder cannot be loaded or run."""
 
@@ -119,6 +128,8 @@ class OnnxCausalLM:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.template, self.special = _chat_template(folder)
         self._outputs = [o.name for o in self.session.get_outputs()]
+        inputs, outputs = io_names(self.spec.layers)
+        self._cache_in, self._cache_out = inputs[2:], outputs[1:]
         self._run_options = ort.RunOptions()
         self.adapter = adapter
         if adapter is not None:
@@ -138,14 +149,10 @@ class OnnxCausalLM:
         total = past[0].shape[2] + len(ids)
         feed: dict[str, Any] = {"input_ids": np.asarray([ids], dtype=np.int64),
                                 "attention_mask": np.ones((1, total), dtype=np.int64)}
-        for i in range(self.spec.layers):
-            feed[f"past_key_values.{i}.key"] = past[2 * i]
-            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        feed.update(zip(self._cache_in, past, strict=True))
         out = dict(zip(self._outputs, self.session.run(None, feed, self._run_options),
                        strict=True))
-        cache = [out[f"present.{i}.{kind}"] for i in range(self.spec.layers)
-                 for kind in ("key", "value")]
-        return out["logits"][0].astype(np.float32), cache
+        return out["logits"][0].astype(np.float32), [out[name] for name in self._cache_out]
 
     def sequence_logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of ``ids`` (one prefill, empty cache)."""
