@@ -186,21 +186,39 @@ def test_encrypted_checkpoints_resume_after_a_crash(tiny_backbone: Path, write_j
                                                     tmp_path: Path) -> None:
     import shutil
 
+    import torch
+
     from fed_llama.adapter.store import SEALED_WEIGHTS
+    from fed_llama.crypto import ServerKey
+    from fed_llama.crypto.at_rest import checkpoint_ciphers
+    from fed_llama.crypto.keyring import KeyFolder
     from fed_llama.server.checkpoint import RunStore
     from fed_llama.simulation.runner import simulate
 
     scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=2)
     out = tmp_path / "run"
-    extra = ["security.encrypt_checkpoints=true", "evaluation.questions=0"]
+    # FedAvgM with momentum: round 2's step depends on round 1's, which only the server
+    # optimizer's saved state remembers across the crash
+    extra = ["security.encrypt_checkpoints=true", "evaluation.questions=0",
+             "federation.strategy='fedavgm'", "federation.server_momentum=0.9"]
     simulate(scenario, out, overrides=extra)
     for r in (1, 2):
         assert (out / "rounds" / f"round-00{r}" / SEALED_WEIGHTS).is_file()
         assert not (out / "rounds" / f"round-00{r}" / "adapter_model.safetensors").exists()
-    # the aggregator crashed before round 2 was recorded: --resume decrypts round 1, redoes 2
+    assert sorted(p.name for p in (out / "optimizer").iterdir()) == [
+        "round-001.safetensors.hpke", "round-002.safetensors.hpke"]
     store = RunStore(out)
+    _, decrypt = checkpoint_ciphers(ServerKey.load(KeyFolder(out / "keys").server_key))
+    straight = store.load_round(2, decrypt)
+    momentum = store.load_optimizer(1, decrypt)
+    assert momentum is not None and set(momentum) == {f"momentum_vector/{k}" for k in straight}
+    # the aggregator crashed before round 2 was recorded: --resume decrypts round 1 and its
+    # momentum, redoes round 2, and lands where the uninterrupted run did
     (out / "history.json").write_text(json.dumps(store.history()[:1]))
     shutil.rmtree(out / "rounds" / "round-002")
     simulate(scenario, out, resume=True, overrides=extra)
     assert [row["round"] for row in store.history()] == [1, 2]
     assert (out / "rounds" / "round-002" / SEALED_WEIGHTS).is_file()
+    resumed = store.load_round(2, decrypt)
+    for key, value in straight.items():
+        assert torch.allclose(resumed[key], value, atol=1e-6), key

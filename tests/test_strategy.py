@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from fed_llama.client.site import proximal_term
 from fed_llama.config.loader import build_config
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.errors import ConfigError
+from fed_llama.server.checkpoint import RunStore
+from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
 from fed_llama.server.strategy import ADAPTIVE_SERVER_LR, LoraFedAvg, build_strategy
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
@@ -22,23 +26,23 @@ B = "base_model.model.layers.0.q_proj.lora_B.weight"
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
-def _strategy(**federation: object) -> LoraFedAvg:
+def _strategy(round_offset: int = 0, **federation: Any) -> LoraFedAvg:
     scenario = build_config(ScenarioConfig, {"federation": {
         "sites": ["icd10:cardiology", "icd10:oncology"], **federation}}, source="test")
-    return build_strategy(scenario, scenario.site_names(), round_offset=0,
+    return build_strategy(scenario, scenario.site_names(), round_offset=round_offset,
                           on_train=lambda *_: None, on_evaluate=lambda *_: None)
 
 
 def _round(strategy: LoraFedAvg, current: dict[str, torch.Tensor],
-           sites: list[dict[str, torch.Tensor]], examples: list[int]
+           sites: list[dict[str, torch.Tensor]], examples: list[int], server_round: int = 1
            ) -> tuple[dict[str, torch.Tensor], list[Message]]:
-    sent = list(strategy.configure_train(1, ArrayRecord(current), ConfigRecord(),
+    sent = list(strategy.configure_train(server_round, ArrayRecord(current), ConfigRecord(),
                                          FakeGrid(2)))  # type: ignore[arg-type]
     replies = [Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({
         "num-examples": n, "site": i, "train-loss": 1.0, "train-seconds": 1.0})}),
         reply_to=msg) for i, (msg, state, n) in enumerate(zip(sent, sites, examples,
                                                                strict=True))]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(server_round, replies)
     assert arrays is not None
     return arrays.to_torch_state_dict(), sent
 
@@ -92,6 +96,59 @@ def test_fedavgm_with_lr_one_and_no_history_is_fedavg() -> None:
     new, _ = _round(_strategy(strategy="fedavgm"), current, sites, [1, 1])
     for k in current:
         assert torch.allclose(new[k], (sites[0][k] + sites[1][k]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("federation", [
+    {"strategy": "fedadam"}, {"strategy": "fedyogi"}, {"strategy": "fedadagrad"},
+    {"strategy": "fedavgm", "server_momentum": 0.9}])
+def test_a_resumed_server_optimizer_takes_the_uninterrupted_runs_steps(
+        federation: dict[str, Any], tmp_path: Path) -> None:
+    # three rounds straight through, against: round 1, the aggregator restarts, its state is
+    # read back from the run folder, rounds 2 and 3 (Flower numbers them 1 and 2 again)
+    g = torch.Generator().manual_seed(3)
+    start = {B: torch.randn(6, 2, generator=g), A: torch.randn(2, 5, generator=g)}
+    drift = [[{k: 0.01 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+              for _ in range(2)] for _ in range(3)]
+
+    def step(strategy: LoraFedAvg, current: dict[str, torch.Tensor], r: int
+             ) -> dict[str, torch.Tensor]:
+        sites = [{k: current[k] + d[k] for k in current} for d in drift[r]]
+        return _round(strategy, current, sites, [10, 30], server_round=r + 1
+                      - strategy.round_offset)[0]
+
+    straight = _strategy(**federation)
+    assert uses_server_state(straight)
+    expected = start
+    for r in range(3):
+        expected = step(straight, expected, r)
+
+    first = _strategy(**federation)
+    after_one = step(first, start, 0)
+    store = RunStore(tmp_path)
+    store.save_optimizer(1, export_state(first))
+    resumed = _strategy(round_offset=1, **federation)
+    saved = store.load_optimizer(1)
+    assert saved is not None
+    restore_state(resumed, saved, list(after_one))
+    got = step(resumed, after_one, 1)
+    got = step(resumed, got, 2)
+    for k in start:
+        assert torch.allclose(got[k], expected[k], atol=1e-7), k
+
+    # without the saved state the resumed run would have taken other steps
+    forgetful = _strategy(round_offset=1, **federation)
+    other = step(forgetful, step(forgetful, after_one, 1), 2)
+    assert any(not torch.allclose(other[k], expected[k], atol=1e-7) for k in start)
+
+
+def test_fedavg_keeps_no_server_optimizer_state(tmp_path: Path) -> None:
+    current, sites = _adapters()
+    strategy = _strategy()
+    _round(strategy, current, sites, [1, 1])
+    assert not uses_server_state(strategy)
+    assert export_state(strategy) == {}
+    RunStore(tmp_path).save_optimizer(1, export_state(strategy))
+    assert RunStore(tmp_path).load_optimizer(1) is None
 
 
 def test_fedprox_sends_mu_to_the_sites() -> None:

@@ -18,6 +18,7 @@ from fed_llama.config.scenario import (
 )
 from fed_llama.crypto.keyring import KeyFolder
 from fed_llama.server.checkpoint import RunStore
+from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
 from fed_llama.server.report import plot_history
 from fed_llama.server.security import ServerGuard
 from fed_llama.server.strategy import build_strategy
@@ -108,10 +109,20 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             save(done + server_round, arrays.to_torch_state_dict())
+            store.save_optimizer(done + server_round, export_state(strategy), encrypt)
         return None
 
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
                               on_evaluate=on_evaluate, security=guard)
+    if done and uses_server_state(strategy):
+        saved = store.load_optimizer(done, decrypt)
+        if saved is None:
+            log.warning("--resume: no server optimizer state was saved after round %d; %s "
+                        "starts its momentum afresh", done, scenario.federation.strategy)
+        else:
+            restore_state(strategy, saved, list(state))
+            log.info("--resume: %s state restored from round %d",
+                     scenario.federation.strategy, done)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
                    timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
 

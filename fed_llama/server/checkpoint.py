@@ -6,6 +6,10 @@ Layout of ``--out``::
     run-id                       the id update envelopes are bound to
     keys/                        a simulation's keys, when the scenario names none
     seals/round-NNN.json         the aggregator's signed, hash-chained seal of each round
+    optimizer/round-NNN.safetensors
+                                 the server optimizer's state after the round (FedAvgM's
+                                 momentum, FedAdam/Yogi/Adagrad's moments; ``.hpke`` when
+                                 checkpoints are encrypted), which ``--resume`` restores
     rounds/round-001/            global adapter after round 1 (peft format + manifest; with
                                  security.encrypt_checkpoints the weights are
                                  adapter_model.safetensors.hpke, encrypted to the aggregator)
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_llama.adapter.store import SEALED_WEIGHTS, read_manifest, save_adapter_state
-from fed_llama.common.files import write_text_atomic
+from fed_llama.common.files import write_bytes_atomic, write_text_atomic
 from fed_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class RunStore:
         self.out = out
         self.rounds_dir = out / "rounds"
         self.history_path = out / "history.json"
+        self.optimizer_dir = out / "optimizer"
 
     def round_dir(self, server_round: int) -> Path:
         return self.rounds_dir / f"round-{server_round:03d}"
@@ -73,6 +78,9 @@ class RunStore:
         for extra in self.rounds_dir.glob("round-*"):  # a checkpoint whose round did not finish
             if int(extra.name.split("-")[1]) > done:
                 shutil.rmtree(extra)
+        for extra in self.optimizer_dir.glob("round-*"):
+            if int(extra.name.split(".")[0].split("-")[1]) > done:
+                extra.unlink()
         return done
 
     def run_id(self) -> str:
@@ -124,6 +132,39 @@ class RunStore:
             meta["encrypted_at_rest"] = {"label": label}
         save_adapter_state(state, peft_config, self.round_dir(server_round), meta, force=True,
                            encrypt=None if encrypt is None else lambda b: encrypt(b, label))
+
+    def save_optimizer(self, server_round: int, tensors: dict[str, Any],
+                       encrypt: Sealer | None = None) -> None:
+        """Write the server optimizer's state after ``server_round`` (nothing if empty)."""
+        if not tensors:
+            return
+        from safetensors.numpy import save
+
+        data = save(tensors)
+        path = self.optimizer_dir / f"round-{server_round:03d}.safetensors"
+        if encrypt is not None:
+            data = encrypt(data, self._optimizer_label(server_round))
+            path = path.with_name(path.name + ".hpke")
+        write_bytes_atomic(path, data, mode=0o600)
+
+    def load_optimizer(self, server_round: int, decrypt: Sealer | None = None
+                       ) -> dict[str, Any] | None:
+        """The server optimizer's state after ``server_round``; None when none was saved."""
+        from safetensors.numpy import load
+
+        path = self.optimizer_dir / f"round-{server_round:03d}.safetensors"
+        sealed = path.with_name(path.name + ".hpke")
+        if sealed.is_file():
+            if decrypt is None:
+                raise ConfigError(f"{sealed} is encrypted: resume with the aggregator's key "
+                                  "(security.encrypt_checkpoints)")
+            return dict(load(decrypt(sealed.read_bytes(), self._optimizer_label(server_round))))
+        if path.is_file():
+            return dict(load(path.read_bytes()))
+        return None
+
+    def _optimizer_label(self, server_round: int) -> str:
+        return f"{self.run_id()}/optimizer-{server_round:03d}"
 
     def record(self, row: dict[str, Any]) -> None:
         """Add or replace the row of ``row["round"]`` and rewrite the JSON and CSV."""

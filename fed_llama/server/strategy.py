@@ -61,6 +61,8 @@ class LoraFedAvg(FedAvg):
     on_train: RowHook
     on_evaluate: RowHook
     current: State
+    real_round: int
+    """The run's round being trained (Flower's server-round plus ``round_offset``)."""
     security: ServerGuard | None
 
     def bind(self, scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
@@ -78,6 +80,7 @@ class LoraFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()  # the global adapter sent this round
         real = self.round_offset + server_round
+        self.real_round = real
         config["fed-round"] = real  # Flower's server-round restarts at 1 on --resume
         if self.security is not None:
             for key, value in self.security.round_config(real, self.current).items():
@@ -152,19 +155,20 @@ class LoraFedAvg(FedAvg):
             row[f"refused/{reason}"] = row.get(f"refused/{reason}", 0.0) + 1
         return admitted
 
-    def _good(self, replies: Iterable[Message], kind: str, server_round: int) -> list[Message]:
+    def _good(self, replies: Iterable[Message], kind: str, real_round: int) -> list[Message]:
         replies = list(replies)
         good = [m for m in replies if not m.has_error()]
         if len(good) < len(replies):
             log.warning("round %d %s: %d of %d site(s) failed or dropped out; going on with %d",
-                        self.round_offset + server_round, kind, len(replies) - len(good),
-                        len(replies), len(good))
+                        real_round, kind, len(replies) - len(good), len(replies), len(good))
         return good
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good = self._good(replies, "train", server_round)
-        real = self.round_offset + server_round
+        # the round configure_train sent: a server optimizer on top may pass the run's round
+        # number rather than Flower's (see build_strategy)
+        real = self.real_round
+        good = self._good(replies, "train", real)
         row: dict[str, float] = {}
         admitted = self.admit_all(good, real, row)
         if not admitted:
@@ -203,7 +207,7 @@ class LoraFedAvg(FedAvg):
         total = sum(weights)
         row["train-loss"] = sum(w * m.get("train-loss", math.nan) for w, m in
                                 zip(weights, metrics, strict=True)) / total
-        self.on_train(self.round_offset + server_round, row)
+        self.on_train(real, row)
         # in the order of the arrays sent: Flower's server optimizers pair old and new arrays
         # by position, not by name
         ordered = {k: new[k] for k in self.current}
@@ -211,7 +215,7 @@ class LoraFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        good = self._good(replies, "evaluate", server_round)
+        good = self._good(replies, "evaluate", self.round_offset + server_round)
         if not good:
             return None
         row = evaluation_row([scalars(m.content.metric_records["metrics"]) for m in good],
@@ -296,7 +300,17 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
     elif fed.strategy != "fedavg":
         kwargs["eta"] = fed.server_lr or ADAPTIVE_SERVER_LR
     base = SERVER_STRATEGIES[fed.strategy]
-    cls: type[LoraFedAvg] = LoraFedAvg if base is FedAvg else type(
-        f"Lora{base.__name__}", (base, LoraFedAvg), {})
+    cls: type[LoraFedAvg] = LoraFedAvg
+    if base is not FedAvg:
+        def aggregate_train(self: LoraFedAvg, server_round: int, replies: Iterable[Message]
+                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            # the run's round, not Flower's (which restarts at 1 on --resume): FedAdam and
+            # FedYogi's bias correction depends on it
+            result: tuple[ArrayRecord | None, MetricRecord | None] = base.aggregate_train(
+                self, self.round_offset + server_round, replies)
+            return result
+
+        cls = type(f"Lora{base.__name__}", (base, LoraFedAvg),
+                   {"aggregate_train": aggregate_train})
     return cls(**kwargs).bind(scenario, site_names, round_offset=round_offset,
                               on_train=on_train, on_evaluate=on_evaluate, security=security)
