@@ -44,7 +44,8 @@ def test_exact_mode_reproduces_the_weighted_mean_of_products() -> None:
     weights, scale = [5, 3, 2], 16 / 2
     # the mean of three rank-2 products has rank <= 6: a global rank of 6 is lossless
     result = mean_of_products(sites, weights, scales=[scale] * 3, rank=6, global_scale=scale)
-    expected = sum(w / 10 * scale * s[B] @ s[A] for w, s in zip(weights, sites, strict=True))
+    expected = torch.stack([w / 10 * scale * s[B] @ s[A]
+                            for w, s in zip(weights, sites, strict=True)]).sum(0)
     got = scale * result.state[B] @ result.state[A]
     assert torch.allclose(got, expected, atol=1e-5)
     assert result.relative_residual < 1e-5

@@ -43,7 +43,7 @@ def test_train_eval_generate_on_a_tiny_model(tiny_backbone: Path, write_jsonl, t
     assert capsys.readouterr().out.endswith("\n")
 
 
-def test_refuses_to_overwrite_an_adapter_before_doing_any_work(  # type: ignore[no-untyped-def]
+def test_refuses_to_overwrite_an_adapter_before_doing_any_work(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "adapter"
     out.mkdir()

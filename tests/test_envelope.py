@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -230,12 +231,15 @@ def test_round_seals_chain_and_bind_the_adapter() -> None:
     verify_round(second, SERVER.public(), run="run-1", server_round=2, adapter_sha256=digest,
                  prev_digest=first.digest)
     other = manifest_digest(safetensors_manifest(save({"x": torch.ones(1)})))
-    for kwargs, message in [({"adapter_sha256": other}, "not the one the aggregator sealed"),
-                            ({"server_round": 3}, "expected run 'run-1' round 3"),
-                            ({"prev_digest": "f" * 64}, "does not follow")]:
-        args = {"run": "run-1", "server_round": 2, "adapter_sha256": digest, **kwargs}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"adapter_sha256": other}, "not the one the aggregator sealed"),
+        ({"server_round": 3}, "expected run 'run-1' round 3"),
+        ({"prev_digest": "f" * 64}, "does not follow")]
+    for kwargs, message in cases:
+        args: dict[str, Any] = {"run": "run-1", "server_round": 2, "adapter_sha256": digest,
+                                **kwargs}
         with pytest.raises(Refused, match=message):
-            verify_round(second, SERVER.public(), **args)  # type: ignore[arg-type]
+            verify_round(second, SERVER.public(), **args)
     with pytest.raises(Refused, match="signature does not verify") as err:
         verify_round(second, OTHER_SERVER.public(), run="run-1", server_round=2,
                      adapter_sha256=digest)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ pytest.importorskip("onnxruntime_genai")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trained_like_adapter(backbone: Path, out: Path, quantization: str = "none",
+def _trained_like_adapter(backbone: Path, out: Path,
+                          quantization: Literal["none", "nf4"] = "none",
                           seed: int = 1) -> Path:
     """A LoRA adapter with non-zero B (as after training), saved with a manifest."""
     bb = load_backbone(BackboneConfig(name=str(backbone), quantization=quantization))
@@ -53,10 +55,11 @@ def verify_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _cfg(verify_data: Path, **kw: object) -> ExportConfig:
-    verify = {"data": [str(verify_data)], "records": 4, "questions": 1, "max_new_tokens": 4,
+def _cfg(verify_data: Path, **kw: Any) -> ExportConfig:
+    verify: dict[str, Any] = {"data": [str(verify_data)], "records": 4, "questions": 1,
+                              "max_new_tokens": 4,
               "prefill_tokens": 16, "decode_tokens": 4}
-    verify.update(kw.pop("verify", {}))  # type: ignore[arg-type]
+    verify.update(kw.pop("verify", {}))
     return build_config(ExportConfig, {"verify": verify, **kw}, source="test")
 
 
@@ -89,7 +92,8 @@ def test_merge_is_w_plus_scale_b_a_and_merging_twice_adds_once(adapter: Path,
         load_backbone(BackboneConfig(name=str(tiny_backbone))).model, str(adapter))
     wrapped.merge_adapter()
     wrapped.merge_adapter()  # a second merge must not add B·A again
-    layer = wrapped.base_model.model.model.layers[1].self_attn.q_proj
+    model: Any = wrapped.base_model.model
+    layer = model.model.layers[1].self_attn.q_proj
     torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
 
 

@@ -103,8 +103,8 @@ def run_round(tmp_path: Path, hostile: bytes) -> tuple[LoraFedAvg, dict[str, flo
 
 def honest_mean() -> dict[str, torch.Tensor]:
     total = sum(EXAMPLES)
-    return {k: sum(w / total * s[k] for w, s in zip(EXAMPLES, HONEST, strict=True))
-            for k in CURRENT}  # type: ignore[misc]
+    return {k: torch.stack([w / total * s[k] for w, s in zip(EXAMPLES, HONEST, strict=True)]
+                           ).sum(0) for k in CURRENT}
 
 
 def test_the_honest_round_aggregates_all_four(tmp_path: Path) -> None:

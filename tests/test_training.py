@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from fed_llama.training.lora import attach_lora, trainable_parameters
 from fed_llama.training.loss import answer_nll, heldout_loss
 
 
-def _setup(tiny_backbone: Path, data_path: Path, quantization: str = "none"):  # type: ignore[no-untyped-def]
+def _setup(tiny_backbone: Path, data_path: Path,  # type: ignore[no-untyped-def]
+           quantization: Literal["none", "nf4"] = "none"):
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone), quantization=quantization))
     data = load_site_data(DataConfig(source=str(data_path)), bb.tokenizer, seed=0)
     return bb, data
@@ -131,7 +133,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_reproduces_the_loss(  # type:
     assert metrics["heldout_after"]["loss"] != pytest.approx(metrics["heldout_before"]["loss"])
 
 
-def test_an_existing_output_folder_is_never_overwritten_without_force(  # type: ignore[no-untyped-def]
+def test_an_existing_output_folder_is_never_overwritten_without_force(
         tiny_backbone: Path, tmp_path: Path) -> None:
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
     model = attach_lora(bb.model, LoraSpec(r=2), seed=0)
@@ -145,7 +147,7 @@ def test_an_existing_output_folder_is_never_overwritten_without_force(  # type: 
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temp folders left
 
 
-def test_a_corrupted_or_mismatched_adapter_is_refused(tiny_backbone: Path,  # type: ignore[no-untyped-def]
+def test_a_corrupted_or_mismatched_adapter_is_refused(tiny_backbone: Path,
                                                       tmp_path: Path) -> None:
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
     model = attach_lora(bb.model, LoraSpec(r=2), seed=0)
