@@ -27,6 +27,9 @@ def flower_environment(work: Path) -> None:
     os.environ.setdefault("RAY_TMPDIR", str(work / "ray"))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the sites run in Ray's worker processes, which inherit this environment: keep the
+    # libraries' deprecation chatter out of their logs, as the CLI does in its own process
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
 
 def _stop_ray() -> None:
