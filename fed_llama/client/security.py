@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fed_llama.config.scenario import SecurityConfig
+from fed_llama.config.security import SecurityConfig
 from fed_llama.crypto import RoundSeal, safetensors_manifest, seal_envelope, verify_round
 from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
 from fed_llama.crypto.keys import ServerPublicKey, SiteKey

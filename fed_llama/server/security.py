@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_llama.common.files import write_text_atomic
-from fed_llama.config.scenario import SecurityConfig
+from fed_llama.config.security import SecurityConfig
 from fed_llama.crypto import ReplayGuard, RoundSeal, open_envelope, seal_round
 from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
 from fed_llama.crypto.keys import ServerKey, TrustStore
