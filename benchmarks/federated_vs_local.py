@@ -7,6 +7,9 @@ this measures, on every site's held-out set (codes unseen in training):
 - ``local:<site>``: one site alone, R·S steps on its own data (what it would get without
   joining: the same steps it spends in the federation);
 - ``centralized``: all sites' training data pooled, R·S·N steps (the federation's total);
+- ``centralized-wide`` (with ``--centralized-wide``): the pooled data in R·S steps of N times
+  the batch: the same examples as the federation and as many sequential steps as each site
+  takes, so the gap between it and ``centralized`` is what sequential steps alone buy;
 - ``federated:<variant>``: ``fed-llama simulate`` with that aggregation mode (Flower's
   Simulation Engine, the product's own code path), evaluated after its last round; the
   variants are :data:`FEDERATED` (``factors``, ``exact``, ``ffa``, and
@@ -81,8 +84,10 @@ def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, A
     return row
 
 
-def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str) -> dict[str, Any]:
-    """Train the scenario's initial adapter on ``items`` for ``steps`` steps, in one run."""
+def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str, accumulate: int = 1
+                ) -> dict[str, Any]:
+    """Train the scenario's initial adapter on ``items`` for ``steps`` steps, in one run
+    (``accumulate``: each step's batch that many times the scenario's)."""
     from fed_llama.client import site as site_ops
     from fed_llama.training.loop import train_adapter
     from fed_llama.training.lora import adapter_state, load_adapter_state
@@ -91,7 +96,8 @@ def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str) -> dict[
     load_adapter_state(loaded.model, site_ops.initial_state(scenario))
     for name, param in loaded.model.named_parameters():
         param.requires_grad_("lora_" in name)
-    cfg = dataclasses.replace(scenario.train, max_steps=steps)
+    cfg = dataclasses.replace(scenario.train, max_steps=steps,
+                              grad_accum=scenario.train.grad_accum * accumulate)
     train_adapter(loaded.model, items, cfg, loaded.tokenizer.pad_token_id, desc=desc)
     return adapter_state(loaded.model)
 
@@ -102,6 +108,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["factors", "exact", "ffa"],
                         choices=list(FEDERATED), help="federated variants to run")
     parser.add_argument("--questions", type=int, default=32, help="questions per task per site")
+    parser.add_argument("--centralized-wide", action="store_true",
+                        help="also train the pooled data in R·S steps of N times the batch")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="scenario override, as for fed-llama simulate")
     parser.add_argument("--runs", help="keep the federated run folders here (default: temp)")
@@ -155,6 +163,12 @@ def main() -> None:
         pooled = [x for i in range(len(names)) for x in site_ops.site_data(scenario, i).train]
         add("centralized", per_site * len(names),
             train_fresh(scenario, pooled, per_site * len(names), "centralized"), start)
+    if args.centralized_wide and "centralized-wide" not in done:
+        start = time.perf_counter()
+        pooled = [x for i in range(len(names)) for x in site_ops.site_data(scenario, i).train]
+        add("centralized-wide", per_site, train_fresh(
+            scenario, pooled, per_site, "centralized-wide",
+            accumulate=len(names)), start)
     with tempfile.TemporaryDirectory(prefix="fed-vs-local-") as tmp:
         runs = Path(args.runs) if args.runs else Path(tmp)
         for mode in args.modes:
@@ -172,7 +186,7 @@ def main() -> None:
           f"{args.questions} questions per task per site; held-out codes unseen in training")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    order = ["base", *[f"local:{n}" for n in names], "centralized",
+    order = ["base", *[f"local:{n}" for n in names], "centralized", "centralized-wide",
              *[f"federated:{m}" for m in FEDERATED]]
     rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     for row in rows:
