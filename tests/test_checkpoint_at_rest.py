@@ -16,7 +16,7 @@ from fed_llama.crypto import Refused
 from fed_llama.crypto.at_rest import decrypt_at_rest, encrypt_at_rest
 from fed_llama.crypto.keyring import KeyFolder
 from fed_llama.crypto.keys import ServerKey
-from fed_llama.errors import AdapterError
+from fed_llama.errors import AdapterError, ConfigError
 from fed_llama.server.checkpoint import RunStore
 
 STATE = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(4, 16),
@@ -89,3 +89,33 @@ def test_decrypt_checkpoint_writes_a_plain_peft_folder(tmp_path: Path,
     assert main(["keys", "decrypt-checkpoint", str(out), "--dir", str(folder.root), "--out",
                  str(tmp_path / "again")]) == 2
     assert "is not encrypted at rest" in capsys.readouterr().err
+
+
+def test_the_server_optimizer_state_is_encrypted_bound_to_its_round_and_pruned_on_resume(
+        tmp_path: Path) -> None:
+    import numpy as np
+
+    store, key, _ = stores(tmp_path)
+    public = key.public()
+    state = {f"m_t/{k}": v.numpy() for k, v in STATE.items()}
+    for r in (1, 2):
+        store.save_optimizer(r, state, lambda data, label: encrypt_at_rest(public, data, label))
+
+    def decrypt(blob: bytes, label: str) -> bytes:
+        return decrypt_at_rest(key, blob, label)
+
+    loaded = store.load_optimizer(1, decrypt)
+    assert loaded is not None and all(np.array_equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(ConfigError, match="encrypted: resume with the aggregator's key"):
+        store.load_optimizer(1)
+    # round 2's state moved into round 1's place does not decrypt
+    sealed = store.optimizer_dir / "round-001.safetensors.hpke"
+    shutil.copy(store.optimizer_dir / "round-002.safetensors.hpke", sealed)
+    with pytest.raises(Refused):
+        store.load_optimizer(1, decrypt)
+    # only round 1 completed: --resume drops what round 2 left behind
+    store.record({"round": 1, "pooled-perplexity": 2.0})
+    assert store.start("scenario", resume=True) == 1
+    assert sorted(p.name for p in store.optimizer_dir.iterdir()) == [
+        "round-001.safetensors.hpke"]
+    assert not store.round_dir(2).exists()
