@@ -153,8 +153,16 @@ def test_fedavg_keeps_no_server_optimizer_state(tmp_path: Path) -> None:
 
 def test_fedprox_sends_mu_to_the_sites() -> None:
     current, sites = _adapters()
-    _, sent = _round(_strategy(strategy="fedprox", proximal_mu=0.5), current, sites, [1, 1])
+    strategy = _strategy(strategy="fedprox", proximal_mu=0.5)
+    rows: list[tuple[int, dict[str, float]]] = []
+    strategy.on_train = lambda r, row: rows.append((r, row))
+    new, sent = _round(strategy, current, sites, [1, 3])
     assert all(m.content.config_records["config"]["proximal-mu"] == 0.5 for m in sent)
+    # the replies went through fed-llama's checks and LoRA-aware aggregation (which records
+    # the round), not straight to Flower's FedAvg
+    assert [(r, row["sites-trained"]) for r, row in rows] == [(1, 2.0)]
+    for k in current:
+        assert torch.allclose(new[k], 0.25 * sites[0][k] + 0.75 * sites[1][k], atol=1e-6)
 
 
 def test_proximal_term_is_half_mu_times_the_squared_distance() -> None:

@@ -304,10 +304,11 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
     if base is not FedAvg:
         def aggregate_train(self: LoraFedAvg, server_round: int, replies: Iterable[Message]
                             ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            # the run's round, not Flower's (which restarts at 1 on --resume): FedAdam and
-            # FedYogi's bias correction depends on it
-            result: tuple[ArrayRecord | None, MetricRecord | None] = base.aggregate_train(
-                self, self.round_offset + server_round, replies)
+            # the next class in the MRO (the server optimizer's own aggregate_train, or ours
+            # when it has none, as FedProx), with the run's round instead of Flower's (which
+            # restarts at 1 on --resume): FedAdam and FedYogi's bias correction depends on it
+            result: tuple[ArrayRecord | None, MetricRecord | None] = super(
+                cls, self).aggregate_train(self.round_offset + server_round, replies)
             return result
 
         cls = type(f"Lora{base.__name__}", (base, LoraFedAvg),
