@@ -116,7 +116,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "results" / "federated_vs_local.json"))
     parser.add_argument("--resume", action="store_true",
                         help="keep the variants already measured in --json (same scenario, "
-                             "overrides and questions) and measure the rest")
+                             "overrides and questions) and measure the rest; with --runs, a "
+                             "federated run cut off mid-way continues from its last round")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -175,7 +176,9 @@ def main() -> None:
             if f"federated:{mode}" in done:
                 continue
             start = time.perf_counter()
-            store = simulate(Path(args.scenario), runs / mode,
+            # with --resume and --runs, a federated run cut off mid-way goes on from its
+            # last complete round
+            store = simulate(Path(args.scenario), runs / mode, resume=args.resume,
                              overrides=[*args.overrides, *FEDERATED[mode]])
             add(f"federated:{mode}", per_site * len(names), store.load_round(fed.rounds), start)
 
