@@ -34,8 +34,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
     from fed_llama.training.loop import train_adapter
     from fed_llama.training.lora import attach_lora, peft_config
 
-    quant = "nf4" if mode.endswith("qlora") else "none"
-    bb = load_backbone(BackboneConfig(quantization=quant))
+    bb = load_backbone(BackboneConfig(quantization="nf4" if mode.endswith("qlora") else "none"))
     data = load_site_data(DataConfig(source=f"icd10:{site}"), bb.tokenizer, seed=0)
     pad = bb.tokenizer.pad_token_id
     if mode.startswith("fed-llama"):
