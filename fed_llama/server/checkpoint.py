@@ -141,7 +141,7 @@ class RunStore:
         from safetensors.numpy import save
 
         data = save(tensors)
-        path = self.optimizer_dir / f"round-{server_round:03d}.safetensors"
+        path = self._optimizer_file(server_round)
         if encrypt is not None:
             data = encrypt(data, self._optimizer_label(server_round))
             path = path.with_name(path.name + ".hpke")
@@ -152,7 +152,7 @@ class RunStore:
         """The server optimizer's state after ``server_round``; None when none was saved."""
         from safetensors.numpy import load
 
-        path = self.optimizer_dir / f"round-{server_round:03d}.safetensors"
+        path = self._optimizer_file(server_round)
         sealed = path.with_name(path.name + ".hpke")
         if sealed.is_file():
             if decrypt is None:
@@ -162,6 +162,10 @@ class RunStore:
         if path.is_file():
             return dict(load(path.read_bytes()))
         return None
+
+    def _optimizer_file(self, server_round: int) -> Path:
+        """Where the plain state of ``server_round`` goes (``.hpke`` appended when sealed)."""
+        return self.optimizer_dir / f"round-{server_round:03d}.safetensors"
 
     def _optimizer_label(self, server_round: int) -> str:
         return f"{self.run_id()}/optimizer-{server_round:03d}"
