@@ -22,7 +22,14 @@ from fed_llama.errors import AdapterError, ConfigError
 from fed_llama.export.build import ExportError
 from fed_llama.export.merge import merge_adapter
 from fed_llama.export.pipeline import EXPORT_MANIFEST, export_adapter
-from fed_llama.export.runtime import OnnxCausalLM, render_chat, sample_next
+from fed_llama.export.runtime import (
+    ArrayDecoding,
+    EdgeRuntimeError,
+    InPlaceDecoding,
+    OnnxCausalLM,
+    render_chat,
+    sample_next,
+)
 from fed_llama.training.lora import attach_lora
 
 pytest.importorskip("onnxruntime_genai")
@@ -148,6 +155,23 @@ def test_onnx_fp32_logits_match_pytorch_with_and_without_the_kv_cache(
     np.testing.assert_allclose(np.concatenate(steps), ref.numpy(), atol=1e-4)
 
 
+def test_the_builder_graph_decodes_in_place_with_the_same_logits(
+        fp32_export: Path, adapter: Path, tiny_backbone: Path) -> None:
+    """GroupQueryAttention writes each step into one preallocated buffer per cache tensor
+    (bound as past and present): the logits equal PyTorch's, step by step."""
+    lm = OnnxCausalLM(fp32_export)
+    ids = [5, 17, 33, 99, 120, 7, 250, 11]
+    with torch.no_grad():
+        ref = merge_adapter(adapter, str(tiny_backbone)).model(torch.tensor([ids])).logits[0]
+    decoding = lm.decoding(capacity=len(ids))
+    assert isinstance(decoding, InPlaceDecoding)
+    steps = [decoding.step(ids[:5])] + [decoding.step([token]) for token in ids[5:]]
+    assert decoding.length == len(ids)
+    np.testing.assert_allclose(np.concatenate(steps), ref.numpy(), atol=1e-4)
+    with pytest.raises(EdgeRuntimeError, match="exceed this decoding's capacity of 8"):
+        decoding.step([3])
+
+
 def test_the_plain_torch_route_matches_pytorch_and_the_builder_graph(
         adapter: Path, verify_data: Path, tiny_backbone: Path, fp32_export: Path,
         tmp_path: Path) -> None:
@@ -160,11 +184,9 @@ def test_the_plain_torch_route_matches_pytorch_and_the_builder_graph(
     ids = [5, 17, 33, 99, 120, 7, 250, 11]
     with torch.no_grad():
         ref = merge_adapter(adapter, str(tiny_backbone)).model(torch.tensor([ids])).logits[0]
-    logits, cache = plain.forward(ids[:5], plain.empty_cache())  # the same runtime runs it
-    steps = [logits]
-    for token in ids[5:]:
-        logits, cache = plain.forward([token], cache)
-        steps.append(logits)
+    decoding = plain.decoding(capacity=len(ids))  # the same runtime runs it, feeding the
+    assert isinstance(decoding, ArrayDecoding)    # concatenated cache back each step
+    steps = [decoding.step(ids[:5])] + [decoding.step([token]) for token in ids[5:]]
     np.testing.assert_allclose(np.concatenate(steps), ref.numpy(), atol=1e-4)
     np.testing.assert_allclose(plain.sequence_logits(ids), builder.sequence_logits(ids),
                                atol=1e-4)
@@ -354,7 +376,6 @@ def test_onnx_generate_refuses_a_folder_that_is_not_an_export(tmp_path: Path) ->
 
 def test_runtime_adapters_switch_per_site_without_re_export(
         adapter: Path, verify_data: Path, tiny_backbone: Path, tmp_path: Path) -> None:
-    from fed_llama.export.runtime import EdgeRuntimeError
     from fed_llama.export.switchable import add_adapter
 
     out = tmp_path / "switch"
@@ -371,8 +392,13 @@ def test_runtime_adapters_switch_per_site_without_re_export(
     for name, path in ((None, adapter), ("a", adapter), ("site-2", other)):
         with torch.no_grad():
             ref = merge_adapter(path, str(tiny_backbone)).model(torch.tensor([ids])).logits[0]
-        got = OnnxCausalLM(out, adapter=name).sequence_logits(ids)
-        np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, err_msg=str(name))
+        lm = OnnxCausalLM(out, adapter=name)
+        np.testing.assert_allclose(lm.sequence_logits(ids), ref.numpy(), atol=1e-4,
+                                   err_msg=str(name))
+        decoding = lm.decoding(len(ids))  # generation's path: the adapter applies there too
+        steps = [decoding.step(ids[:3])] + [decoding.step([token]) for token in ids[3:]]
+        np.testing.assert_allclose(np.concatenate(steps), ref.numpy(), atol=1e-4,
+                                   err_msg=str(name))
 
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
     rank2 = save_adapter(attach_lora(bb.model, LoraSpec(r=2), seed=0), tmp_path / "r2",

@@ -2,8 +2,12 @@
 
 This is the edge runtime: the chat template is rendered with jinja2 (as transformers does),
 tokens come from the ``tokenizers`` library, and decoding keeps a KV cache (the graph's
-``present.N.key/value`` outputs are fed back as ``past_key_values.N.key/value``). Greedy,
-temperature and top-p sampling; generation stops at the end-of-turn token.
+``present.N.key/value`` outputs are fed back as ``past_key_values.N.key/value``). Graphs whose
+attention writes the new keys and values into the past buffer in place (the builder's
+GroupQueryAttention: ``past_present_share_buffer`` in ``genai_config.json``) decode with one
+preallocated buffer per cache tensor, bound once through an IOBinding, so no step copies the
+cache; other graphs (the plain route's concatenation) get their cache fed back as arrays.
+Greedy, temperature and top-p sampling; generation stops at the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -47,19 +51,24 @@ class DecoderSpec:
     head_size: int
     eos_ids: tuple[int, ...]
     context_length: int
+    share_buffer: bool = False
+    """The graph writes ``present`` into ``past`` in place when both are one buffer."""
 
 
 def read_spec(folder: Path) -> DecoderSpec:
     path = folder / GENAI_CONFIG
     try:
-        model = json.loads(path.read_text())["model"]
+        config = json.loads(path.read_text())
+        model = config["model"]
         decoder = model["decoder"]
         eos = model["eos_token_id"]
         return DecoderSpec(layers=int(decoder["num_hidden_layers"]),
                            kv_heads=int(decoder["num_key_value_heads"]),
                            head_size=int(decoder["head_size"]),
                            eos_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
-                           context_length=int(model["context_length"]))
+                           context_length=int(model["context_length"]),
+                           share_buffer=bool(config.get("search", {}).get(
+                               "past_present_share_buffer", False)))
     except FileNotFoundError:
         raise EdgeRuntimeError(f"{str(folder)!r} has no {GENAI_CONFIG}: give a folder written by "
                             "`fed-llama export`") from None
@@ -158,6 +167,13 @@ class OnnxCausalLM:
         """Logits for every position of ``ids`` (one prefill, empty cache)."""
         return self.forward(ids, self.empty_cache())[0]
 
+    def decoding(self, capacity: int) -> Decoding:
+        """A decoding state for one sequence of at most ``capacity`` tokens: give it the
+        prompt, then each new token; the cache stays inside (in place where the graph can)."""
+        if self.spec.share_buffer:
+            return InPlaceDecoding(self, capacity)
+        return ArrayDecoding(self, capacity)
+
     # -- text ------------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         text = render_chat(self.template, messages, add_generation_prompt=True, **self.special)
@@ -172,13 +188,14 @@ class OnnxCausalLM:
                                 f"({max_new_tokens}) exceeds the model's context of "
                                 f"{self.spec.context_length} tokens: shorten one of them")
         rng = np.random.default_rng(seed)
-        logits, cache = self.forward(prompt, self.empty_cache())
+        decoding = self.decoding(len(prompt) + max_new_tokens)
+        logits = decoding.step(prompt)
         for _ in range(max_new_tokens):
             token = sample_next(logits[-1], temperature, top_p, rng)
             if token in self.spec.eos_ids:
                 return
             yield token
-            logits, cache = self.forward([token], cache)
+            logits = decoding.step([token])
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> Iterator[str]:
         """Stream the assistant's reply as text pieces (decoded incrementally)."""
@@ -195,6 +212,76 @@ class OnnxCausalLM:
     def answer(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> str:
         """A greedy answer as one string (for task evaluation)."""
         return "".join(self.chat(messages, max_new_tokens=max_new_tokens)).strip()
+
+
+class Decoding:
+    """One sequence being decoded: :meth:`step` feeds tokens and returns their logits."""
+
+    def __init__(self, lm: OnnxCausalLM, capacity: int) -> None:
+        self.lm = lm
+        self.capacity = capacity
+        self.length = 0
+        """Tokens in the cache so far."""
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits ``[len(ids), vocab]`` of ``ids`` after everything fed so far."""
+        if self.length + len(ids) > self.capacity:
+            raise EdgeRuntimeError(f"{self.length + len(ids)} tokens exceed this decoding's "
+                                   f"capacity of {self.capacity}: start it with a larger one")
+        logits = self._run(ids)
+        self.length += len(ids)
+        return logits
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ArrayDecoding(Decoding):
+    """The cache as numpy arrays, fed back each step (graphs that concatenate the cache)."""
+
+    def __init__(self, lm: OnnxCausalLM, capacity: int) -> None:
+        super().__init__(lm, capacity)
+        self.cache = lm.empty_cache()
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        logits, self.cache = self.lm.forward(ids, self.cache)
+        return logits
+
+
+class InPlaceDecoding(Decoding):
+    """One ``capacity``-long buffer per cache tensor, bound as both past and present: the
+    graph's attention writes each step's keys and values into it in place, reading only the
+    first ``length + new`` positions (the attention mask's length), so no step copies it."""
+
+    def __init__(self, lm: OnnxCausalLM, capacity: int) -> None:
+        import onnxruntime as ort
+
+        super().__init__(lm, capacity)
+        spec = lm.spec
+        self.binding = lm.session.io_binding()
+        if lm.adapter is not None:  # onnxruntime applies active adapters in run(), not in
+            # run_with_iobinding: bind the adapter's tensors as the inputs they override
+            params = ort.AdapterFormat.read_adapter(str(_adapter_file(lm.folder, lm.adapter)))
+            self._adapter = params.get_parameters()  # kept alive while bound
+            for name, value in self._adapter.items():
+                self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_output("logits", "cpu")  # bound first: output 0 (reallocated per run)
+        shape = (1, spec.kv_heads, capacity, spec.head_size)
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, lm._dtype, "cpu")
+                        for _ in lm._cache_in]
+        for past, present, buffer in zip(lm._cache_in, lm._cache_out, self.buffers,
+                                         strict=True):
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        total = self.length + len(ids)
+        self.binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        self.binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        self.binding.bind_output("logits", "cpu")  # its shape changes with len(ids)
+        self.lm.session.run_with_iobinding(self.binding, self.lm._run_options)
+        logits: np.ndarray = self.binding.get_outputs()[0].numpy()
+        return logits[0].astype(np.float32)
 
 
 def _adapter_file(folder: Path, adapter: str) -> Path:

@@ -133,13 +133,15 @@ def onnx_answers(lm: OnnxCausalLM, questions: list[Example], max_new_tokens: int
 
 def speed_onnx(lm: OnnxCausalLM, prompt: list[int], decode_tokens: int) -> dict[str, float]:
     """Prefill latency of ``prompt`` and greedy decode speed (KV cache) with onnxruntime."""
-    lm.forward(prompt[:8], lm.empty_cache())  # warm-up
+    capacity = len(prompt) + decode_tokens
+    lm.decoding(capacity).step(prompt[:8])  # warm-up
+    decoding = lm.decoding(capacity)  # what `generate` uses: in place where the graph can
     start = time.perf_counter()
-    logits, cache = lm.forward(prompt, lm.empty_cache())
+    logits = decoding.step(prompt)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        logits, cache = lm.forward([int(np.argmax(logits[-1]))], cache)
+        logits = decoding.step([int(np.argmax(logits[-1]))])
     decode = time.perf_counter() - start
     return {"prefill-ms": 1000 * prefill, "decode-tokens-per-s": decode_tokens / decode}
 
