@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32, help="questions per task per site")
     parser.add_argument("--centralized-wide", action="store_true",
                         help="also train the pooled data in R·S steps of N times the batch")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["base", "local", "centralized"],
+                        help="reference variants not to measure (e.g. to compare federated and "
+                             "centralized at another learning rate without the local ones)")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="scenario override, as for fed-llama simulate")
     parser.add_argument("--runs", help="keep the federated run folders here (default: temp)")
@@ -150,6 +153,9 @@ def main() -> None:
         write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": []}, indent=2))
 
     start = time.perf_counter()
+    done |= {v for v in ("base", "centralized") if v in args.skip}
+    if "local" in args.skip:
+        done |= {f"local:{name}" for name in names}
     if "base" not in done:
         add("base", 0, site_ops.initial_state(scenario), start)
     for i, name in enumerate(names):
@@ -195,9 +201,11 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")
     locals_ = [r for r in rows if r["variant"].startswith("local:")]
-    central = next(r for r in rows if r["variant"] == "centralized")
+    central = next((r for r in rows if r["variant"] == "centralized"), None)
     targets = []
     for r in (r for r in rows if r["variant"].startswith("federated:")):
+        if central is None or not locals_:
+            break  # the targets compare with both (not measured: --skip)
         best_local_ppl = min(x["pooled_ppl"] for x in locals_)
         best_local_cat = max(x["pooled_category"] for x in locals_)
         t = {"variant": r["variant"],
