@@ -24,7 +24,7 @@ from fed_llama.data.source import sample
 from fed_llama.data.tokenize import IGNORE, Encoded, encode_all
 from fed_llama.errors import ConfigError
 from fed_llama.evaluation.tasks import choose_questions, evaluate_tasks, score_answers
-from fed_llama.export.runtime import OnnxCausalLM
+from fed_llama.export.runtime import ArrayDecoding, Decoding, OnnxCausalLM
 
 log = logging.getLogger(__name__)
 ICD10 = "icd10:"
@@ -131,17 +131,24 @@ def onnx_answers(lm: OnnxCausalLM, questions: list[Example], max_new_tokens: int
     return [lm.answer(list(ex.prompt), max_new_tokens) for ex in questions]
 
 
-def speed_onnx(lm: OnnxCausalLM, prompt: list[int], decode_tokens: int) -> dict[str, float]:
-    """Prefill latency of ``prompt`` and greedy decode speed (KV cache) with onnxruntime."""
+def speed_onnx(lm: OnnxCausalLM, prompt: list[int], decode_tokens: int, *,
+               array_cache: bool = False) -> dict[str, float]:
+    """Prefill latency of ``prompt`` and greedy decode speed (KV cache) with onnxruntime:
+    as ``generate`` decodes (in place where the graph can), or with ``array_cache`` the cache
+    fed back as arrays every step (to measure what decoding in place buys)."""
     capacity = len(prompt) + decode_tokens
-    lm.decoding(capacity).step(prompt[:8])  # warm-up
-    decoding = lm.decoding(capacity)  # what `generate` uses: in place where the graph can
+
+    def decoding() -> Decoding:
+        return ArrayDecoding(lm, capacity) if array_cache else lm.decoding(capacity)
+
+    decoding().step(prompt[:8])  # warm-up
+    state = decoding()
     start = time.perf_counter()
-    logits = decoding.step(prompt)
+    logits = state.step(prompt)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        logits = decoding.step([int(np.argmax(logits[-1]))])
+        logits = state.step([int(np.argmax(logits[-1]))])
     decode = time.perf_counter() - start
     return {"prefill-ms": 1000 * prefill, "decode-tokens-per-s": decode_tokens / decode}
 
