@@ -73,8 +73,7 @@ def memory_bandwidth_gbs(repeats: int = 7) -> float:
     return w.nbytes / statistics.median(times) / 1e9
 
 
-def median_speed(fn: Any, repeats: int) -> dict[str, float]:
-    runs = [fn() for _ in range(repeats)]
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
@@ -142,10 +141,10 @@ def main() -> None:
                 "desc_f1": round(statistics.fmean(f1), 3) if f1 else math.nan}
 
     torch_bytes = sum(p.numel() * 4 for p in merged.model.parameters())
-    pt_speed = median_speed(lambda: speed_torch(merged.model, prompt, 64), args.repeats)
+    pt_speed = medians([speed_torch(merged.model, prompt, 64) for _ in range(args.repeats)])
     rows: list[dict[str, Any]] = [{
         "variant": "pytorch-eager-fp32", "size_mb": round(torch_bytes / 1e6, 1),
-        **{k: round(v, 1) for k, v in pt_speed.items()},
+        **{k: round(v, 1) for k, v in pt_speed.items()}, "decode_x_pytorch": 1.0,
         "perplexity": round(_pytorch_ppl(reference, data), 3), "top1": 1.0,
         **task_scores(lambda qs: evaluate_tasks(merged.model, merged.tokenizer, qs,
                                                 max_questions=args.questions, max_new_tokens=24)),
@@ -171,7 +170,7 @@ def main() -> None:
             paired = [(speed_onnx(lm, prompt, 64),
                        speed_onnx(lm, prompt, 64, array_cache=True),
                        speed_torch(merged.model, prompt, 64)) for _ in range(args.repeats)]
-            speed = {k: statistics.median(o[k] for o, _, _ in paired) for k in paired[0][0]}
+            speed = medians([o for o, _, _ in paired])
             rows.append({
                 "variant": f"onnx-{name}", "size_mb": round(size / 1e6, 1),
                 **{k: round(v, 1) for k, v in speed.items()},
@@ -191,7 +190,6 @@ def main() -> None:
     base = rows[0]
     fp32_size = next((r["size_mb"] for r in rows if r["variant"] == "onnx-fp32"), None)
     for r in rows:
-        r.setdefault("decode_x_pytorch", 1.0)
         r["ppl_vs_pytorch"] = round(r["perplexity"] / base["perplexity"] - 1, 4)
         r["bound_fraction"] = round(r["decode-tokens-per-s"] / r["bound_tokens_per_s"], 2)
         if fp32_size:

@@ -141,10 +141,16 @@ class OnnxCausalLM:
         self._cache_in, self._cache_out = inputs[2:], outputs[1:]
         self._run_options = ort.RunOptions()
         self.adapter = adapter
+        self._adapter_inputs: dict[str, Any] = {}
+        """The adapter's tensors by input name, for :class:`InPlaceDecoding`'s binding."""
         if adapter is not None:
+            adapter_file = str(_adapter_file(folder, adapter))
             self._lora = ort.LoraAdapter()  # must outlive the run options that use it
-            self._lora.Load(str(_adapter_file(folder, adapter)))
+            self._lora.Load(adapter_file)
             self._run_options.add_active_adapter(self._lora)
+            if self.spec.share_buffer:  # read once, bound by every in-place decoding
+                self._adapter_inputs = ort.AdapterFormat.read_adapter(
+                    adapter_file).get_parameters()
         self._dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
 
     # -- the graph -------------------------------------------------------------------------
@@ -259,12 +265,10 @@ class InPlaceDecoding(Decoding):
         super().__init__(lm, capacity)
         spec = lm.spec
         self.binding = lm.session.io_binding()
-        if lm.adapter is not None:  # onnxruntime applies active adapters in run(), not in
-            # run_with_iobinding: bind the adapter's tensors as the inputs they override
-            params = ort.AdapterFormat.read_adapter(str(_adapter_file(lm.folder, lm.adapter)))
-            self._adapter = params.get_parameters()  # kept alive while bound
-            for name, value in self._adapter.items():
-                self.binding.bind_ortvalue_input(name, value)
+        # onnxruntime applies active adapters in run(), not in run_with_iobinding: bind the
+        # adapter's tensors as the inputs they override
+        for name, value in lm._adapter_inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
         self.binding.bind_output("logits", "cpu")  # bound first: output 0 (reallocated per run)
         shape = (1, spec.kv_heads, capacity, spec.head_size)
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, lm._dtype, "cpu")
