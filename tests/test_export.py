@@ -192,6 +192,29 @@ def test_the_plain_torch_route_matches_pytorch_and_the_builder_graph(
                                atol=1e-4)
 
 
+def test_gate_and_up_are_one_matmul_unless_an_adapter_branch_keeps_them_apart(
+        fp32_export: Path, tiny_backbone: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from fed_llama.export.build import builder_options
+
+    graph = onnx.load(str(fp32_export / "model.onnx"), load_external_data=False).graph
+    matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
+    assert "/model/layers.0/mlp/gate_up_proj/MatMul" in matmuls  # fused (and the logits
+    assert "/model/layers.0/mlp/gate_proj/MatMul" not in matmuls  # tests above still hold)
+
+    def lora(spec: LoraSpec, out: Path) -> Path:
+        bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))  # peft edits it in place
+        return save_adapter(attach_lora(bb.model, spec, seed=0), out, {"backbone": bb.describe()})
+
+    mlp = lora(LoraSpec(r=2, include_mlp=True), tmp_path / "mlp")
+    attention = lora(LoraSpec(r=2), tmp_path / "attn")
+    cfg = ExportConfig()
+    assert "fuse_mlp_gate_up=true" in builder_options(cfg, attention)
+    # a runtime LoRA branch on gate or up needs the projection on its own
+    assert "fuse_mlp_gate_up=true" not in builder_options(cfg, mlp)
+
+
 def test_the_export_folder_holds_a_verified_manifest(fp32_export: Path, adapter: Path) -> None:
     manifest = json.loads((fp32_export / EXPORT_MANIFEST).read_text())
     pooled = manifest["verification"]["pooled"]
@@ -267,7 +290,7 @@ def test_a_gptq_int4_export_is_calibrated_on_records_verification_does_not_use(
     manifest = export_adapter(adapter, tmp_path / "gptq", cfg, backbone=str(tiny_backbone))
     q = manifest["quantization"]
     assert q["algorithm"] == "gptq"
-    assert q["matrices"] == 2 * 5  # qkv, o, gate, up, down of both layers
+    assert q["matrices"] == 2 * 4  # qkv, o, gate+up (one fused matrix), down of both layers
     assert q["calibration_records"] == 6 - 4  # the file's records outside verification
     # what GPTQ minimizes, the layers' output error on the calibration data, went down
     assert q["output_error_gptq"] < q["output_error_builder"]

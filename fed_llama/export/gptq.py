@@ -7,7 +7,8 @@ columns not yet quantized, weighted by the inverse Hessian ``H = 2·XᵀX`` of t
 
 Here the calibration inputs are recorded with forward hooks on the PyTorch merged model (one
 pass over the calibration records), every decoder projection is quantized (q, k and v together,
-as the ONNX graph packs them into one ``qkv_proj``), and the codes, scales and zero points are
+as the ONNX graph packs them into one ``qkv_proj``; gate and up together where it fuses them
+into ``gate_up_proj``), and the codes, scales and zero points are
 written over the 4-bit ``MatMulNBits`` weights of the graph the onnxruntime-genai builder made.
 The grid is exactly MatMulNBits' (asymmetric, one fp32 scale and a 4-bit zero point per block of
 ``block_size`` input weights), so nothing is re-rounded on the way in. The tied embedding /
@@ -30,10 +31,12 @@ from fed_llama.export.build import save_graph
 log = logging.getLogger(__name__)
 
 #: ONNX projection (``/model/layers.N/<group>``) -> the Hugging Face modules packed into it, in
-#: output order. Modules of one group share their input, hence their Hessian.
+#: output order. Modules of one group share their input, hence their Hessian. A graph has
+#: either ``gate_up_proj`` (the builder fused them) or ``gate_proj`` and ``up_proj``.
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attn/o_proj": ("self_attn.o_proj",),
+    "mlp/gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp/gate_proj": ("mlp.gate_proj",),
     "mlp/up_proj": ("mlp.up_proj",),
     "mlp/down_proj": ("mlp.down_proj",),
