@@ -13,7 +13,9 @@ with ``fed-llama simulate`` (Flower's Simulation Engine, the product's code path
   adapter by more than ``norm_outlier_factor`` (10) times the round's median change.
 
 It prints pooled held-out perplexity and its ratio to ``clean`` (target of the privacy issue:
-within 5% with a defence on), and writes JSON.
+within 5% with a defence on) and, beside it, the pooled task scores of 16 held-out questions
+per task per site (description -> code category and chapter accuracy, code -> description
+token F1), and writes JSON.
 
     python benchmarks/poisoning.py                # about 16 minutes on 2 cores
 """
@@ -31,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SETUP = ["federation.sites=['icd10:cardiology', 'icd10:oncology', 'icd10:psychiatry', "
          "'icd10:neurology']", "federation.rounds=2", "train.max_steps=5",
-         "data.max_heldout_records=32", "evaluation.questions=0"]
+         "data.max_heldout_records=32", "evaluation.questions=16"]
 POISON = ["attack.poison_sites=['neurology']", "attack.poison_scale=100.0"]
 NO_REFUSAL = ["security.norm_outlier_factor=0"]
 MEDIAN = ["federation.robust='median'"]
@@ -61,7 +63,8 @@ def main() -> None:
         r["ppl_x_clean"] = round(r["pooled_ppl"] / clean, 3)
         r["within_5pct"] = r["pooled_ppl"] <= 1.05 * clean
     print("4 sites, 2 rounds x 5 local steps; neurology poisons (change x 100) every round:")
-    print_table(results, ["pooled_ppl", "ppl_x_clean", "within_5pct", "refused", "round_s"])
+    print_table(results, ["pooled_ppl", "ppl_x_clean", "within_5pct", "pooled_category",
+                          "pooled_chapter", "pooled_desc_f1", "refused", "round_s"])
     write_text_atomic(Path(args.json), json.dumps(
         {"scenario": args.scenario, "overrides": overrides, "poison": POISON,
          "variants": results}, indent=2))

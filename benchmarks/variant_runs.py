@@ -27,6 +27,7 @@ def summarize(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
            "pooled_ppl": round(last["pooled-perplexity"], 2),
            "refused": int(sum(r.get("sites-refused", 0) for r in rows))}
     for key, name in (("pooled/desc2code/category", "pooled_category"),
+                      ("pooled/desc2code/chapter", "pooled_chapter"),
                       ("pooled/code2desc/f1", "pooled_desc_f1")):
         if key in last:
             out[name] = round(last[key], 3)
