@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -9,11 +11,22 @@ import torch
 from fed_llama.config.train import LoraSpec
 
 
+def _peft() -> ModuleType:
+    """peft, imported without the notice torch 2.13 gives about its own code: importing peft
+    imports bitsandbytes, whose ``torch.compile`` decorators load ``torch.utils.mkldnn``, which
+    warns "``torch.jit.script_method`` is deprecated" in every process (each simulation worker).
+    Flower's simulation puts a "once" filter for all DeprecationWarnings in front of any set at
+    start-up, so the notice is silenced here, where it is raised, and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method",
+                                category=DeprecationWarning)
+        import peft
+    return peft
+
+
 def peft_config(spec: LoraSpec) -> Any:
     """peft's LoraConfig for ``spec``."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+    return _peft().LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                       target_modules=list(spec.modules()), bias="none", task_type="CAUSAL_LM")
 
 
@@ -25,10 +38,9 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
     so peft's ``prepare_model_for_kbit_training`` (casts and gradient checkpointing, meant for
     GPUs) is not used.
     """
-    from peft import get_peft_model
-
+    peft = _peft()
     torch.manual_seed(seed)
-    return get_peft_model(model, peft_config(spec))
+    return peft.get_peft_model(model, peft_config(spec))
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
@@ -38,18 +50,14 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
 
 def adapter_state(model: Any, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights by peft's saved names (``...lora_A.weight``), as CPU copies."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().clone()
-            for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    state = _peft().get_peft_model_state_dict(model, adapter_name=adapter)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def load_adapter_state(model: Any, state: dict[str, torch.Tensor],
                        adapter: str = "default") -> None:
     """Load adapter weights saved by :func:`adapter_state` (names must all match)."""
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+    result = _peft().set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter weights do not fit the model: unexpected {unexpected[:3]}")
