@@ -17,7 +17,7 @@ within 5% with a defence on) and, beside it, the pooled task scores of 16 held-o
 per task per site (description -> code category and chapter accuracy, code -> description
 token F1), and writes JSON.
 
-    python benchmarks/poisoning.py                # about 16 minutes on 2 cores
+    python benchmarks/poisoning.py                # about 21 minutes on 2 cores
 """
 
 from __future__ import annotations

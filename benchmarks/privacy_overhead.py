@@ -25,7 +25,7 @@ adapters have barely learned the answer format (even 60 steps give a category ac
 move. The answers are generated in every variant alike, so they add the same time to each
 round; ``train_phase_x_plain`` is the ratio that isolates what privacy costs.
 
-    python benchmarks/privacy_overhead.py             # about 20 minutes on 2 cores
+    python benchmarks/privacy_overhead.py             # about 30 minutes on 2 cores
 """
 
 from __future__ import annotations

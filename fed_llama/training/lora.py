@@ -27,7 +27,8 @@ def _peft() -> ModuleType:
 def peft_config(spec: LoraSpec) -> Any:
     """peft's LoraConfig for ``spec``."""
     return _peft().LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=list(spec.modules()), bias="none", task_type="CAUSAL_LM")
+                              target_modules=list(spec.modules()), bias="none",
+                              task_type="CAUSAL_LM")
 
 
 def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
