@@ -133,9 +133,6 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     for category in (FutureWarning, DeprecationWarning):  # libraries' deprecation chatter
         warnings.filterwarnings("ignore", category=category)
-    # ... and in the processes this one starts (Ray's simulation workers), e.g. transformers'
-    # FutureWarnings; Flower's simulation re-enables DeprecationWarnings ("once") on import
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     # transformers reads these when (and if) a command imports it: the edge runtime never does
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -137,12 +137,12 @@ def gptq(weight: Any, hessian: Any, *, bits: int = 4, block_size: int = 32,
                      zeros=zeros.numpy().astype(np.uint8), block_size=block_size)
 
 
-def collect_hessians(model: Any, sequences: Sequence[Sequence[int]],
-                     progress: Callable[[Any], Any] = iter,
-                     keys: set[str] | None = None) -> dict[str, Any]:
-    """``2·XᵀX / n`` of the input ``X`` of every :data:`GROUPS` projection of every decoder
-    layer of the Hugging Face ``model`` (or only those in ``keys``), over ``sequences`` of token
-    ids; keyed ``"<layer>/<group>"`` (e.g. ``"3/mlp/down_proj"``)."""
+def collect_hessians(model: Any, sequences: Sequence[Sequence[int]], keys: set[str],
+                     progress: Callable[[Any], Any] = iter) -> dict[str, Any]:
+    """``2·XᵀX / n`` of the input ``X`` of the projections named in ``keys`` (``"<layer>/<group>"``
+    of :data:`GROUPS`, e.g. ``"3/mlp/down_proj"``: the graph's own, as a graph holds either the
+    fused ``gate_up_proj`` or ``gate_proj`` and ``up_proj``) of the Hugging Face ``model``, over
+    ``sequences`` of token ids; keyed like ``keys``."""
     import torch
 
     sums: dict[str, Any] = {}
@@ -158,7 +158,7 @@ def collect_hessians(model: Any, sequences: Sequence[Sequence[int]],
 
     for i, layer in enumerate(model.model.layers):
         for group, modules in GROUPS.items():
-            if keys is None or f"{i}/{group}" in keys:
+            if f"{i}/{group}" in keys:
                 hooks.append(layer.get_submodule(modules[0]).register_forward_pre_hook(
                     hook(f"{i}/{group}")))
     try:
@@ -228,9 +228,9 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
     four_bit = {f"{i}/{group}": nodes[name]
                 for i in range(len(model.model.layers)) for group in GROUPS
                 if (name := f"/model/layers.{i}/{group}/MatMul_Q4") in nodes}
-    hessians = collect_hessians(model, sequences,
+    hessians = collect_hessians(model, sequences, set(four_bit),
                                 lambda s: tqdm(s, desc="GPTQ calibration", unit="record",
-                                               leave=False), keys=set(four_bit))
+                                               leave=False))
     before, after, changed = [], [], 0
     for key in tqdm(sorted(hessians), desc="GPTQ", unit="matrix", leave=False):
         layer, group = key.split("/", 1)
