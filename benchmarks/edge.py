@@ -73,6 +73,30 @@ def memory_bandwidth_gbs(repeats: int = 7) -> float:
     return w.nbytes / statistics.median(times) / 1e9
 
 
+def machine_facts() -> dict[str, Any]:
+    """The CPU and libraries the figures belong to: onnxruntime picks its quantized kernels by
+    instruction set (AVX2 vs AVX-512 VNNI changes int8/int4 decode speed severalfold)."""
+    import os
+    import platform
+
+    import onnxruntime
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return {"cpu": model, "cores": os.cpu_count(), "isa": isa,
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -113,7 +137,7 @@ def main() -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise SystemExit(f"edge.py: error: no adapter in {adapter}: run README command 1 first "
                          "(it writes runs/hospitals-3) or pass --adapter")
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
     merged = merge_adapter(adapter, args.backbone)
     verify = {"records": args.records, "questions": args.questions}
     probe = build_config(ExportConfig, {"verify": verify}, source="edge.py")
@@ -194,10 +218,10 @@ def main() -> None:
         r["bound_fraction"] = round(r["decode-tokens-per-s"] / r["bound_tokens_per_s"], 2)
         if fp32_size:
             r["size_vs_onnx_fp32"] = round(r["size_mb"] / fp32_size, 3)
-    _print(rows, bandwidth)
-    result = {"adapter": str(adapter), "sources": sources, "records_per_site": args.records,
-              "questions_per_task_per_site": args.questions, "memory_bandwidth_gbs":
-              round(bandwidth, 1), "rows": rows}
+    _print(rows, bandwidth, facts)
+    result = {"adapter": str(adapter), "machine": facts, "sources": sources,
+              "records_per_site": args.records, "questions_per_task_per_site": args.questions,
+              "memory_bandwidth_gbs": round(bandwidth, 1), "rows": rows}
     write_text_atomic(Path(args.json), json.dumps(result, indent=2))
     print(f"written to {args.json}")
 
@@ -212,12 +236,14 @@ def _pytorch_ppl(reference: dict[str, list[np.ndarray]], data: dict[str, Any]) -
     return a.summary()["perplexity-pytorch"]
 
 
-def _print(rows: list[dict[str, Any]], bandwidth: float) -> None:
+def _print(rows: list[dict[str, Any]], bandwidth: float, facts: dict[str, Any]) -> None:
     cols = [("variant", "{}"), ("size_mb", "{:.0f}"), ("prefill-ms", "{:.0f}"),
             ("decode-tokens-per-s", "{:.1f}"), ("decode_x_pytorch", "{:.2f}x"),
             ("in_place_gain", "{:.2f}x"),
             ("perplexity", "{:.3f}"), ("ppl_vs_pytorch", "{:+.1%}"), ("top1", "{:.3f}"),
             ("category", "{:.3f}"), ("desc_f1", "{:.3f}"), ("bound_fraction", "{:.2f}")]
+    print(f"{facts['cpu']}, {facts['cores']} cores, {' '.join(facts['isa']) or 'no AVX2'}; "
+          f"onnxruntime {facts['onnxruntime']}, torch {facts['torch']}")
     print(f"memory bandwidth {bandwidth:.1f} GB/s (fp32 matrix-vector)")
     print("| " + " | ".join(c for c, _ in cols) + " |")
     print("|" + "---|" * len(cols))
