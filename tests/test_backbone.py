@@ -88,3 +88,23 @@ def test_nf4_quantization_loads_4bit_layers(tiny_backbone: Path) -> None:
     layers = [m for m in bb.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # every projection of both blocks
     assert getattr(layers[0].weight, "quant_type", None) == "nf4"
+
+
+def test_decoding_with_the_cache_gives_the_full_forward_logits(tiny_backbone: Path) -> None:
+    """The cache goes in and comes out under the name the installed transformers uses."""
+    import inspect
+
+    import torch
+
+    from fed_llama.backbone.kv_cache import cache_argument, returned_cache
+
+    model = load_backbone(BackboneConfig(name=str(tiny_backbone))).model
+    argument = cache_argument(model)
+    assert argument in inspect.signature(model.forward).parameters
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :4], use_cache=True)
+        for t in range(4, ids.shape[1]):
+            out = model(ids[:, t:t + 1], use_cache=True, **{argument: returned_cache(out)})
+            torch.testing.assert_close(out.logits[0, -1], full[0, t], atol=1e-5, rtol=1e-5)

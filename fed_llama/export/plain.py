@@ -105,6 +105,10 @@ def _flat_cache_decoder(model: Any, layers: int) -> Any:
     import torch
     from transformers import DynamicCache
 
+    from fed_llama.backbone.kv_cache import cache_argument, returned_cache
+
+    argument = cache_argument(model)
+
     class FlatCacheDecoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -117,8 +121,9 @@ def _flat_cache_decoder(model: Any, layers: int) -> Any:
             start = past[0].shape[2]
             positions = (torch.arange(input_ids.shape[1]) + start).unsqueeze(0)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=positions, past_key_values=cache, use_cache=True)
-            grown = out.past_key_values
+                             position_ids=positions, use_cache=True,
+                             **{argument: cache})
+            grown = returned_cache(out)
             flat = [t for i in range(layers)
                     for t in (grown.layers[i].keys, grown.layers[i].values)]
             return (out.logits, *flat)

@@ -157,17 +157,20 @@ def speed_torch(model: Any, prompt: list[int], decode_tokens: int) -> dict[str, 
     """The same measurement for PyTorch eager with its KV cache."""
     import torch
 
+    from fed_llama.backbone.kv_cache import cache_argument, returned_cache
+
+    argument = cache_argument(model)
     with torch.no_grad():
         model(torch.tensor([prompt[:8]]))  # warm-up
         start = time.perf_counter()
         out = model(torch.tensor([prompt]), use_cache=True)
         prefill = time.perf_counter() - start
-        cache, logits = out.past_key_values, out.logits
+        cache, logits = returned_cache(out), out.logits
         start = time.perf_counter()
         for _ in range(decode_tokens):
             token = logits[0, -1].argmax().view(1, 1)
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits
+            out = model(token, use_cache=True, **{argument: cache})
+            cache, logits = returned_cache(out), out.logits
         decode = time.perf_counter() - start
     return {"prefill-ms": 1000 * prefill, "decode-tokens-per-s": decode_tokens / decode}
 
