@@ -14,7 +14,9 @@ this measures, on every site's held-out set (codes unseen in training):
   Simulation Engine, the product's own code path), evaluated after its last round; the
   variants are :data:`FEDERATED` (``factors``, ``exact``, ``ffa``, and
   ``factors+server-lr-3`` / ``ffa+server-lr-3``: FedAvgM without momentum at server learning
-  rate 3, i.e. the sum of the sites' changes).
+  rate 3, i.e. the sum of the sites' changes; ``cyclic``: cyclic weight transfer, one site
+  per round for N·R rounds, so the R·S·N local steps follow one another as centralized
+  training's do).
 
 It prints per-site and pooled held-out perplexity, task accuracy (greedy answers:
 description -> code category match, code -> description token F1), minutes per variant, and
@@ -52,6 +54,9 @@ FEDERATED: dict[str, list[str]] = {
     # sites' weight changes exactly (with factors the cross terms of 3ΔB·3ΔA diverge)
     "ffa+server-lr-3": ["federation.aggregation='ffa'", "federation.strategy='fedavgm'",
                         "federation.server_lr=3.0", "federation.server_momentum=0.0"],
+    # cyclic weight transfer: one site per round, N·R rounds (the same local steps in all,
+    # one after the other; main() sets the rounds)
+    "cyclic": ["federation.participation='cyclic'"],
 }
 
 
@@ -110,6 +115,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32, help="questions per task per site")
     parser.add_argument("--centralized-wide", action="store_true",
                         help="also train the pooled data in R·S steps of N times the batch")
+    parser.add_argument("--cyclic-steps", type=int, default=0,
+                        help="local steps per turn of the cyclic variant (default: the "
+                             "scenario's train.max_steps); the turns add up to R·S·N steps")
     parser.add_argument("--skip", nargs="+", default=[], choices=["base", "local", "centralized"],
                         help="reference variants not to measure (e.g. to compare federated and "
                              "centralized at another learning rate without the local ones)")
@@ -131,6 +139,10 @@ def main() -> None:
     scenario, _ = load_scenario(Path(args.scenario), args.overrides)
     fed, names = scenario.federation, scenario.site_names()
     per_site = fed.rounds * scenario.train.max_steps
+    turn_steps = args.cyclic_steps or scenario.train.max_steps
+    if turn_steps < 1 or (per_site * len(names)) % turn_steps:
+        parser.error(f"--cyclic-steps {turn_steps} must divide the federation's "
+                     f"{per_site * len(names)} local steps")
     rows: list[dict[str, Any]] = []
     setup = {"scenario": Path(args.scenario).name, "overrides": args.overrides,
              "questions": args.questions}
@@ -141,12 +153,19 @@ def main() -> None:
             raise SystemExit(f"--resume: {out} was measured with other settings: "
                              f"{ {k: saved.get(k) for k in setup} }")
         rows = saved["rows"]
+        other = [r for r in rows if r["variant"] == "federated:cyclic"
+                 and r.get("turn_steps") != turn_steps]
+        if other and "cyclic" in args.modes:
+            raise SystemExit(f"--resume: {out} has the cyclic variant with "
+                             f"{other[0].get('turn_steps')}-step turns; pass --cyclic-steps "
+                             f"{other[0].get('turn_steps')} or another --json")
         logging.info("resuming: %s already measured", [r["variant"] for r in rows])
     done = {r["variant"] for r in rows}
 
-    def add(variant: str, steps: int, state: dict[str, Any], start: float) -> None:
+    def add(variant: str, steps: int, state: dict[str, Any], start: float,
+            **extra: Any) -> None:
         row = {"variant": variant, "steps": steps, **measure(scenario, state, args.questions),
-               "minutes": round((time.perf_counter() - start) / 60, 2)}
+               "minutes": round((time.perf_counter() - start) / 60, 2), **extra}
         rows.append(row)
         logging.info("%s", row)
         # after every variant: a crash later loses nothing measured (--resume goes on)
@@ -182,17 +201,25 @@ def main() -> None:
             if f"federated:{mode}" in done:
                 continue
             start = time.perf_counter()
+            rounds, steps = fed.rounds, scenario.train.max_steps
+            if mode == "cyclic":  # as many turns as make the federation's local steps
+                rounds, steps = per_site * len(names) // turn_steps, turn_steps
             # with --resume and --runs, a federated run cut off mid-way goes on from its
             # last complete round
             store = simulate(Path(args.scenario), runs / mode, resume=args.resume,
-                             overrides=[*args.overrides, *FEDERATED[mode]])
-            add(f"federated:{mode}", per_site * len(names), store.load_round(fed.rounds), start)
+                             overrides=[*args.overrides, *FEDERATED[mode],
+                                        f"federation.rounds={rounds}",
+                                        f"train.max_steps={steps}"])
+            add(f"federated:{mode}", per_site * len(names), store.load_round(rounds), start,
+                **({"turn_steps": steps} if mode == "cyclic" else {}))
 
     cols = ["variant", "steps", "pooled_ppl", *[f"{n}/ppl" for n in names], "pooled_category",
             "pooled_desc_f1", "minutes"]
     print(f"{Path(args.scenario).name}: {len(names)} sites, {fed.rounds} rounds x "
           f"{scenario.train.max_steps} local steps, batch {scenario.train.batch_size}; "
-          f"{args.questions} questions per task per site; held-out codes unseen in training")
+          f"{args.questions} questions per task per site; held-out codes unseen in training"
+          + (f"; cyclic: {per_site * len(names) // turn_steps} turns of {turn_steps} steps"
+             if "cyclic" in args.modes else ""))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     order = ["base", *[f"local:{n}" for n in names], "centralized", "centralized-wide",

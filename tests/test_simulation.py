@@ -222,3 +222,19 @@ def test_encrypted_checkpoints_resume_after_a_crash(tiny_backbone: Path, write_j
     resumed = store.load_round(2, decrypt)
     for key, value in straight.items():
         assert torch.allclose(resumed[key], value, atol=1e-6), key
+
+
+def test_cyclic_participation_trains_one_site_per_round_in_turn(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=3)
+    scenario.write_text(scenario.read_text() + 'participation = "cyclic"\n')
+    out = tmp_path / "run"
+    assert main(["-q", "simulate", str(scenario), "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    turns = [[s for s in ("site0", "site1") if f"{s}/train-loss" in row] for row in history]
+    assert turns == [["site0"], ["site1"], ["site0"]]
+    for row in history:  # every site still evaluates the adapter every round
+        assert row["sites-trained"] == 1 and row["sites-evaluated"] == 2
+        assert row["bytes-up"] == row["site0/bytes-up" if "site0/train-loss" in row
+                                      else "site1/bytes-up"]
+    assert read_manifest(out / "rounds" / "round-003")["participation"] == "cyclic"

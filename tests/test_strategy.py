@@ -181,3 +181,51 @@ def test_server_optimizers_refuse_exact_aggregation() -> None:
     with pytest.raises(ConfigError, match="re-factorizes A and B every round"):
         build_config(ScenarioConfig, {"federation": {"strategy": "fedyogi",
                                                      "aggregation": "exact"}}, source="test")
+
+
+def test_cyclic_participation_sends_each_round_to_the_site_whose_turn_it_is() -> None:
+    """Round k goes to site (k-1) mod N, wherever its node is, and on --resume the turns
+    follow the run's round numbers, not Flower's (which restart at 1)."""
+    scenario = build_config(ScenarioConfig, {"federation": {
+        "sites": ["icd10:cardiology", "icd10:oncology"], "participation": "cyclic"}},
+        source="test")
+    nodes = {"cardiology": 22, "oncology": 11}  # FakeGrid's nodes are 11 and 22
+    current, sites = _adapters()
+    for offset, expected in ((0, [22, 11, 22]), (1, [11, 22, 11])):
+        strategy = build_strategy(scenario, scenario.site_names(), round_offset=offset,
+                                  on_train=lambda *_: None, on_evaluate=lambda *_: None,
+                                  site_nodes=nodes)
+        sent = [list(strategy.configure_train(r, ArrayRecord(current), ConfigRecord(),
+                                              FakeGrid(2)))  # type: ignore[arg-type]
+                for r in (1, 2, 3)]
+        assert [[m.metadata.dst_node_id for m in msgs] for msgs in sent] == [[n] for n in
+                                                                            expected]
+    # the one reply of a turn is the new global adapter, unchanged
+    strategy = build_strategy(scenario, scenario.site_names(), round_offset=0,
+                              on_train=lambda *_: None, on_evaluate=lambda *_: None,
+                              site_nodes=nodes)
+    msg = next(iter(strategy.configure_train(1, ArrayRecord(current), ConfigRecord(),
+                                             FakeGrid(2))))  # type: ignore[arg-type]
+    reply = Message(RecordDict({"arrays": ArrayRecord(sites[0]), "metrics": MetricRecord({
+        "num-examples": 16, "site": 0, "train-loss": 1.0, "train-seconds": 1.0})}),
+        reply_to=msg)
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    assert arrays is not None
+    for key, value in arrays.to_torch_state_dict().items():
+        assert torch.equal(value, sites[0][key])
+
+
+def test_cyclic_participation_refuses_what_needs_several_updates_a_round() -> None:
+    for extra, fragment in (({"strategy": "fedadam"}, "strategy = 'fedadam'"),
+                            ({"robust": "median"}, "robust = 'median'")):
+        with pytest.raises(ConfigError, match=fragment):
+            build_config(ScenarioConfig, {"federation": {"participation": "cyclic", **extra}},
+                         source="test")
+    with pytest.raises(ConfigError, match="secure_aggregation .* do not apply"):
+        build_config(ScenarioConfig, {"federation": {"participation": "cyclic"},
+                                      "privacy": {"noise_multiplier": 1.0}}, source="test")
+    scenario = build_config(ScenarioConfig, {"federation": {"participation": "cyclic"}},
+                            source="test")
+    with pytest.raises(ValueError, match="needs the node of every site"):
+        build_strategy(scenario, scenario.site_names(), round_offset=0,
+                       on_train=lambda *_: None, on_evaluate=lambda *_: None)

@@ -138,6 +138,15 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
         content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
         return Message(content, reply_to=msg)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which site this node holds (asked once by a cyclic federation's server)."""
+        from fed_llama.server.cyclic import SITE_QUERY
+
+        site = _site(context, scenario or scenario_from_run_config(context))
+        return Message(RecordDict({"metrics": MetricRecord({SITE_QUERY: float(site)})}),
+                       reply_to=msg)
+
     return app
 
 

@@ -60,6 +60,13 @@ class FederationConfig:
     (``fedadam``, ``fedyogi``, ``fedadagrad`` with ``server_lr``; ``fedavgm`` with
     ``server_lr`` and ``server_momentum``)."""
 
+    participation: Literal["all", "cyclic"] = "all"
+    """``all``: every site trains every round from the global adapter and the updates are
+    aggregated. ``cyclic`` (cyclic weight transfer): one site per round in site order (round
+    k is site (k-1) mod N), continuing from the adapter the previous site returned, so the
+    local steps follow one another as in centralized training; ``rounds`` then counts turns
+    (N·R turns take the local steps of R rounds of all sites, in N times the wall time)."""
+
     lr_schedule: Literal["across-rounds", "per-round"] = "across-rounds"
     """``across-rounds``: the local steps of round k are steps (k-1)·S+1 .. k·S of one
     warm-up + cosine schedule over all ``rounds``·S steps (S = ``train.max_steps``), as one
@@ -134,6 +141,12 @@ class FederationConfig:
                        "change, but aggregation = 'exact' re-factorizes A and B every round "
                        "(their change is no gradient): use aggregation = 'factors' or 'ffa', "
                        "or strategy = 'fedavg'")
+        if self.participation == "cyclic" and (self.strategy not in ("fedavg", "fedprox")
+                                               or self.robust != "none"):
+            out.append(f"participation = 'cyclic' takes one site's update per round as the "
+                       f"global adapter; strategy = {self.strategy!r} and robust = "
+                       f"{self.robust!r} need several: set strategy = 'fedavg' and robust = "
+                       "'none', or participation = 'all'")
         if self.proximal_mu < 0:
             out.append(f"proximal_mu must be 0 or more; got {self.proximal_mu}")
         if self.server_lr < 0:
@@ -314,6 +327,12 @@ class ScenarioConfig:
                            "ranks do not have: set clip_norm = 0 with site_ranks (the norm "
                            "bounds of [security] still apply, on the products)")
         out += self._secure_aggregation_problems()
+        if fed.participation == "cyclic" and (self.secure_aggregation.enabled
+                                              or self.privacy.noise_multiplier > 0):
+            out.append("participation = 'cyclic' sends one site's own update each round: "
+                       "secure_aggregation (a sum of several) and privacy.noise_multiplier "
+                       "(noise scaled for all sites every round) do not apply; use "
+                       "participation = 'all'")
         if self.privacy.noise_multiplier > 0:
             if fed.aggregation == "exact":
                 out.append("privacy.noise_multiplier > 0 bounds each site's change to the "

@@ -90,6 +90,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             "kind": "global-adapter", "method": "qlora" if scenario.backbone.quantization ==
             "nf4" else "lora", "aggregation": scenario.federation.aggregation,
             "strategy": scenario.federation.strategy,
+            "participation": scenario.federation.participation,
             "secure_aggregation": scenario.secure_aggregation.enabled,
             "backbone": {"id": source.id, "sha256": source.sha256,
                          "quantization": scenario.backbone.quantization,
@@ -112,8 +113,13 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             store.save_optimizer(done + server_round, export_state(strategy), encrypt)
         return None
 
+    nodes = None
+    if scenario.federation.participation == "cyclic":
+        from fed_llama.server.cyclic import site_nodes
+
+        nodes = site_nodes(grid, sites, scenario.federation.round_timeout)
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
-                              on_evaluate=on_evaluate, security=guard)
+                              on_evaluate=on_evaluate, security=guard, site_nodes=nodes)
     if done and uses_server_state(strategy):
         saved = store.load_optimizer(done, decrypt)
         if saved is None:

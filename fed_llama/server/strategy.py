@@ -27,6 +27,7 @@ from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.admission import change_norm, check_norm, check_update, norm_outliers
 from fed_llama.server.aggregation import A_TAG, combine
+from fed_llama.server.cyclic import turn
 from fed_llama.server.privacy import add_noise, epsilon
 from fed_llama.server.security import ServerGuard
 
@@ -64,16 +65,24 @@ class LoraFedAvg(FedAvg):
     real_round: int
     """The run's round being trained (Flower's server-round plus ``round_offset``)."""
     security: ServerGuard | None
+    site_nodes: dict[str, int]
+    """Which node holds each site (``participation = "cyclic"`` only: whose turn goes where)."""
 
     def bind(self, scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
              on_train: RowHook, on_evaluate: RowHook,
-             security: ServerGuard | None = None) -> LoraFedAvg:
+             security: ServerGuard | None = None,
+             site_nodes: dict[str, int] | None = None) -> LoraFedAvg:
         self.scenario = scenario
         self.site_names = site_names
         self.round_offset = round_offset
         self.on_train = on_train
         self.on_evaluate = on_evaluate
         self.security = security
+        self.site_nodes = site_nodes or {}
+        if scenario.federation.participation == "cyclic" and set(self.site_nodes) != set(
+                site_names):
+            raise ValueError("participation = 'cyclic' needs the node of every site "
+                             "(fed_llama.server.cyclic.site_nodes)")
         return self
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -85,7 +94,14 @@ class LoraFedAvg(FedAvg):
         if self.security is not None:
             for key, value in self.security.round_config(real, self.current).items():
                 config[key] = value
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self.scenario.federation.participation == "cyclic":  # only this round's site
+            node = self.site_nodes[turn(real, self.site_names)]
+            messages = [m for m in messages if m.metadata.dst_node_id == node]
+            if not messages:
+                log.warning("round %d: the node of site %r is not connected; no site trains "
+                            "this round", real, turn(real, self.site_names))
+        return messages
 
     def _admit(self, reply: Message, real_round: int) -> tuple[str, State, dict[str, float]]:
         """One reply's (site, adapter state, metrics), verified and checked, or Refused."""
@@ -284,8 +300,10 @@ SERVER_STRATEGIES: dict[str, type[FedAvg]] = {
 
 def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
                    on_train: RowHook, on_evaluate: RowHook,
-                   security: ServerGuard | None = None) -> LoraFedAvg:
-    """Flower's strategy named by ``federation.strategy``, on LoRA-aware aggregation."""
+                   security: ServerGuard | None = None,
+                   site_nodes: dict[str, int] | None = None) -> LoraFedAvg:
+    """Flower's strategy named by ``federation.strategy``, on LoRA-aware aggregation
+    (``site_nodes``: which node holds each site, for cyclic participation)."""
     fed = scenario.federation
     need = fed.min_sites or len(site_names)
     kwargs: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0,
@@ -314,4 +332,5 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
         cls = type(f"Lora{base.__name__}", (base, LoraFedAvg),
                    {"aggregate_train": aggregate_train})
     return cls(**kwargs).bind(scenario, site_names, round_offset=round_offset,
-                              on_train=on_train, on_evaluate=on_evaluate, security=security)
+                              on_train=on_train, on_evaluate=on_evaluate, security=security,
+                              site_nodes=site_nodes)

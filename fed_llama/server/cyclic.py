@@ -1,0 +1,63 @@
+"""Cyclic weight transfer: one site trains per round, in site order, continuing the adapter.
+
+With ``federation.participation = "cyclic"`` round k is site ``(k - 1) mod N``'s turn: it
+receives the adapter the previous site returned, trains its local steps and sends it back;
+the server checks it as any update and it becomes the global adapter. A federation of R
+rounds of all N sites thus becomes N·R turns with the same local steps in all, taken one
+after the other as centralized training takes them (parallel FedAvg takes only R·S of them in
+sequence). The price: N times the wall time per training step, and the sites visited last
+weigh most in the result (the shared learning-rate schedule decays towards the end).
+
+Flower routes messages by node id, which the server does not know in advance; before the
+first round the server asks every node which site it holds (a ``query`` message the ClientApp
+answers with its ``partition-id``). An answer decides only whose turn a node gets: each update
+is still verified under the site key of its envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+log = logging.getLogger(__name__)
+
+SITE_QUERY = "site"
+"""The query's key in the reply's MetricRecord: the site index the node holds."""
+
+
+def turn(real_round: int, sites: list[str]) -> str:
+    """The site whose turn round ``real_round`` (1-based, the run's numbering) is."""
+    return sites[(real_round - 1) % len(sites)]
+
+
+def site_nodes(grid: Grid, sites: list[str], timeout: float) -> dict[str, int]:
+    """Which node holds which site: once as many nodes as sites are connected (Flower's own
+    wait), each is asked once; refuses a federation in which a site has no node or two nodes
+    claim one site."""
+    _, nodes = sample_nodes(grid, len(sites), len(sites))
+    queries = [Message(RecordDict({"config": ConfigRecord({"ask": SITE_QUERY})}),
+                       dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    found: dict[str, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            log.warning("node %s did not say which site it holds: %s",
+                        reply.metadata.src_node_id, reply.error.reason)
+            continue
+        index = int(reply.content.metric_records["metrics"][SITE_QUERY])  # type: ignore[arg-type]
+        if not 0 <= index < len(sites):
+            raise ValueError(f"node {reply.metadata.src_node_id} holds site index {index}, "
+                             f"which names no site of this scenario ({len(sites)} sites)")
+        if sites[index] in found:
+            raise ValueError(f"two nodes ({found[sites[index]]} and "
+                             f"{reply.metadata.src_node_id}) hold site {sites[index]!r}: "
+                             "give each node its own partition-id")
+        found[sites[index]] = reply.metadata.src_node_id
+    missing = [s for s in sites if s not in found]
+    if missing:
+        raise ValueError(f"participation = 'cyclic' needs a node for every site; none answered "
+                         f"for {missing} (of {len(nodes)} connected node(s))")
+    log.info("cyclic turns: %s", ", ".join(f"{s} (node {found[s]})" for s in sites))
+    return found
