@@ -221,7 +221,7 @@ def test_cyclic_participation_refuses_what_needs_several_updates_a_round() -> No
         with pytest.raises(ConfigError, match=fragment):
             build_config(ScenarioConfig, {"federation": {"participation": "cyclic", **extra}},
                          source="test")
-    with pytest.raises(ConfigError, match="secure_aggregation .* do not apply"):
+    with pytest.raises(ConfigError, match=r"secure_aggregation .* do not apply"):
         build_config(ScenarioConfig, {"federation": {"participation": "cyclic"},
                                       "privacy": {"noise_multiplier": 1.0}}, source="test")
     scenario = build_config(ScenarioConfig, {"federation": {"participation": "cyclic"}},
