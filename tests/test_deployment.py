@@ -64,8 +64,12 @@ def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
 
 
+@pytest.mark.parametrize("participation", ["all", "cyclic"])
 def test_two_authenticated_supernodes_run_two_rounds_over_tls(  # type: ignore[no-untyped-def]
-        tiny_backbone: Path, write_jsonl, tmp_path: Path, flower_env: dict[str, str]) -> None:
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, flower_env: dict[str, str],
+        participation: str) -> None:
+    """With ``cyclic`` participation the ServerApp first asks each SuperNode its site (a query
+    message over the same TLS link), then each round goes to one site in turn."""
     from fed_llama.crypto.transport import init_node, init_tls
 
     keys = tmp_path / "keys"
@@ -77,7 +81,8 @@ def test_two_authenticated_supernodes_run_two_rounds_over_tls(  # type: ignore[n
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(f'[backbone]\nname = "{tiny_backbone}"\n'
                         "[train]\nmax_steps = 2\nwarmup_steps = 1\nbatch_size = 4\n"
-                        '[federation]\nrounds = 2\nsites = ["site0.jsonl", "site1.jsonl"]\n')
+                        '[federation]\nrounds = 2\nsites = ["site0.jsonl", "site1.jsonl"]\n'
+                        f'participation = "{participation}"\n')
     out = tmp_path / "run"
     link_port = free_port()
     home = Path(flower_env["FLWR_HOME"])
@@ -130,7 +135,12 @@ def test_two_authenticated_supernodes_run_two_rounds_over_tls(  # type: ignore[n
         assert run.returncode == 0, detail
         history = json.loads((out / "history.json").read_text())
         assert [row["round"] for row in history] == [1, 2], detail
-        assert all(row["sites-trained"] == 2 and row["sites-refused"] == 0 for row in history)
+        trained = 2 if participation == "all" else 1
+        assert all(row["sites-trained"] == trained and row["sites-refused"] == 0
+                   for row in history), detail
+        if participation == "cyclic":  # site0's turn, then site1's
+            assert ["site0/train-loss" in row for row in history] == [True, False]
+            assert ["site1/train-loss" in row for row in history] == [False, True]
         manifest = read_manifest(out / "rounds" / "round-002")
         assert manifest["sites"] == ["site0", "site1"]
         assert (out / "seals" / "round-002.json").is_file()
