@@ -26,11 +26,13 @@ B = "base_model.model.layers.0.q_proj.lora_B.weight"
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
-def _strategy(round_offset: int = 0, **federation: Any) -> LoraFedAvg:
+def _strategy(round_offset: int = 0, site_nodes: dict[str, int] | None = None,
+              **federation: Any) -> LoraFedAvg:
     scenario = build_config(ScenarioConfig, {"federation": {
         "sites": ["icd10:cardiology", "icd10:oncology"], **federation}}, source="test")
     return build_strategy(scenario, scenario.site_names(), round_offset=round_offset,
-                          on_train=lambda *_: None, on_evaluate=lambda *_: None)
+                          on_train=lambda *_: None, on_evaluate=lambda *_: None,
+                          site_nodes=site_nodes)
 
 
 def _round(strategy: LoraFedAvg, current: dict[str, torch.Tensor],
@@ -186,24 +188,17 @@ def test_server_optimizers_refuse_exact_aggregation() -> None:
 def test_cyclic_participation_sends_each_round_to_the_site_whose_turn_it_is() -> None:
     """Round k goes to site (k-1) mod N, wherever its node is, and on --resume the turns
     follow the run's round numbers, not Flower's (which restart at 1)."""
-    scenario = build_config(ScenarioConfig, {"federation": {
-        "sites": ["icd10:cardiology", "icd10:oncology"], "participation": "cyclic"}},
-        source="test")
     nodes = {"cardiology": 22, "oncology": 11}  # FakeGrid's nodes are 11 and 22
     current, sites = _adapters()
     for offset, expected in ((0, [22, 11, 22]), (1, [11, 22, 11])):
-        strategy = build_strategy(scenario, scenario.site_names(), round_offset=offset,
-                                  on_train=lambda *_: None, on_evaluate=lambda *_: None,
-                                  site_nodes=nodes)
+        strategy = _strategy(offset, nodes, participation="cyclic")
         sent = [list(strategy.configure_train(r, ArrayRecord(current), ConfigRecord(),
                                               FakeGrid(2)))  # type: ignore[arg-type]
                 for r in (1, 2, 3)]
         assert [[m.metadata.dst_node_id for m in msgs] for msgs in sent] == [[n] for n in
                                                                             expected]
     # the one reply of a turn is the new global adapter, unchanged
-    strategy = build_strategy(scenario, scenario.site_names(), round_offset=0,
-                              on_train=lambda *_: None, on_evaluate=lambda *_: None,
-                              site_nodes=nodes)
+    strategy = _strategy(0, nodes, participation="cyclic")
     msg = next(iter(strategy.configure_train(1, ArrayRecord(current), ConfigRecord(),
                                              FakeGrid(2))))  # type: ignore[arg-type]
     reply = Message(RecordDict({"arrays": ArrayRecord(sites[0]), "metrics": MetricRecord({
@@ -224,8 +219,5 @@ def test_cyclic_participation_refuses_what_needs_several_updates_a_round() -> No
     with pytest.raises(ConfigError, match=r"secure_aggregation .* do not apply"):
         build_config(ScenarioConfig, {"federation": {"participation": "cyclic"},
                                       "privacy": {"noise_multiplier": 1.0}}, source="test")
-    scenario = build_config(ScenarioConfig, {"federation": {"participation": "cyclic"}},
-                            source="test")
     with pytest.raises(ValueError, match="needs the node of every site"):
-        build_strategy(scenario, scenario.site_names(), round_offset=0,
-                       on_train=lambda *_: None, on_evaluate=lambda *_: None)
+        _strategy(participation="cyclic")

@@ -96,11 +96,11 @@ class LoraFedAvg(FedAvg):
                 config[key] = value
         messages = super().configure_train(server_round, arrays, config, grid)
         if self.scenario.federation.participation == "cyclic":  # only this round's site
-            node = self.site_nodes[turn(real, self.site_names)]
-            messages = [m for m in messages if m.metadata.dst_node_id == node]
+            site = turn(real, self.site_names)
+            messages = [m for m in messages if m.metadata.dst_node_id == self.site_nodes[site]]
             if not messages:
                 log.warning("round %d: the node of site %r is not connected; no site trains "
-                            "this round", real, turn(real, self.site_names))
+                            "this round", real, site)
         return messages
 
     def _admit(self, reply: Message, real_round: int) -> tuple[str, State, dict[str, float]]:
