@@ -57,6 +57,11 @@ FEDERATED: dict[str, list[str]] = {
     # cyclic weight transfer: one site per round, N·R rounds (the same local steps in all,
     # one after the other; main() sets the rounds)
     "cyclic": ["federation.participation='cyclic'"],
+    # the same with each site continuing its own AdamW moments from its previous turn (kept
+    # in Flower's node state at the site) instead of starting them at zero every turn
+    "cyclic+keep": ["federation.participation='cyclic'", "federation.local_optimizer='keep'"],
+    # parallel FedAvg with the sites' AdamW moments kept between rounds
+    "factors+keep": ["federation.aggregation='factors'", "federation.local_optimizer='keep'"],
 }
 
 
@@ -153,9 +158,9 @@ def main() -> None:
             raise SystemExit(f"--resume: {out} was measured with other settings: "
                              f"{ {k: saved.get(k) for k in setup} }")
         rows = saved["rows"]
-        other = [r for r in rows if r["variant"] == "federated:cyclic"
+        other = [r for r in rows if r["variant"].startswith("federated:cyclic")
                  and r.get("turn_steps") != turn_steps]
-        if other and "cyclic" in args.modes:
+        if other and any(m.startswith("cyclic") for m in args.modes):
             raise SystemExit(f"--resume: {out} has the cyclic variant with "
                              f"{other[0].get('turn_steps')}-step turns; pass --cyclic-steps "
                              f"{other[0].get('turn_steps')} or another --json")
@@ -202,7 +207,8 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             rounds, steps = fed.rounds, scenario.train.max_steps
-            if mode == "cyclic":  # as many turns as make the federation's local steps
+            cyclic = mode.startswith("cyclic")
+            if cyclic:  # as many turns as make the federation's local steps
                 rounds, steps = per_site * len(names) // turn_steps, turn_steps
             # with --resume and --runs, a federated run cut off mid-way goes on from its
             # last complete round
@@ -211,7 +217,7 @@ def main() -> None:
                                         f"federation.rounds={rounds}",
                                         f"train.max_steps={steps}"])
             add(f"federated:{mode}", per_site * len(names), store.load_round(rounds), start,
-                **({"turn_steps": steps} if mode == "cyclic" else {}))
+                **({"turn_steps": steps} if cyclic else {}))
 
     cols = ["variant", "steps", "pooled_ppl", *[f"{n}/ppl" for n in names], "pooled_category",
             "pooled_desc_f1", "minutes"]
@@ -219,7 +225,7 @@ def main() -> None:
           f"{scenario.train.max_steps} local steps, batch {scenario.train.batch_size}; "
           f"{args.questions} questions per task per site; held-out codes unseen in training"
           + (f"; cyclic: {per_site * len(names) // turn_steps} turns of {turn_steps} steps"
-             if "cyclic" in args.modes else ""))
+             if any(m.startswith("cyclic") for m in args.modes) else ""))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     order = ["base", *[f"local:{n}" for n in names], "centralized", "centralized-wide",

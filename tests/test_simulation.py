@@ -224,10 +224,12 @@ def test_encrypted_checkpoints_resume_after_a_crash(tiny_backbone: Path, write_j
         assert torch.allclose(resumed[key], value, atol=1e-6), key
 
 
+@pytest.mark.parametrize("local_optimizer", ["restart", "keep"])
 def test_cyclic_participation_trains_one_site_per_round_in_turn(  # type: ignore[no-untyped-def]
-        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, local_optimizer: str) -> None:
     scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=3)
-    scenario.write_text(scenario.read_text() + 'participation = "cyclic"\n')
+    scenario.write_text(scenario.read_text() + 'participation = "cyclic"\n'
+                        f'local_optimizer = "{local_optimizer}"\n')
     out = tmp_path / "run"
     assert main(["-q", "simulate", str(scenario), "--out", str(out)]) == 0
     history = json.loads((out / "history.json").read_text())
@@ -238,3 +240,25 @@ def test_cyclic_participation_trains_one_site_per_round_in_turn(  # type: ignore
         assert row["bytes-up"] == row["site0/bytes-up" if "site0/train-loss" in row
                                       else "site1/bytes-up"]
     assert read_manifest(out / "rounds" / "round-003")["participation"] == "cyclic"
+    ages = [row.get(f"{s}/optimizer-steps") for row, s in
+            zip(history, ("site0", "site1", "site0"), strict=True)]
+    # "keep": site0's second turn continues the AdamW moments of its first (3 + 3 steps),
+    # held in its Flower node state between turns; "restart": no moments are kept
+    assert ages == ([3.0, 3.0, 6.0] if local_optimizer == "keep" else [None, None, None])
+
+
+def test_kept_local_optimizers_are_refused_where_the_factors_are_re_factorized(
+        tmp_path: Path) -> None:
+    path = tmp_path / "keep.toml"
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
+                    'local_optimizer = "keep"\naggregation = "exact"\n')
+    with pytest.raises(ConfigError, match=r"local_optimizer = 'keep' .* but aggregation = "
+                       r"'exact' re-factorizes A and B between rounds"):
+        load_scenario(path, [])
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
+                    'local_optimizer = "keep"\nsite_ranks = [8, 4]\n')
+    with pytest.raises(ConfigError, match=r"but site_ranks = \[8, 4\] re-factorizes"):
+        load_scenario(path, [])
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
+                    'local_optimizer = "keep"\naggregation = "ffa"\n')
+    assert load_scenario(path, [])[0].federation.local_optimizer == "keep"

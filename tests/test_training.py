@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,7 @@ from fed_llama.data.source import load_site_data
 from fed_llama.errors import AdapterError
 from fed_llama.training.job import run_training
 from fed_llama.training.loop import MIN_LR_RATIO, lr_lambda, train_adapter
-from fed_llama.training.lora import attach_lora, trainable_parameters
+from fed_llama.training.lora import adapter_state, attach_lora, trainable_parameters
 from fed_llama.training.loss import answer_nll, heldout_loss
 
 
@@ -71,6 +72,49 @@ def test_rounds_share_one_schedule_as_one_run_would(tiny_backbone: Path,  # type
     assert rounds[2][0] < rounds[1][0] < rounds[0][-1]
     with pytest.raises(ValueError, match="offset"):
         train_adapter(model, data.train, cfg, pad, progress=False, schedule=(12, 12))
+
+
+def test_a_run_continued_with_its_optimizer_state_equals_one_uninterrupted_run(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl) -> None:
+    bb, data = _setup(tiny_backbone, write_jsonl(qa_records(16)))
+    items, pad = data.train[:8], bb.tokenizer.pad_token_id
+    cfg = OptimConfig(max_steps=3, lr=1e-2, warmup_steps=1, batch_size=8)  # one batch: all 8
+
+    def run(halves: bool, carry: bool) -> dict[str, torch.Tensor]:
+        model = attach_lora(load_backbone(BackboneConfig(name=str(tiny_backbone))).model,
+                            LoraSpec(r=4, dropout=0.0), seed=0)
+        if not halves:
+            train_adapter(model, items, dataclasses.replace(cfg, max_steps=6), pad,
+                          progress=False)
+        else:
+            first = train_adapter(model, items, cfg, pad, progress=False, schedule=(0, 6),
+                                  keep_optimizer=True)
+            assert float(first.optimizer_state["step"]) == 3
+            train_adapter(model, items, cfg, pad, progress=False, schedule=(3, 6),
+                          resume_optimizer=first.optimizer_state if carry else None)
+        return adapter_state(model)
+
+    whole, carried, restarted = run(False, False), run(True, True), run(True, False)
+    for key in whole:
+        torch.testing.assert_close(carried[key], whole[key], rtol=1e-4, atol=1e-6)
+    # restarting AdamW's moments (bias correction from step 1 again) lands elsewhere
+    assert max(float((restarted[k] - whole[k]).abs().max()) for k in whole) > 1e-4
+
+
+def test_an_optimizer_state_for_other_parameters_is_refused(tiny_backbone: Path,  # type: ignore[no-untyped-def]
+                                                             write_jsonl) -> None:
+    bb, data = _setup(tiny_backbone, write_jsonl(qa_records(8)))
+    model = attach_lora(bb.model, LoraSpec(r=4, dropout=0.0), seed=0)
+    cfg, pad = OptimConfig(max_steps=1, batch_size=4), bb.tokenizer.pad_token_id
+    saved = train_adapter(model, data.train, cfg, pad, progress=False,
+                          keep_optimizer=True).optimizer_state
+    name = next(k for k in saved if k.startswith("exp_avg/"))
+    with pytest.raises(ValueError, match="missing"):
+        train_adapter(model, data.train, cfg, pad, progress=False,
+                      resume_optimizer={k: v for k, v in saved.items() if k != name})
+    with pytest.raises(ValueError, match="shape"):
+        train_adapter(model, data.train, cfg, pad, progress=False,
+                      resume_optimizer={**saved, name: torch.zeros(3)})
 
 
 def test_a_few_steps_lower_the_loss(tiny_backbone: Path, write_jsonl) -> None:  # type: ignore[no-untyped-def]

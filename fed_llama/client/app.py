@@ -59,7 +59,23 @@ def secagg_when_asked(msg: Message, context: Context,
     return out
 
 
-def _legacy_train(msg: Message, sc: ScenarioConfig, site: int) -> Message:
+LOCAL_OPTIMIZER = "local-optimizer"
+"""The node state's record holding the site's AdamW state (``local_optimizer = "keep"``)."""
+
+
+def _kept_optimizer(context: Context) -> site_ops.State | None:
+    """The site's AdamW state from its previous round, if it kept one (None: start afresh)."""
+    record = context.state.array_records.get(LOCAL_OPTIMIZER)
+    return record.to_torch_state_dict() if record is not None else None
+
+
+def _keep_optimizer(context: Context, optimizer: site_ops.State) -> None:
+    """Keep this round's AdamW state in the node's own state (it is never sent)."""
+    if optimizer:
+        context.state[LOCAL_OPTIMIZER] = ArrayRecord(optimizer)
+
+
+def _legacy_train(msg: Message, context: Context, sc: ScenarioConfig, site: int) -> Message:
     """A SecAgg+ round's training, in Flower's legacy fit layout (what the mod masks)."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
@@ -70,7 +86,9 @@ def _legacy_train(msg: Message, sc: ScenarioConfig, site: int) -> Message:
     keys = list(site_ops.initial_state(sc))
     state = from_arrays(parameters_to_ndarrays(fitins.parameters), keys)
     value = fitins.config.get("fed-round", 0)
-    new_state, metrics = site_ops.fit(sc, site, state, value if isinstance(value, int) else 0)
+    new_state, metrics, optimizer = site_ops.fit(sc, site, state, value if isinstance(value, int)
+                                                 else 0, optimizer=_kept_optimizer(context))
+    _keep_optimizer(context, optimizer)
     metrics["site"] = float(site)
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(to_arrays(new_state, keys)),
                  int(metrics["num-examples"]), dict(metrics))
@@ -100,7 +118,7 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
         sc = scenario or scenario_from_run_config(context)
         site = _site(context, sc)
         if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
-            return _legacy_train(msg, sc, site)
+            return _legacy_train(msg, context, sc, site)
         state = msg.content.array_records["arrays"].to_torch_state_dict()
         config = msg.content.config_records["config"]
         value = config.get("fed-round", config.get("server-round", 0))
@@ -111,9 +129,10 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
         if sec.envelopes:  # check the seal before spending any time on training
             key, server = security.site_keys(sec, name, context.node_config)
             run = security.check_round(sec, server, config, state, server_round)
-        new_state, metrics = site_ops.fit(sc, site, state, server_round,
-                                          proximal_mu=float(mu) if isinstance(mu, (int, float))
-                                          else 0.0)
+        new_state, metrics, optimizer = site_ops.fit(
+            sc, site, state, server_round, optimizer=_kept_optimizer(context),
+            proximal_mu=float(mu) if isinstance(mu, (int, float)) else 0.0)
+        _keep_optimizer(context, optimizer)
         metrics["site"] = float(site)
         if sec.envelopes:
             sealed = security.seal_update(key, server, run=run, server_round=server_round,

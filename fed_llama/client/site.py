@@ -90,9 +90,15 @@ def proximal_term(model: Any, mu: float) -> Callable[[Any], Any]:
 
 
 def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
-        progress: bool = False, proximal_mu: float = 0.0) -> tuple[State, dict[str, float]]:
+        progress: bool = False, proximal_mu: float = 0.0, optimizer: State | None = None
+        ) -> tuple[State, dict[str, float], State]:
     """Train the global adapter ``state`` on site ``site`` for the local steps of a round
-    (with FedProx's proximal term when ``proximal_mu`` > 0)."""
+    (with FedProx's proximal term when ``proximal_mu`` > 0).
+
+    Returns the site's new adapter, its metrics and, with ``federation.local_optimizer =
+    "keep"``, its AdamW state after the round (else empty), which the site passes back as
+    ``optimizer`` next round to continue it. That state stays at the site.
+    """
     if scenario.site_names()[site] in scenario.attack.drop_sites:  # a simulated dropout
         raise RuntimeError(f"site {scenario.site_names()[site]} drops out of round "
                            f"{server_round} ([attack] drop_sites)")
@@ -117,13 +123,17 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
     if fed.lr_schedule == "across-rounds":  # round k: steps (k-1)·S .. k·S-1 of one schedule
         done = min(max(server_round, 1), fed.rounds) - 1
         schedule = (done * steps, fed.rounds * steps)
+    keep = fed.local_optimizer == "keep"
     stats = train_adapter(loaded.model, data.train, cfg, loaded.tokenizer.pad_token_id,
                           proximal=proximal, progress=progress, schedule=schedule,
-                          desc=f"site {site} round {server_round}")
+                          desc=f"site {site} round {server_round}",
+                          resume_optimizer=optimizer if keep else None, keep_optimizer=keep)
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
                "train-seconds": stats.seconds, "train-tokens": float(stats.tokens),
                "rank": float(rank)}
+    if keep:  # how many steps the site's AdamW moments have accumulated, this round included
+        metrics["optimizer-steps"] = float(stats.optimizer_state.get("step", 0.0))
     new_state = adapter_state(loaded.model, adapter)
     attack = scenario.attack
     if scenario.site_names()[site] in attack.poison_sites:  # a simulated hostile site
@@ -132,7 +142,7 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
         new_state = {k: state[k] + attack.poison_scale * (v - state[k])
                      for k, v in new_state.items()}
     use_rank(loaded.model, lora, lora.r, scenario.train.seed)  # evaluation uses the global rank
-    return new_state, metrics
+    return new_state, metrics, stats.optimizer_state
 
 
 def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, float]:

@@ -73,6 +73,15 @@ class FederationConfig:
     uninterrupted run would have them. ``per-round``: every round warms up and decays anew
     (the learning rate falls to 10% at the end of each round)."""
 
+    local_optimizer: Literal["restart", "keep"] = "restart"
+    """``restart``: every round's local training starts AdamW afresh (zero moments, so its
+    first steps move every weight by about the learning rate, whatever its gradient's size).
+    ``keep``: each site keeps its AdamW moments and step count from its previous round in
+    Flower's node state (``Context.state``, which never leaves the site) and continues them;
+    nothing more is sent. After the aggregator's ``--resume`` (a new Flower run) the sites
+    start afresh once. Not with ``aggregation = "exact"`` or ``site_ranks``: they
+    re-factorize A and B between rounds, and kept moments would no longer match them."""
+
     proximal_mu: float = 0.01
     """FedProx's proximal weight μ (``strategy = "fedprox"`` only)."""
 
@@ -147,6 +156,13 @@ class FederationConfig:
                        f"global adapter; strategy = {self.strategy!r} and robust = "
                        f"{self.robust!r} need several: set strategy = 'fedavg' and robust = "
                        "'none', or participation = 'all'")
+        if self.local_optimizer == "keep" and (self.aggregation == "exact" or self.site_ranks):
+            what = ("aggregation = 'exact'" if self.aggregation == "exact"
+                    else f"site_ranks = {list(self.site_ranks)}")
+            out.append(f"local_optimizer = 'keep' continues each site's AdamW moments on the "
+                       f"factors it trained, but {what} re-factorizes A and B between rounds: "
+                       "set local_optimizer = 'restart', or use aggregation = 'factors' or "
+                       "'ffa' with one rank")
         if self.proximal_mu < 0:
             out.append(f"proximal_mu must be 0 or more; got {self.proximal_mu}")
         if self.server_lr < 0:

@@ -220,6 +220,8 @@ class LoraFedAvg(FedAvg):
         for name, _, m in admitted:
             row[f"{name}/train-loss"] = m.get("train-loss", math.nan)
             row[f"{name}/train-seconds"] = m.get("train-seconds", math.nan)
+            if "optimizer-steps" in m:  # local_optimizer = "keep": the site's AdamW age
+                row[f"{name}/optimizer-steps"] = m["optimizer-steps"]
         total = sum(weights)
         row["train-loss"] = sum(w * m.get("train-loss", math.nan) for w, m in
                                 zip(weights, metrics, strict=True)) / total

@@ -35,6 +35,9 @@ class TrainStats:
     lrs: list[float] = field(default_factory=list)
     """Learning rate of each optimizer step."""
     stopped_by_time: bool = False
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """AdamW's moments and step count after the last step, by parameter name (only when
+    ``train_adapter`` was asked to keep them): see :func:`optimizer_state`."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -58,15 +61,70 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-parameter moments, as torch names them."""
+STEP = "step"
+
+
+def _named_trainable(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optim: torch.optim.Optimizer, model: Any) -> dict[str, torch.Tensor]:
+    """AdamW's state as flat tensors: ``exp_avg/<param>``, ``exp_avg_sq/<param>`` for every
+    trainable parameter (by its name in ``model``) and ``step``, the steps taken so far."""
+    out: dict[str, torch.Tensor] = {}
+    steps = set()
+    for name, param in _named_trainable(model).items():
+        slot = optim.state.get(param, {})
+        if not slot:
+            continue
+        for moment in MOMENTS:
+            out[f"{moment}/{name}"] = slot[moment].detach().cpu().clone()
+        steps.add(float(slot[STEP]))
+    if len(steps) > 1:
+        raise RuntimeError(f"AdamW's parameters took different numbers of steps: {steps}")
+    if steps:
+        out[STEP] = torch.tensor(steps.pop())
+    return out
+
+
+def _restore_optimizer(optim: torch.optim.Optimizer, model: Any,
+                       saved: dict[str, torch.Tensor]) -> None:
+    """Put :func:`optimizer_state`'s tensors back into a fresh AdamW over ``model``'s
+    trainable parameters; refuses a state saved for other parameters."""
+    params = _named_trainable(model)
+    names = {k.partition("/")[2] for k in saved if k != STEP}
+    if STEP not in saved or names != set(params) or len(saved) != 2 * len(params) + 1:
+        missing, extra = sorted(set(params) - names), sorted(names - set(params))
+        raise ValueError(f"the optimizer state does not fit the adapter's trainable "
+                         f"parameters (missing {missing[:2]}, unknown {extra[:2]}, step "
+                         f"{'present' if STEP in saved else 'missing'})")
+    for name, param in params.items():
+        for moment in MOMENTS:
+            if saved[f"{moment}/{name}"].shape != param.shape:
+                raise ValueError(f"the optimizer state's {moment} of {name} has shape "
+                                 f"{tuple(saved[f'{moment}/{name}'].shape)}, the parameter "
+                                 f"{tuple(param.shape)}")
+        optim.state[param] = {
+            STEP: saved[STEP].detach().clone().to(torch.float32),
+            **{m: saved[f"{m}/{name}"].detach().clone().to(param.dtype) for m in MOMENTS}}
+
+
 def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: int, *,
                   proximal: Any = None, progress: bool = True, desc: str = "train",
-                  schedule: tuple[int, int] | None = None) -> TrainStats:
+                  schedule: tuple[int, int] | None = None,
+                  resume_optimizer: dict[str, torch.Tensor] | None = None,
+                  keep_optimizer: bool = False) -> TrainStats:
     """Train the adapter of ``model`` on ``items`` for ``cfg.max_steps`` optimizer steps.
 
     ``proximal``, if given, is called with the model and returns a loss term added to each
     step's loss (FedProx's proximal term). ``schedule = (offset, total)`` places these steps
     at ``offset`` of a learning-rate schedule ``total`` steps long (a federation round's
     share of one schedule across all rounds); None: one schedule over ``cfg.max_steps``.
+    ``resume_optimizer`` (from an earlier run's ``TrainStats.optimizer_state``) continues
+    AdamW's moments instead of starting them at zero; ``keep_optimizer`` fills
+    ``TrainStats.optimizer_state`` at the end.
     """
     from tqdm.auto import tqdm
 
@@ -77,6 +135,8 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
     if not params:
         raise RuntimeError("the model has no trainable parameters: attach an adapter first")
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume_optimizer:
+        _restore_optimizer(optim, model, resume_optimizer)
     offset, total = schedule or (0, cfg.max_steps)
     if offset < 0 or total < offset + 1:
         raise ValueError(f"schedule {schedule}: need 0 <= offset < total")
@@ -124,4 +184,6 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
     finally:
         bar.close()
         model.eval()
+    if keep_optimizer:
+        stats.optimizer_state = optimizer_state(optim, model)
     return stats
