@@ -262,3 +262,19 @@ def test_kept_local_optimizers_are_refused_where_the_factors_are_re_factorized(
     path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
                     'local_optimizer = "keep"\naggregation = "ffa"\n')
     assert load_scenario(path, [])[0].federation.local_optimizer == "keep"
+
+
+def test_the_initial_adapter_stays_the_seeded_one_after_training_in_the_process(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    import torch
+
+    from fed_llama.client import site as site_ops
+
+    scenario, _ = load_scenario(_scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1), [])
+    before = site_ops.initial_state(scenario)
+    assert all(float(v.abs().max()) == 0 for k, v in before.items() if "lora_B" in k)
+    trained, _, _ = site_ops.fit(scenario, 0, before, server_round=1)
+    assert any(not torch.equal(trained[k], before[k]) for k in before)
+    # the process's model now holds the trained adapter; the initial one is still B = 0
+    after = site_ops.initial_state(scenario)
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -31,6 +31,8 @@ class LoadedSite:
     tokenizer: Any
     backbone: Any
     data: dict[int, SiteData]
+    initial: State
+    """The adapter as attached (seeded peft initialization, B = 0), before any training."""
     fills: dict[int, State] = field(default_factory=dict)
     """Per rank other than the global one: the seeded initial adapter whose A rows fill
     directions the global product lacks (see :func:`fed_llama.adapter.rank.factorize`)."""
@@ -47,7 +49,8 @@ def loaded_site_model(scenario: ScenarioConfig) -> LoadedSite:
         bb = load_backbone(scenario.backbone)
         model = attach_lora(bb.model, scenario.lora, seed=scenario.train.seed)
         _CACHE.clear()  # one scenario per process at a time: free the previous backbone
-        _CACHE[scenario] = LoadedSite(model=model, tokenizer=bb.tokenizer, backbone=bb, data={})
+        _CACHE[scenario] = LoadedSite(model=model, tokenizer=bb.tokenizer, backbone=bb, data={},
+                                      initial=adapter_state(model))
     return _CACHE[scenario]
 
 
@@ -55,9 +58,10 @@ def initial_state(scenario: ScenarioConfig) -> State:
     """The global adapter before round 1: the seeded peft initialization (B = 0).
 
     Every site attaches its adapter with the same seed, so with FFA-LoRA every site's frozen A
-    equals this A.
+    equals this A. Always the attached state, however the process's model was trained since
+    (a copy: callers may change it).
     """
-    return adapter_state(loaded_site_model(scenario).model)
+    return {k: v.clone() for k, v in loaded_site_model(scenario).initial.items()}
 
 
 def site_data(scenario: ScenarioConfig, site: int) -> SiteData:
