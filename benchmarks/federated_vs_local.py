@@ -148,6 +148,7 @@ def main() -> None:
     if turn_steps < 1 or (per_site * len(names)) % turn_steps:
         parser.error(f"--cyclic-steps {turn_steps} must divide the federation's "
                      f"{per_site * len(names)} local steps")
+    runs_cyclic = any(m.startswith("cyclic") for m in args.modes)
     rows: list[dict[str, Any]] = []
     setup = {"scenario": Path(args.scenario).name, "overrides": args.overrides,
              "questions": args.questions}
@@ -160,7 +161,7 @@ def main() -> None:
         rows = saved["rows"]
         other = [r for r in rows if r["variant"].startswith("federated:cyclic")
                  and r.get("turn_steps") != turn_steps]
-        if other and any(m.startswith("cyclic") for m in args.modes):
+        if other and runs_cyclic:
             raise SystemExit(f"--resume: {out} has the cyclic variant with "
                              f"{other[0].get('turn_steps')}-step turns; pass --cyclic-steps "
                              f"{other[0].get('turn_steps')} or another --json")
@@ -225,7 +226,7 @@ def main() -> None:
           f"{scenario.train.max_steps} local steps, batch {scenario.train.batch_size}; "
           f"{args.questions} questions per task per site; held-out codes unseen in training"
           + (f"; cyclic: {per_site * len(names) // turn_steps} turns of {turn_steps} steps"
-             if any(m.startswith("cyclic") for m in args.modes) else ""))
+             if runs_cyclic else ""))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     order = ["base", *[f"local:{n}" for n in names], "centralized", "centralized-wide",

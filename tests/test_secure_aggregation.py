@@ -66,6 +66,18 @@ def test_the_secure_aggregate_is_the_plain_weighted_mean(tiny_backbone: Path, wr
     assert manifest["secure_aggregation"] is True
 
 
+def test_sites_keep_their_optimizer_under_secure_aggregation(tiny_backbone: Path,  # type: ignore[no-untyped-def]
+                                                             write_jsonl, tmp_path: Path) -> None:
+    """local_optimizer = "keep" through the SecAgg+ path: each site's AdamW state (never sent)
+    carries into its next round, and the history shows its age as in a plain run."""
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, 3)
+    store = simulate(scenario, tmp_path / "secure", overrides=[
+        *SECAGG, "federation.rounds=2", "federation.local_optimizer='keep'"])
+    first, second = store.history()
+    for site in ("site0", "site1", "site2"):  # 3 local steps a round: 3, then 3 + 3
+        assert (first[f"{site}/optimizer-steps"], second[f"{site}/optimizer-steps"]) == (3, 6)
+
+
 def test_a_site_that_drops_out_is_tolerated(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
                                             tmp_path: Path) -> None:
     four = _scenario(tmp_path, tiny_backbone, write_jsonl, 4)

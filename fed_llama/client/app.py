@@ -63,16 +63,19 @@ LOCAL_OPTIMIZER = "local-optimizer"
 """The node state's record holding the site's AdamW state (``local_optimizer = "keep"``)."""
 
 
-def _kept_optimizer(context: Context) -> site_ops.State | None:
-    """The site's AdamW state from its previous round, if it kept one (None: start afresh)."""
+def _fit(context: Context, sc: ScenarioConfig, site: int, state: site_ops.State,
+         server_round: int, proximal_mu: float = 0.0
+         ) -> tuple[site_ops.State, dict[str, float]]:
+    """:func:`site_ops.fit`, continuing the AdamW state the site kept in its node state from
+    its previous round (``local_optimizer = "keep"``) and keeping this round's there (it is
+    never sent)."""
     record = context.state.array_records.get(LOCAL_OPTIMIZER)
-    return record.to_torch_state_dict() if record is not None else None
-
-
-def _keep_optimizer(context: Context, optimizer: site_ops.State) -> None:
-    """Keep this round's AdamW state in the node's own state (it is never sent)."""
+    new_state, metrics, optimizer = site_ops.fit(
+        sc, site, state, server_round, proximal_mu=proximal_mu,
+        optimizer=record.to_torch_state_dict() if record is not None else None)
     if optimizer:
         context.state[LOCAL_OPTIMIZER] = ArrayRecord(optimizer)
+    return new_state, metrics
 
 
 def _legacy_train(msg: Message, context: Context, sc: ScenarioConfig, site: int) -> Message:
@@ -86,9 +89,7 @@ def _legacy_train(msg: Message, context: Context, sc: ScenarioConfig, site: int)
     keys = list(site_ops.initial_state(sc))
     state = from_arrays(parameters_to_ndarrays(fitins.parameters), keys)
     value = fitins.config.get("fed-round", 0)
-    new_state, metrics, optimizer = site_ops.fit(sc, site, state, value if isinstance(value, int)
-                                                 else 0, optimizer=_kept_optimizer(context))
-    _keep_optimizer(context, optimizer)
+    new_state, metrics = _fit(context, sc, site, state, value if isinstance(value, int) else 0)
     metrics["site"] = float(site)
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(to_arrays(new_state, keys)),
                  int(metrics["num-examples"]), dict(metrics))
@@ -129,10 +130,8 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
         if sec.envelopes:  # check the seal before spending any time on training
             key, server = security.site_keys(sec, name, context.node_config)
             run = security.check_round(sec, server, config, state, server_round)
-        new_state, metrics, optimizer = site_ops.fit(
-            sc, site, state, server_round, optimizer=_kept_optimizer(context),
-            proximal_mu=float(mu) if isinstance(mu, (int, float)) else 0.0)
-        _keep_optimizer(context, optimizer)
+        new_state, metrics = _fit(context, sc, site, state, server_round,
+                                  float(mu) if isinstance(mu, (int, float)) else 0.0)
         metrics["site"] = float(site)
         if sec.envelopes:
             sealed = security.seal_update(key, server, run=run, server_round=server_round,

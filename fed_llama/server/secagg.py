@@ -81,6 +81,8 @@ class SecAggFedAvg(LegacyFedAvg):
             name = self.site_names[int(res.metrics["site"])]
             row[f"{name}/train-loss"] = float(res.metrics.get("train-loss", math.nan))
             row[f"{name}/train-seconds"] = float(res.metrics.get("train-seconds", math.nan))
+            if "optimizer-steps" in res.metrics:  # local_optimizer = "keep": the site's AdamW age
+                row[f"{name}/optimizer-steps"] = float(res.metrics["optimizer-steps"])
             if "bytes-up" in res.metrics:  # the masked update, measured by the site
                 row[f"{name}/bytes-up"] = float(res.metrics["bytes-up"])
                 row["bytes-up"] = row.get("bytes-up", 0.0) + float(res.metrics["bytes-up"])

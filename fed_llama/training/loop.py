@@ -13,7 +13,7 @@ import torch
 from fed_llama.config.train import OptimConfig
 from fed_llama.data.batching import batch_order, collate
 from fed_llama.data.tokenize import IGNORE, Encoded
-from fed_llama.training.lora import trainable_parameters
+from fed_llama.training.lora import named_trainable_parameters, trainable_parameters
 from fed_llama.training.loss import answer_nll
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,12 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"
 
 
-def _named_trainable(model: Any) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def optimizer_state(optim: torch.optim.Optimizer, model: Any) -> dict[str, torch.Tensor]:
     """AdamW's state as flat tensors: ``exp_avg/<param>``, ``exp_avg_sq/<param>`` for every
     trainable parameter (by its name in ``model``) and ``step``, the steps taken so far."""
     out: dict[str, torch.Tensor] = {}
     steps = set()
-    for name, param in _named_trainable(model).items():
+    for name, param in named_trainable_parameters(model).items():
         slot = optim.state.get(param, {})
         if not slot:
             continue
@@ -93,7 +89,7 @@ def _restore_optimizer(optim: torch.optim.Optimizer, model: Any,
                        saved: dict[str, torch.Tensor]) -> None:
     """Put :func:`optimizer_state`'s tensors back into a fresh AdamW over ``model``'s
     trainable parameters; refuses a state saved for other parameters."""
-    params = _named_trainable(model)
+    params = named_trainable_parameters(model)
     names = {k.partition("/")[2] for k in saved if k != STEP}
     if STEP not in saved or names != set(params) or len(saved) != 2 * len(params) + 1:
         missing, extra = sorted(set(params) - names), sorted(names - set(params))

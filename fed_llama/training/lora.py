@@ -44,9 +44,14 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
     return peft.get_peft_model(model, peft_config(spec))
 
 
+def named_trainable_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates (the adapter's), by their names in ``model``."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     """The parameters the optimizer updates (the adapter's)."""
-    return [p for p in model.parameters() if p.requires_grad]
+    return list(named_trainable_parameters(model).values())
 
 
 def adapter_state(model: Any, adapter: str = "default") -> dict[str, torch.Tensor]:
