@@ -16,7 +16,8 @@ this measures, on every site's held-out set (codes unseen in training):
   ``factors+server-lr-3`` / ``ffa+server-lr-3``: FedAvgM without momentum at server learning
   rate 3, i.e. the sum of the sites' changes; ``cyclic``: cyclic weight transfer, one site
   per round for N·R rounds, so the R·S·N local steps follow one another as centralized
-  training's do).
+  training's do; its run evaluates the held-out sets once per cycle of the N sites, and
+  ``cyclic+keep`` has each site continue its own AdamW moments).
 
 It prints per-site and pooled held-out perplexity, task accuracy (greedy answers:
 description -> code category match, code -> description token F1), minutes per variant, and
@@ -134,6 +135,10 @@ def main() -> None:
                         help="keep the variants already measured in --json (same scenario, "
                              "overrides and questions) and measure the rest; with --runs, a "
                              "federated run cut off mid-way continues from its last round")
+    parser.add_argument("--remeasure", nargs="+", default=[], metavar="VARIANT",
+                        help="with --resume: measure these saved variants again (e.g. "
+                             "federated:cyclic+keep with other --cyclic-steps), replacing "
+                             "their rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -158,13 +163,18 @@ def main() -> None:
         if {k: saved.get(k) for k in setup} != setup:
             raise SystemExit(f"--resume: {out} was measured with other settings: "
                              f"{ {k: saved.get(k) for k in setup} }")
-        rows = saved["rows"]
+        unknown = set(args.remeasure) - {r["variant"] for r in saved["rows"]}
+        if unknown:
+            raise SystemExit(f"--remeasure {sorted(unknown)}: not in {out} (it has "
+                             f"{[r['variant'] for r in saved['rows']]})")
+        rows = [r for r in saved["rows"] if r["variant"] not in args.remeasure]
         other = [r for r in rows if r["variant"].startswith("federated:cyclic")
                  and r.get("turn_steps") != turn_steps]
         if other and runs_cyclic:
-            raise SystemExit(f"--resume: {out} has the cyclic variant with "
+            raise SystemExit(f"--resume: {out} has {other[0]['variant']} with "
                              f"{other[0].get('turn_steps')}-step turns; pass --cyclic-steps "
-                             f"{other[0].get('turn_steps')} or another --json")
+                             f"{other[0].get('turn_steps')}, --remeasure "
+                             f"{other[0]['variant']}, or another --json")
         logging.info("resuming: %s already measured", [r["variant"] for r in rows])
     done = {r["variant"] for r in rows}
 
@@ -209,12 +219,16 @@ def main() -> None:
             start = time.perf_counter()
             rounds, steps = fed.rounds, scenario.train.max_steps
             cyclic = mode.startswith("cyclic")
+            every: list[str] = []
             if cyclic:  # as many turns as make the federation's local steps
                 rounds, steps = per_site * len(names) // turn_steps, turn_steps
+                # held-out evaluation once per cycle of the sites, not after every turn
+                # (it would take most of the time; the result is measured below anyway)
+                every = [f"federation.evaluate_every={len(names)}"]
             # with --resume and --runs, a federated run cut off mid-way goes on from its
             # last complete round
             store = simulate(Path(args.scenario), runs / mode, resume=args.resume,
-                             overrides=[*args.overrides, *FEDERATED[mode],
+                             overrides=[*args.overrides, *FEDERATED[mode], *every,
                                         f"federation.rounds={rounds}",
                                         f"train.max_steps={steps}"])
             add(f"federated:{mode}", per_site * len(names), store.load_round(rounds), start,

@@ -278,3 +278,57 @@ def test_the_initial_adapter_stays_the_seeded_one_after_training_in_the_process(
     # the process's model now holds the trained adapter; the initial one is still B = 0
     after = site_ops.initial_state(scenario)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_evaluate_every_skips_held_out_evaluation_between_rounds_but_loses_no_round(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from fed_llama.server.checkpoint import RunStore
+    from fed_llama.simulation.runner import simulate
+
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=3)
+    out = tmp_path / "run"
+    extra = ["federation.participation='cyclic'", "federation.evaluate_every=2",
+             "evaluation.questions=0"]
+    store = simulate(scenario, out, overrides=extra)
+    history = store.history()
+    # every round trains, checkpoints and has its row; rounds 2 (every 2nd) and 3 (the last)
+    # are evaluated on both sites, round 1 is not
+    assert [row["round"] for row in history] == [1, 2, 3]
+    assert [row["sites-trained"] for row in history] == [1, 1, 1]
+    assert ["pooled-perplexity" in row for row in history] == [False, True, True]
+    assert [row.get("sites-evaluated") for row in history] == [None, 2, 2]
+    assert history[0]["site0/train-loss"] > 0 and history[0]["bytes-up"] > 0
+    assert all((out / "rounds" / f"round-00{r}" / "adapter_config.json").is_file()
+               for r in (1, 2, 3))
+    assert (out / "perplexity.png").stat().st_size > 0
+    straight = store.load_round(3)
+    # a crash after round 1: that unevaluated round counts as complete, so --resume
+    # redoes rounds 2 and 3 only and lands where the uninterrupted run did
+    (out / "history.json").write_text(json.dumps(history[:1]))
+    for r in (2, 3):
+        shutil.rmtree(out / "rounds" / f"round-00{r}")
+    assert RunStore(out).completed_rounds() == 1
+    simulate(scenario, out, resume=True, overrides=extra)
+    assert [row["round"] for row in store.history()] == [1, 2, 3]
+    resumed = store.load_round(3)
+    for key, value in straight.items():
+        assert torch.allclose(resumed[key], value, atol=1e-6), key
+
+
+def test_evaluate_every_is_checked_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "every.toml"
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
+                    "evaluate_every = 0\n")
+    with pytest.raises(ConfigError, match=r"evaluate_every must be at least 1 .*got 0"):
+        load_scenario(path, [])
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology", '
+                    '"icd10:psychiatry"]\nevaluate_every = 3\n'
+                    "[security]\nenvelopes = false\nseal_rounds = false\n"
+                    "[secure_aggregation]\nenabled = true\n")
+    with pytest.raises(ConfigError, match=r"SecAgg\+ workflow\) evaluate every round: set "
+                       r"federation.evaluate_every = 1 \(got 3\)"):
+        load_scenario(path, [])

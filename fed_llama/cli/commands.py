@@ -198,12 +198,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / scenario.stem
     store = simulate(scenario, out, resume=args.resume, overrides=args.set)
     rows = store.history()
-    if rows:
-        last = rows[-1]
+    scored = [r for r in rows if "pooled-perplexity" in r]  # evaluate_every may skip some
+    if scored:
+        first, last = scored[0], scored[-1]
         print(f"{len(rows)} round(s) in {out}: pooled held-out perplexity "
-              f"{rows[0]['pooled-perplexity']:.2f} after round {rows[0]['round']} -> "
+              f"{first['pooled-perplexity']:.2f} after round {first['round']} -> "
               f"{last['pooled-perplexity']:.2f} after round {last['round']}; "
-              f"history.csv, perplexity.png, bytes.png, rounds/round-{last['round']:03d}/")
+              f"history.csv, perplexity.png, bytes.png, rounds/round-{rows[-1]['round']:03d}/")
     return 0
 
 

@@ -82,6 +82,14 @@ class FederationConfig:
     start afresh once. Not with ``aggregation = "exact"`` or ``site_ranks``: they
     re-factorize A and B between rounds, and kept moments would no longer match them."""
 
+    evaluate_every: int = 1
+    """Evaluate the global adapter on every site's held-out data (perplexity, task scores)
+    after every this many rounds, and always after the last; the rounds between still
+    train, checkpoint and record their training metrics and bytes. 1: every round. Held-out
+    evaluation takes most of a short round's time (a cyclic round trains one site but
+    evaluates all of them): ``evaluate_every`` = the number of sites evaluates a cyclic run
+    once per cycle."""
+
     proximal_mu: float = 0.01
     """FedProx's proximal weight μ (``strategy = "fedprox"`` only)."""
 
@@ -163,6 +171,9 @@ class FederationConfig:
                        f"factors it trained, but {what} re-factorizes A and B between rounds: "
                        "set local_optimizer = 'restart', or use aggregation = 'factors' or "
                        "'ffa' with one rank")
+        if self.evaluate_every < 1:
+            out.append(f"evaluate_every must be at least 1 (1: every round); got "
+                       f"{self.evaluate_every}")
         if self.proximal_mu < 0:
             out.append(f"proximal_mu must be 0 or more; got {self.proximal_mu}")
         if self.server_lr < 0:
@@ -302,6 +313,9 @@ class ScenarioConfig:
                        "server optimizer's per-site view cannot be computed from a sum)")
         if fed.site_ranks:
             out.append("secure_aggregation sums factors of one shape: leave site_ranks empty")
+        if fed.evaluate_every != 1:
+            out.append(f"secure_aggregation's rounds (Flower's SecAgg+ workflow) evaluate every "
+                       f"round: set federation.evaluate_every = 1 (got {fed.evaluate_every})")
         if self.privacy.noise_multiplier > 0:
             out.append("secure_aggregation with privacy.noise_multiplier > 0 is not supported "
                        "(the aggregator cannot clip each site's change): set one of them off")

@@ -16,7 +16,8 @@ Layout of ``--out``::
     history.json, history.csv    one row per completed round
     perplexity.png, bytes.png    plots (see fed_llama.server.report)
 
-A round is complete when its checkpoint and its evaluation row are both written; ``--resume``
+A round is complete when its checkpoint and its history row (written at the end of the round,
+after its held-out evaluation when it has one) are both written; ``--resume``
 continues after the last complete round, so no round is lost or repeated (in an empty or
 missing folder it starts the run).
 """
@@ -99,11 +100,11 @@ class RunStore:
         return rows
 
     def completed_rounds(self) -> int:
-        """The last round with both a checkpoint and an evaluation row."""
+        """The last round with both a checkpoint and a history row."""
         done = 0
         for row in self.history():
             r = int(row["round"])
-            if "pooled-perplexity" in row and (self.round_dir(r) / "adapter_config.json").is_file():
+            if (self.round_dir(r) / "adapter_config.json").is_file():
                 done = max(done, r)
         return done
 

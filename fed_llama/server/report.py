@@ -22,20 +22,24 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     except ImportError:
         log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
+    from matplotlib.ticker import MaxNLocator
+
     rounds = [int(r["round"]) for r in rows]
+    scored = [r for r in rows if "pooled-perplexity" in r]  # federation.evaluate_every
+    at = [int(r["round"]) for r in scored]
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for site in sites:
-        ax.plot(rounds, [r.get(f"{site}/perplexity", math.nan) for r in rows], marker="o",
+        ax.plot(at, [r.get(f"{site}/perplexity", math.nan) for r in scored], marker="o",
                 label=site)
-    ax.plot(rounds, [r.get("pooled-perplexity", math.nan) for r in rows], marker="s", color="black",
-            linewidth=2.5, label="pooled")
-    values = [v for r in rows for k, v in r.items() if k.endswith("perplexity") and v > 0]
+    ax.plot(at, [r.get("pooled-perplexity", math.nan) for r in scored], marker="s",
+            color="black", linewidth=2.5, label="pooled")
+    values = [v for r in scored for k, v in r.items() if k.endswith("perplexity") and v > 0]
     wide = bool(values) and max(values) / min(values) > 10  # log axis only for wide ranges
     ax.set(xlabel="round", ylabel="held-out answer perplexity",
            yscale="log" if wide else "linear",
            title="Global adapter on each site's held-out data")
-    ax.set_xticks(rounds)
+    _round_ticks(ax, at, MaxNLocator)
     plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
@@ -54,7 +58,7 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     backbone_mb = rows[-1].get("backbone-bytes", 0) / 2**20 if rows else 0
     ax.set(xlabel="round", ylabel="MiB (all sites)",
            title=f"Bytes per round (the backbone alone is {backbone_mb:.0f} MiB)")
-    ax.set_xticks(rounds)
+    _round_ticks(ax, rounds, MaxNLocator)
     ax.legend()
     fig.tight_layout()
     written.append(_save(fig, out / "bytes.png"))
@@ -69,12 +73,12 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
         for ax, key in zip(flat, pooled, strict=False):
             metric = key[len("pooled/"):]
             for site in sites:
-                ax.plot(rounds, [r.get(f"{site}/{metric}", math.nan) for r in rows],
+                ax.plot(at, [r.get(f"{site}/{metric}", math.nan) for r in scored],
                         marker="o", linewidth=1, label=site)
-            ax.plot(rounds, [r.get(key, math.nan) for r in rows], marker="s", color="black",
+            ax.plot(at, [r.get(key, math.nan) for r in scored], marker="s", color="black",
                     linewidth=2.5, label="pooled")
             ax.set(xlabel="round", title=metric, ylim=(0, 1))
-            ax.set_xticks(rounds)
+            _round_ticks(ax, at, MaxNLocator)
             ax.grid(alpha=0.3)
         for ax in flat[len(pooled):]:
             ax.set_visible(False)
@@ -85,6 +89,14 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
         written.append(_save(fig, out / "tasks.png"))
         plt.close(fig)
     return written
+
+
+def _round_ticks(ax: Any, rounds: list[int], locator: Any) -> None:
+    """A tick at every round while they fit (up to 12), else a few whole-numbered ones."""
+    if len(rounds) <= 12:
+        ax.set_xticks(rounds)
+    else:
+        ax.xaxis.set_major_locator(locator(nbins=12, integer=True))
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -231,9 +231,25 @@ class LoraFedAvg(FedAvg):
         ordered = {k: new[k] for k in self.current}
         return ArrayRecord(ordered), MetricRecord({"train-loss": row["train-loss"]})
 
+    def evaluates(self, real_round: int) -> bool:
+        """Whether round ``real_round`` ends with a held-out evaluation
+        (``federation.evaluate_every``, and always the last round)."""
+        fed = self.scenario.federation
+        return real_round % fed.evaluate_every == 0 or real_round >= fed.rounds
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if not self.evaluates(self.round_offset + server_round):
+            return []  # no messages: Flower goes on to the checkpoint at once
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        good = self._good(replies, "evaluate", self.round_offset + server_round)
+        real = self.round_offset + server_round
+        if not self.evaluates(real):  # the round's row, with its training metrics only
+            self.on_evaluate(real, {})
+            return None
+        good = self._good(replies, "evaluate", real)
         if not good:
             return None
         row = evaluation_row([scalars(m.content.metric_records["metrics"]) for m in good],
