@@ -77,8 +77,8 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         store.record(full)
         plot_history(store.history(), sites, store.out)
         if "pooled-perplexity" not in row:  # federation.evaluate_every skips this round
-            log.info("round %d/%d: checkpointed; held-out evaluation every %d rounds and "
-                     "after the last", server_round, total, scenario.federation.evaluate_every)
+            log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
+                     "after the last)", server_round, total, scenario.federation.evaluate_every)
             return
         per_site = ", ".join(f"{s} {row.get(f'{s}/perplexity', float('nan')):.2f}"
                              for s in sites)
