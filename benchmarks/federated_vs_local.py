@@ -153,6 +153,8 @@ def main() -> None:
     if turn_steps < 1 or (per_site * len(names)) % turn_steps:
         parser.error(f"--cyclic-steps {turn_steps} must divide the federation's "
                      f"{per_site * len(names)} local steps")
+    if args.remeasure and not args.resume:
+        parser.error("--remeasure replaces rows of a saved --json: pass --resume with it")
     runs_cyclic = any(m.startswith("cyclic") for m in args.modes)
     rows: list[dict[str, Any]] = []
     setup = {"scenario": Path(args.scenario).name, "overrides": args.overrides,
