@@ -332,3 +332,21 @@ def test_evaluate_every_is_checked_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"SecAgg\+ workflow\) evaluate every round: set "
                        r"federation.evaluate_every = 1 \(got 3\)"):
         load_scenario(path, [])
+
+
+def test_the_warm_up_is_checked_against_the_schedule_it_warms(tmp_path: Path) -> None:
+    path = tmp_path / "warmup.toml"
+    sites = 'sites = ["icd10:cardiology", "icd10:oncology"]\n'
+    # one schedule across the rounds: 90 turns of 2 steps may warm up for 2 (or 179) steps
+    path.write_text(f"[train]\nmax_steps = 2\nwarmup_steps = 2\n[federation]\n{sites}"
+                    "rounds = 90\nparticipation = 'cyclic'\n")
+    scenario, _ = load_scenario(path, [])
+    assert (scenario.train.max_steps, scenario.train.warmup_steps) == (2, 2)
+    with pytest.raises(ConfigError, match=r"train.warmup_steps must be in \[0, 180\) \(the "
+                       r"learning-rate schedule's steps, federation.rounds x train.max_steps"
+                       r".*got 180"):
+        load_scenario(path, ["train.warmup_steps=180"])
+    # a fresh schedule every round: the warm-up must end within the round
+    with pytest.raises(ConfigError, match=r"train.warmup_steps must be in \[0, 2\) .*"
+                       r"lr_schedule = 'per-round'\); got 2"):
+        load_scenario(path, ["federation.lr_schedule='per-round'"])

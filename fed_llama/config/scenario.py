@@ -237,6 +237,17 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class RoundTrainConfig(OptimConfig):
+    """A site's local training per federation round ([train] of a scenario): ``max_steps`` is
+    the local steps of one round. The warm-up is checked by the scenario, against the
+    learning-rate schedule ``federation.lr_schedule`` makes (all rounds' steps with
+    ``across-rounds``), not against one round's steps."""
+
+    def schedule_problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """A simulated federation: backbone, adapter, local training, data and rounds."""
 
@@ -246,7 +257,8 @@ class ScenarioConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The shared adapter's shape ([lora])."""
 
-    train: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=30, warmup_steps=3))
+    train: RoundTrainConfig = field(
+        default_factory=lambda: RoundTrainConfig(max_steps=30, warmup_steps=3))
     """Local training per round ([train]); ``max_steps`` is the local steps per round."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -357,6 +369,14 @@ class ScenarioConfig:
                            "ranks do not have: set clip_norm = 0 with site_ranks (the norm "
                            "bounds of [security] still apply, on the products)")
         out += self._secure_aggregation_problems()
+        across = fed.lr_schedule == "across-rounds"
+        span = self.train.max_steps * (fed.rounds if across else 1)  # the schedule's steps
+        if self.train.max_steps >= 1 and fed.rounds >= 1 and not (
+                0 <= self.train.warmup_steps < span):
+            what = ("federation.rounds x train.max_steps: one schedule across the rounds"
+                    if across else "train.max_steps: lr_schedule = 'per-round'")
+            out.append(f"train.warmup_steps must be in [0, {span}) (the learning-rate "
+                       f"schedule's steps, {what}); got {self.train.warmup_steps}")
         if fed.participation == "cyclic" and (self.secure_aggregation.enabled
                                               or self.privacy.noise_multiplier > 0):
             out.append("participation = 'cyclic' sends one site's own update each round: "

@@ -166,9 +166,7 @@ class OptimConfig:
         out += [f"{k} must be at least 1; got {v}" for k, v in positive.items() if v < 1]
         if self.lr <= 0:
             out.append(f"lr must be positive; got {self.lr}")
-        if self.max_steps >= 1 and not 0 <= self.warmup_steps < self.max_steps:
-            out.append(f"warmup_steps must be in [0, max_steps={self.max_steps}); "
-                       f"got {self.warmup_steps}")
+        out += self.schedule_problems()
         if self.max_minutes < 0:
             out.append(f"max_minutes must be 0 (no limit) or more; got {self.max_minutes}")
         if self.max_grad_norm < 0:
@@ -178,6 +176,13 @@ class OptimConfig:
         if self.threads < 0:
             out.append(f"threads must be 0 (default) or more; got {self.threads}")
         return out
+
+    def schedule_problems(self) -> list[str]:
+        """The warm-up must end within the schedule: here one run of ``max_steps``."""
+        if self.max_steps >= 1 and not 0 <= self.warmup_steps < self.max_steps:
+            return [f"warmup_steps must be in [0, max_steps={self.max_steps}); "
+                    f"got {self.warmup_steps}"]
+        return []
 
 
 @dataclass(frozen=True)
