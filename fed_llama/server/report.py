@@ -56,6 +56,9 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     ax.bar([x - width / 2 for x in rounds], up, width, label="sites -> server")
     ax.bar([x + width / 2 for x in rounds], down, width, label="server -> sites")
     backbone_mb = rows[-1].get("backbone-bytes", 0) / 2**20 if rows else 0
+    top = max([*up, *down, 0.0])
+    if top > 0:
+        ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
     ax.set(xlabel="round", ylabel="MiB (all sites)",
            title=f"Bytes per round (the backbone alone is {backbone_mb:.0f} MiB)")
     _round_ticks(ax, rounds, MaxNLocator)
