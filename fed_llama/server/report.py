@@ -22,8 +22,6 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     except ImportError:
         log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
-    from matplotlib.ticker import MaxNLocator
-
     rounds = [int(r["round"]) for r in rows]
     scored = [r for r in rows if "pooled-perplexity" in r]  # federation.evaluate_every
     at = [int(r["round"]) for r in scored]
@@ -39,7 +37,7 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     ax.set(xlabel="round", ylabel="held-out answer perplexity",
            yscale="log" if wide else "linear",
            title="Global adapter on each site's held-out data")
-    _round_ticks(ax, at, MaxNLocator)
+    _round_ticks(ax, at)
     plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
@@ -61,7 +59,7 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
         ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
     ax.set(xlabel="round", ylabel="MiB (all sites)",
            title=f"Bytes per round (the backbone alone is {backbone_mb:.0f} MiB)")
-    _round_ticks(ax, rounds, MaxNLocator)
+    _round_ticks(ax, rounds)
     ax.legend()
     fig.tight_layout()
     written.append(_save(fig, out / "bytes.png"))
@@ -81,7 +79,7 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
             ax.plot(at, [r.get(key, math.nan) for r in scored], marker="s", color="black",
                     linewidth=2.5, label="pooled")
             ax.set(xlabel="round", title=metric, ylim=(0, 1))
-            _round_ticks(ax, at, MaxNLocator)
+            _round_ticks(ax, at)
             ax.grid(alpha=0.3)
         for ax in flat[len(pooled):]:
             ax.set_visible(False)
@@ -94,12 +92,14 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     return written
 
 
-def _round_ticks(ax: Any, rounds: list[int], locator: Any) -> None:
+def _round_ticks(ax: Any, rounds: list[int]) -> None:
     """A tick at every round while they fit (up to 12), else a few whole-numbered ones."""
+    from matplotlib.ticker import MaxNLocator
+
     if len(rounds) <= 12:
         ax.set_xticks(rounds)
     else:
-        ax.xaxis.set_major_locator(locator(nbins=12, integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
 
 
 def _save(fig: Any, path: Path) -> Path:
