@@ -124,6 +124,11 @@ def main() -> None:
     parser.add_argument("--cyclic-steps", type=int, default=0,
                         help="local steps per turn of the cyclic variant (default: the "
                              "scenario's train.max_steps); the turns add up to R·S·N steps")
+    parser.add_argument("--cyclic-evaluate-every", type=int, default=0, metavar="K",
+                        help="held-out evaluation of a cyclic run's global adapter after every "
+                             "K-th turn and the last (default: once per cycle of the sites). "
+                             "Only the run's history sees it: training is seeded per round, "
+                             "and the final scores are measured by this script either way")
     parser.add_argument("--skip", nargs="+", default=[], choices=["base", "local", "centralized"],
                         help="reference variants not to measure (e.g. to compare federated and "
                              "centralized at another learning rate without the local ones)")
@@ -153,6 +158,9 @@ def main() -> None:
     if turn_steps < 1 or (per_site * len(names)) % turn_steps:
         parser.error(f"--cyclic-steps {turn_steps} must divide the federation's "
                      f"{per_site * len(names)} local steps")
+    if args.cyclic_evaluate_every < 0:
+        parser.error(f"--cyclic-evaluate-every must be at least 1 (or 0 for once per cycle); "
+                     f"got {args.cyclic_evaluate_every}")
     if args.remeasure and not args.resume:
         parser.error("--remeasure replaces rows of a saved --json: pass --resume with it")
     runs_cyclic = any(m.startswith("cyclic") for m in args.modes)
@@ -224,9 +232,10 @@ def main() -> None:
             every: list[str] = []
             if cyclic:  # as many turns as make the federation's local steps
                 rounds, steps = per_site * len(names) // turn_steps, turn_steps
-                # held-out evaluation once per cycle of the sites, not after every turn
-                # (it would take most of the time; the result is measured below anyway)
-                every = [f"federation.evaluate_every={len(names)}"]
+                # held-out evaluation once per cycle of the sites (or every K-th turn), not
+                # after every turn (it would take most of the time; the result is measured
+                # below anyway)
+                every = [f"federation.evaluate_every={args.cyclic_evaluate_every or len(names)}"]
             # with --resume and --runs, a federated run cut off mid-way goes on from its
             # last complete round
             store = simulate(Path(args.scenario), runs / mode, resume=args.resume,
