@@ -57,7 +57,13 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
         assert row["pooled/answer/f1"] == pytest.approx(
             (n0 * row["site0/answer/f1"] + n1 * row["site1/answer/f1"]) / (n0 + n1))
     assert (out / "tasks.png").stat().st_size > 0
-    assert "2 round(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 round(s)" in printed
+    # the summary names the last round's pooled task scores as the history holds them
+    last = history[-1]
+    assert (f"pooled task scores after round 2 (greedy answers to held-out questions): "
+            f"answer/exact {last['pooled/answer/exact']:.3f}, "
+            f"answer/f1 {last['pooled/answer/f1']:.3f}") in printed
 
     # the run is extended to 3 rounds: --resume trains round 3 only, from round 2's adapter
     scenario.write_text(scenario.read_text().replace("rounds = 2", "rounds = 3"))

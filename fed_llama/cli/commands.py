@@ -192,19 +192,26 @@ def cmd_export_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fed_llama.server.checkpoint import evaluated
     from fed_llama.simulation.runner import simulate
 
     scenario = Path(args.scenario)
     out = Path(args.out) if args.out else Path("runs") / scenario.stem
     store = simulate(scenario, out, resume=args.resume, overrides=args.set)
     rows = store.history()
-    scored = [r for r in rows if "pooled-perplexity" in r]  # evaluate_every may skip some
+    scored = evaluated(rows)  # federation.evaluate_every may skip some rounds
     if scored:
         first, last = scored[0], scored[-1]
         print(f"{len(rows)} round(s) in {out}: pooled held-out perplexity "
               f"{first['pooled-perplexity']:.2f} after round {first['round']} -> "
               f"{last['pooled-perplexity']:.2f} after round {last['round']}; "
               f"history.csv, perplexity.png, bytes.png, rounds/round-{rows[-1]['round']:03d}/")
+        tasks = {k[len("pooled/"):]: v for k, v in sorted(last.items())
+                 if k.startswith("pooled/")}
+        if tasks:
+            print(f"pooled task scores after round {last['round']} (greedy answers to held-out "
+                  "questions): " + ", ".join(f"{k} {v:.3f}" for k, v in tasks.items())
+                  + "; tasks.png")
     return 0
 
 

@@ -17,7 +17,7 @@ from fed_llama.config.scenario import (
     with_key_folder,
 )
 from fed_llama.crypto.keyring import KeyFolder
-from fed_llama.server.checkpoint import RunStore
+from fed_llama.server.checkpoint import EVALUATED, RunStore
 from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
 from fed_llama.server.report import plot_history
 from fed_llama.server.security import ServerGuard
@@ -76,7 +76,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         mark[0] = now
         store.record(full)
         plot_history(store.history(), sites, store.out)
-        if "pooled-perplexity" not in row:  # federation.evaluate_every skips this round
+        if EVALUATED not in row:  # federation.evaluate_every skips this round
             log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
                      "after the last)", server_round, total, scenario.federation.evaluate_every)
             return

@@ -44,6 +44,15 @@ State = dict[str, Any]
 Sealer = Callable[[bytes, str], bytes]
 """Encrypts (or decrypts) a checkpoint's weights, bound to a label (run id and round)."""
 
+EVALUATED = "pooled-perplexity"
+"""The history key a round has only when its global adapter was evaluated on the held-out
+sets (``federation.evaluate_every`` skips some rounds; the last is always evaluated)."""
+
+
+def evaluated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history rows of the rounds whose global adapter was evaluated."""
+    return [r for r in rows if EVALUATED in r]
+
 
 class RunStore:
     """Reads and writes one run folder."""

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fed_llama.server.checkpoint import EVALUATED, evaluated
+
 log = logging.getLogger(__name__)
 
 
@@ -23,14 +25,14 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
         log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
     rounds = [int(r["round"]) for r in rows]
-    scored = [r for r in rows if "pooled-perplexity" in r]  # federation.evaluate_every
+    scored = evaluated(rows)
     at = [int(r["round"]) for r in scored]
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for site in sites:
         ax.plot(at, [r.get(f"{site}/perplexity", math.nan) for r in scored], marker="o",
                 label=site)
-    ax.plot(at, [r.get("pooled-perplexity", math.nan) for r in scored], marker="s",
+    ax.plot(at, [r.get(EVALUATED, math.nan) for r in scored], marker="s",
             color="black", linewidth=2.5, label="pooled")
     values = [v for r in scored for k, v in r.items() if k.endswith("perplexity") and v > 0]
     wide = bool(values) and max(values) / min(values) > 10  # log axis only for wide ranges
