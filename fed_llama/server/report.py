@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fed_llama.server.checkpoint import EVALUATED, evaluated
+from fed_llama.server.checkpoint import evaluated
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     for site in sites:
         ax.plot(at, [r.get(f"{site}/perplexity", math.nan) for r in scored], marker="o",
                 label=site)
-    ax.plot(at, [r.get(EVALUATED, math.nan) for r in scored], marker="s",
+    ax.plot(at, [r.get("pooled-perplexity", math.nan) for r in scored], marker="s",
             color="black", linewidth=2.5, label="pooled")
     values = [v for r in scored for k, v in r.items() if k.endswith("perplexity") and v > 0]
     wide = bool(values) and max(values) / min(values) > 10  # log axis only for wide ranges
