@@ -273,23 +273,21 @@ def main() -> None:
         print(f"centralized: category points over best local = "
               f"{100 * (central['pooled_category'] - best_local_cat):.1f}; pooled ppl "
               f"{central['pooled_ppl']} vs best local {best_local_ppl}")
-    for r in (r for r in rows if r["variant"].startswith("federated:")):
-        if central is None or not locals_:
-            break
-        t = {"variant": r["variant"],
-             "beats_every_local_ppl": r["pooled_ppl"] < best_local_ppl,
-             "ppl_vs_centralized": round(r["pooled_ppl"] / central["pooled_ppl"], 3),
-             "within_10pct_of_centralized": r["pooled_ppl"] <= 1.10 * central["pooled_ppl"],
-             "category_vs_centralized": round(r["pooled_category"]
-                                              / max(central["pooled_category"], 1e-9), 3),
-             "category_points_over_best_local": round(100 * (r["pooled_category"]
-                                                             - best_local_cat), 1)}
-        targets.append(t)
-        print(f"{t['variant']}: beats every local-only adapter on pooled ppl: "
-              f"{t['beats_every_local_ppl']}; ppl / centralized = {t['ppl_vs_centralized']} "
-              f"(target <= 1.10); category / centralized = {t['category_vs_centralized']} "
-              f"(target >= 0.95); category points over best local = "
-              f"{t['category_points_over_best_local']} (target >= 20)")
+        for r in (r for r in rows if r["variant"].startswith("federated:")):
+            t = {"variant": r["variant"],
+                 "beats_every_local_ppl": r["pooled_ppl"] < best_local_ppl,
+                 "ppl_vs_centralized": round(r["pooled_ppl"] / central["pooled_ppl"], 3),
+                 "within_10pct_of_centralized": r["pooled_ppl"] <= 1.10 * central["pooled_ppl"],
+                 "category_vs_centralized": round(r["pooled_category"]
+                                                  / max(central["pooled_category"], 1e-9), 3),
+                 "category_points_over_best_local": round(100 * (r["pooled_category"]
+                                                                 - best_local_cat), 1)}
+            targets.append(t)
+            print(f"{t['variant']}: beats every local-only adapter on pooled ppl: "
+                  f"{t['beats_every_local_ppl']}; ppl / centralized = {t['ppl_vs_centralized']} "
+                  f"(target <= 1.10); category / centralized = {t['category_vs_centralized']} "
+                  f"(target >= 0.95); category points over best local = "
+                  f"{t['category_points_over_best_local']} (target >= 20)")
     write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": targets}, indent=2))
     print(f"wrote {args.json}")
 
