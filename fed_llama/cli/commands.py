@@ -192,7 +192,7 @@ def cmd_export_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fed_llama.server.checkpoint import evaluated
+    from fed_llama.server.checkpoint import evaluated, pooled_task_scores
     from fed_llama.simulation.runner import simulate
 
     scenario = Path(args.scenario)
@@ -206,12 +206,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"{first['pooled-perplexity']:.2f} after round {first['round']} -> "
               f"{last['pooled-perplexity']:.2f} after round {last['round']}; "
               f"history.csv, perplexity.png, bytes.png, rounds/round-{rows[-1]['round']:03d}/")
-        tasks = {k[len("pooled/"):]: v for k, v in sorted(last.items())
-                 if k.startswith("pooled/")}
+        tasks = pooled_task_scores(last)
         if tasks:
             print(f"pooled task scores after round {last['round']} (greedy answers to held-out "
-                  "questions): " + ", ".join(f"{k} {v:.3f}" for k, v in tasks.items())
-                  + "; tasks.png")
+                  f"questions): {tasks}; tasks.png")
     return 0
 
 

@@ -17,7 +17,7 @@ from fed_llama.config.scenario import (
     with_key_folder,
 )
 from fed_llama.crypto.keyring import KeyFolder
-from fed_llama.server.checkpoint import EVALUATED, RunStore
+from fed_llama.server.checkpoint import EVALUATED, RunStore, pooled_task_scores
 from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
 from fed_llama.server.report import plot_history
 from fed_llama.server.security import ServerGuard
@@ -84,8 +84,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
                              for s in sites)
         log.info("round %d/%d: pooled held-out perplexity %.2f (%s)", server_round, total,
                  row["pooled-perplexity"], per_site)
-        scores = ", ".join(f"{k[len('pooled/'):]} {v:.3f}" for k, v in sorted(row.items())
-                           if k.startswith("pooled/"))
+        scores = pooled_task_scores(row)
         if scores:
             log.info("round %d/%d: pooled task scores: %s", server_round, total, scores)
 

@@ -54,6 +54,12 @@ def evaluated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if EVALUATED in r]
 
 
+def pooled_task_scores(row: dict[str, Any]) -> str:
+    """A history row's pooled task scores as ``task/metric 0.123, ...`` ('' when it has none)."""
+    return ", ".join(f"{k[len('pooled/'):]} {v:.3f}" for k, v in sorted(row.items())
+                     if k.startswith("pooled/"))
+
+
 class RunStore:
     """Reads and writes one run folder."""
 
