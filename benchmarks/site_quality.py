@@ -88,8 +88,9 @@ def main() -> None:
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row[c]) for c in cols))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"site": args.site, "rows": rows}, indent=2))
+    from fed_llama.common.files import write_text_atomic
+
+    write_text_atomic(Path(args.json), json.dumps({"site": args.site, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 
 
