@@ -8,8 +8,9 @@ every held-out record of every site (cardiology 421, oncology 434, psychiatry 32
 ``federated_vs_local.py``), trains the local-only adapters exactly as that script does (the
 same scenario, overrides, seed and R·S steps), first measures them on the benchmark's own
 sample (rows to compare with that script's: the same figures mean the same adapters), then
-scores the federated and local adapters on the whole held-out sets. It prints a table, the category points of the federated adapter over
-the best local one with the standard error of each pooled share, and writes JSON.
+scores the federated and local adapters on the whole held-out sets. It prints a table, the
+category points of the federated adapter over the best local one with the standard error of
+each pooled share, and writes JSON.
 
     python benchmarks/category_gap.py --run runs/fvl10/cyclic+keep \\
         --set federation.rounds=10 --set evaluation.questions=0 --local cardiology
