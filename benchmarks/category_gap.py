@@ -19,15 +19,15 @@ each pooled share, and writes JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
-from federated_vs_local import ROOT, measure, train_fresh
-
-HERE = Path(__file__).resolve().parent
+from federated_vs_local import HERE, ROOT, measure, train_fresh
 
 
 def pooled_se(row: dict[str, Any], counts: dict[str, int]) -> float:
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="scenario override, as given to federated_vs_local.py")
-    parser.add_argument("--local", nargs="*", default=None, metavar="SITE",
+    parser.add_argument("--local", nargs="+", default=None, metavar="SITE",
                         help="local-only adapters to train (default: every site)")
     parser.add_argument("--questions", type=int, default=32,
                         help="the benchmark's questions per task per site (re-measure check)")
@@ -53,15 +53,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    import json
-
     from fed_llama.client import site as site_ops
     from fed_llama.common.files import write_text_atomic
     from fed_llama.evaluation.tasks import choose_questions
     from fed_llama.server.checkpoint import RunStore
     from fed_llama.simulation.runner import load_scenario
 
-    sample, _ = load_scenario(Path(args.scenario), args.overrides)
+    sample, text = load_scenario(Path(args.scenario), args.overrides)
     whole, _ = load_scenario(Path(args.scenario),
                              [*args.overrides, "data.max_heldout_records=0"])
     names = sample.site_names()
@@ -73,6 +71,11 @@ def main() -> None:
     last = store.completed_rounds()
     if last == 0:
         parser.error(f"--run {str(args.run)!r} holds no completed round")
+    run_sites, sites = (tomllib.loads(t).get("federation", {}).get("sites")
+                        for t in ((args.run / "scenario.toml").read_text(), text))
+    if run_sites != sites:
+        parser.error(f"--run {str(args.run)!r} federated the sites {run_sites}, not the "
+                     f"scenario's {sites}: pass the --scenario and --set it was run with")
     counts = {n: len(choose_questions(site_ops.site_data(whole, i).heldout_examples, 1 << 30,
                                       0, ("desc2code",)))
               for i, n in enumerate(names)}
