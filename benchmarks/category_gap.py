@@ -27,7 +27,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from federated_vs_local import HERE, ROOT, measure, train_fresh
+from federated_vs_local import HERE, ROOT, measure, print_rows, train_fresh
 
 
 def pooled_se(row: dict[str, Any], counts: dict[str, int]) -> float:
@@ -76,10 +76,6 @@ def main() -> None:
     if run_sites != sites:
         parser.error(f"--run {str(args.run)!r} federated the sites {run_sites}, not the "
                      f"scenario's {sites}: pass the --scenario and --set it was run with")
-    counts = {n: len(choose_questions(site_ops.site_data(whole, i).heldout_examples, 1 << 30,
-                                      0, ("desc2code",)))
-              for i, n in enumerate(names)}
-    every = max(counts.values())  # questions per task: all of every site's
     per_site = sample.federation.rounds * sample.train.max_steps
     states = {f"federated ({args.run.name}, round {last})": store.load_round(last)}
     rows: list[dict[str, Any]] = []
@@ -92,6 +88,11 @@ def main() -> None:
         rows.append({"variant": f"local:{name}", "heldout": "benchmark sample", "steps": per_site,
                      **check, "minutes": round((time.perf_counter() - start) / 60, 2)})
         logging.info("%s", rows[-1])
+    # after the local training: site_ops holds one scenario's backbone and data at a time
+    counts = {n: len(choose_questions(site_ops.site_data(whole, i).heldout_examples, 1 << 30,
+                                      0, ("desc2code",)))
+              for i, n in enumerate(names)}
+    every = max(counts.values())  # questions per task: all of every site's
     for variant, state in states.items():
         start = time.perf_counter()
         row = measure(whole, state, every)
@@ -106,10 +107,7 @@ def main() -> None:
           + ", ".join(f"{n} {c}" for n, c in counts.items()))
     cols = ["variant", "heldout", "steps", "pooled_ppl", *[f"{n}/category" for n in names],
             "pooled_category", "pooled_desc_f1", "minutes"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    print_rows(rows, cols)
     full = [r for r in rows if r["heldout"] == "all"]
     fed, best = full[0], max(full[1:], key=lambda r: r["pooled_category"], default=None)
     gap = None

@@ -95,6 +95,14 @@ def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, A
     return row
 
 
+def print_rows(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    """A markdown table of ``rows``, one column per key in ``cols``."""
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+
+
 def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str, accumulate: int = 1
                 ) -> dict[str, Any]:
     """Train the scenario's initial adapter on ``items`` for ``steps`` steps, in one run
@@ -254,13 +262,10 @@ def main() -> None:
           f"{args.questions} questions per task per site; held-out codes unseen in training"
           + (f"; cyclic: {per_site * len(names) // turn_steps} turns of {turn_steps} steps"
              if runs_cyclic else ""))
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
     order = ["base", *[f"local:{n}" for n in names], "centralized", "centralized-wide",
              *[f"federated:{m}" for m in FEDERATED]]
     rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    print_rows(rows, cols)
     locals_ = [r for r in rows if r["variant"].startswith("local:")]
     central = next((r for r in rows if r["variant"] == "centralized"), None)
     targets = []
