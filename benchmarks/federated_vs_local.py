@@ -103,6 +103,38 @@ def print_rows(rows: list[dict[str, Any]], cols: list[str]) -> None:
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")
 
 
+def references(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], float, float] | None:
+    """The rows the targets compare with: the centralized row, the best (lowest) local-only
+    pooled perplexity and the best (highest) local-only pooled category accuracy; None
+    without a centralized row or without any local-only row (e.g. under ``--skip``)."""
+    locals_ = [r for r in rows if r["variant"].startswith("local:")]
+    central = next((r for r in rows if r["variant"] == "centralized"), None)
+    if central is None or not locals_:
+        return None
+    return (central, min(r["pooled_ppl"] for r in locals_),
+            max(r["pooled_category"] for r in locals_))
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The federation and task-evaluation issues' targets, one entry per ``federated:`` row:
+    pooled perplexity below every local-only adapter's and within 10% of centralized's;
+    pooled category accuracy at least 0.95x centralized's and 20 points above the best
+    local-only adapter's. Empty when :func:`references` finds nothing to compare with."""
+    ref = references(rows)
+    if ref is None:
+        return []
+    central, best_local_ppl, best_local_cat = ref
+    return [{"variant": r["variant"],
+             "beats_every_local_ppl": r["pooled_ppl"] < best_local_ppl,
+             "ppl_vs_centralized": round(r["pooled_ppl"] / central["pooled_ppl"], 3),
+             "within_10pct_of_centralized": r["pooled_ppl"] <= 1.10 * central["pooled_ppl"],
+             "category_vs_centralized": round(r["pooled_category"]
+                                              / max(central["pooled_category"], 1e-9), 3),
+             "category_points_over_best_local": round(100 * (r["pooled_category"]
+                                                             - best_local_cat), 1)}
+            for r in rows if r["variant"].startswith("federated:")]
+
+
 def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str, accumulate: int = 1
                 ) -> dict[str, Any]:
     """Train the scenario's initial adapter on ``items`` for ``steps`` steps, in one run
@@ -204,8 +236,10 @@ def main() -> None:
                "minutes": round((time.perf_counter() - start) / 60, 2), **extra}
         rows.append(row)
         logging.info("%s", row)
-        # after every variant: a crash later loses nothing measured (--resume goes on)
-        write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": []}, indent=2))
+        # after every variant: a crash later loses nothing measured (--resume goes on), and
+        # the file always carries the targets of the rows it holds
+        write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": targets(rows)},
+                                          indent=2))
 
     start = time.perf_counter()
     done |= {v for v in ("base", "centralized") if v in args.skip}
@@ -266,34 +300,23 @@ def main() -> None:
              *[f"federated:{m}" for m in FEDERATED]]
     rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     print_rows(rows, cols)
-    locals_ = [r for r in rows if r["variant"].startswith("local:")]
-    central = next((r for r in rows if r["variant"] == "centralized"), None)
-    targets = []
-    if central is not None and locals_:  # the targets compare with both (not with --skip)
-        best_local_ppl = min(x["pooled_ppl"] for x in locals_)
-        best_local_cat = max(x["pooled_category"] for x in locals_)
+    ref = references(rows)
+    found = targets(rows)
+    if ref is not None:  # the targets compare with both (not with --skip)
+        central, best_local_ppl, best_local_cat = ref
         # the ceiling of the task target: a federated adapter held to 0.95x centralized's
         # category accuracy clears "+20 points over the best local" only if centralized
         # training itself is well above it
         print(f"centralized: category points over best local = "
               f"{100 * (central['pooled_category'] - best_local_cat):.1f}; pooled ppl "
               f"{central['pooled_ppl']} vs best local {best_local_ppl}")
-        for r in (r for r in rows if r["variant"].startswith("federated:")):
-            t = {"variant": r["variant"],
-                 "beats_every_local_ppl": r["pooled_ppl"] < best_local_ppl,
-                 "ppl_vs_centralized": round(r["pooled_ppl"] / central["pooled_ppl"], 3),
-                 "within_10pct_of_centralized": r["pooled_ppl"] <= 1.10 * central["pooled_ppl"],
-                 "category_vs_centralized": round(r["pooled_category"]
-                                                  / max(central["pooled_category"], 1e-9), 3),
-                 "category_points_over_best_local": round(100 * (r["pooled_category"]
-                                                                 - best_local_cat), 1)}
-            targets.append(t)
+        for t in found:
             print(f"{t['variant']}: beats every local-only adapter on pooled ppl: "
                   f"{t['beats_every_local_ppl']}; ppl / centralized = {t['ppl_vs_centralized']} "
                   f"(target <= 1.10); category / centralized = {t['category_vs_centralized']} "
                   f"(target >= 0.95); category points over best local = "
                   f"{t['category_points_over_best_local']} (target >= 20)")
-    write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": targets}, indent=2))
+    write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": found}, indent=2))
     print(f"wrote {args.json}")
 
 

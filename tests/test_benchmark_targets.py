@@ -1,0 +1,69 @@
+"""The federated-vs-local benchmark's targets, worked by hand (the numbers the README's claims
+about the federation and task-evaluation issues rest on)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from federated_vs_local import references, targets  # noqa: E402
+
+
+def row(variant: str, ppl: float, category: float) -> dict[str, Any]:
+    return {"variant": variant, "pooled_ppl": ppl, "pooled_category": category}
+
+
+ROWS = [row("base", 140.0, 0.0), row("local:a", 10.0, 0.1), row("local:b", 8.0, 0.2),
+        row("centralized", 4.0, 0.5), row("federated:good", 4.3, 0.48),
+        row("federated:poor", 9.0, 0.3)]
+
+
+def test_references_are_centralized_and_the_best_local_on_each_measure() -> None:
+    central, best_ppl, best_category = references(ROWS) or (None, 0.0, 0.0)
+    assert central == row("centralized", 4.0, 0.5)
+    assert best_ppl == 8.0  # local:b, the lower perplexity
+    assert best_category == 0.2  # local:b, the higher accuracy
+
+
+def test_a_federated_row_meeting_every_target() -> None:
+    assert targets(ROWS)[0] == {
+        "variant": "federated:good",
+        "beats_every_local_ppl": True,  # 4.3 < 8
+        "ppl_vs_centralized": 1.075,  # 4.3 / 4
+        "within_10pct_of_centralized": True,  # 4.3 <= 4.4
+        "category_vs_centralized": 0.96,  # 0.48 / 0.5 >= 0.95
+        "category_points_over_best_local": 28.0,  # 100 * (0.48 - 0.2) >= 20
+    }
+
+
+def test_a_federated_row_missing_every_target() -> None:
+    assert targets(ROWS)[1] == {
+        "variant": "federated:poor",
+        "beats_every_local_ppl": False,  # 9 > 8
+        "ppl_vs_centralized": 2.25,
+        "within_10pct_of_centralized": False,
+        "category_vs_centralized": 0.6,  # 0.3 / 0.5
+        "category_points_over_best_local": 10.0,  # 100 * (0.3 - 0.2)
+    }
+
+
+@pytest.mark.parametrize("missing", ["centralized", "local:"])
+def test_no_targets_without_centralized_or_local_rows(missing: str) -> None:
+    """Under --skip the table has nothing to compare with, so it claims nothing."""
+    rows = [r for r in ROWS if not r["variant"].startswith(missing)]
+    assert references(rows) is None
+    assert targets(rows) == []
+
+
+@pytest.mark.parametrize("name", ["federated_vs_local.json", "federated_vs_local_10rounds.json",
+                                  "federated_vs_local_15rounds.json"])
+def test_saved_results_carry_the_targets_of_their_rows(name: str) -> None:
+    """Every committed result file's targets are what its own rows give."""
+    saved = json.loads((BENCHMARKS / "results" / name).read_text())
+    assert saved["targets"] == targets(saved["rows"])
