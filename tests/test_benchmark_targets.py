@@ -3,16 +3,22 @@ about the federation and task-evaluation issues rest on)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-from federated_vs_local import references, targets  # noqa: E402
+# the script loaded from its file, without putting benchmarks/ (edge.py, poisoning.py, ...) on
+# sys.path for the rest of the test session
+_spec = importlib.util.spec_from_file_location(
+    "federated_vs_local", BENCHMARKS / "federated_vs_local.py")
+assert _spec is not None and _spec.loader is not None
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+references, targets = _module.references, _module.targets
 
 
 def row(variant: str, ppl: float, category: float) -> dict[str, Any]:
