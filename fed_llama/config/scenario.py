@@ -131,7 +131,11 @@ class FederationConfig:
     """Clip each site's update (difference from the global adapter) to this L2 norm (0: off)."""
 
     min_sites: int = 0
-    """Sites that must reply for a round to count (0: all of them)."""
+    """Sites whose updates must pass the checks for a round to count (at most the sites the
+    round goes to: one in a cyclic round). 0: every site must reply without failing, and at
+    least one update must pass (the updates the checks refuse do not stop the round). A round
+    that does not count writes no checkpoint and no seal, and the run stops with each site's
+    reason (``fed_llama.server.outcome``)."""
 
     round_timeout: float = 3600.0
     """Seconds to wait for the sites' replies in a round."""

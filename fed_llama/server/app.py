@@ -19,6 +19,7 @@ from fed_llama.config.scenario import (
 from fed_llama.crypto.keyring import KeyFolder
 from fed_llama.server.checkpoint import EVALUATED, RunStore, pooled_task_scores
 from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
+from fed_llama.server.outcome import RoundFailed
 from fed_llama.server.report import plot_history
 from fed_llama.server.security import ServerGuard
 from fed_llama.server.strategy import build_strategy
@@ -132,8 +133,13 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             restore_state(strategy, saved, list(state))
             log.info("--resume: %s state restored from round %d",
                      scenario.federation.strategy, done)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
-                   timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
+                       timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
+    except RoundFailed as exc:  # no checkpoint, no seal: the row says why, the run fails
+        store.record(exc.row)
+        log.error("%s", exc)
+        raise
 
 
 def _backbone_bytes(model_dir: Path) -> int:

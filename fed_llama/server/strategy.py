@@ -28,6 +28,7 @@ from fed_llama.crypto.refusal import Refused
 from fed_llama.server.admission import change_norm, check_norm, check_update, norm_outliers
 from fed_llama.server.aggregation import A_TAG, combine
 from fed_llama.server.cyclic import turn
+from fed_llama.server.outcome import split_replies
 from fed_llama.server.privacy import add_noise, epsilon
 from fed_llama.server.security import ServerGuard
 
@@ -67,6 +68,8 @@ class LoraFedAvg(FedAvg):
     security: ServerGuard | None
     site_nodes: dict[str, int]
     """Which node holds each site (``participation = "cyclic"`` only: whose turn goes where)."""
+    sent_nodes: list[int]
+    """The nodes this round's training message went to (:mod:`fed_llama.server.outcome`)."""
 
     def bind(self, scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
              on_train: RowHook, on_evaluate: RowHook,
@@ -94,13 +97,14 @@ class LoraFedAvg(FedAvg):
         if self.security is not None:
             for key, value in self.security.round_config(real, self.current).items():
                 config[key] = value
-        messages = super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.scenario.federation.participation == "cyclic":  # only this round's site
             site = turn(real, self.site_names)
             messages = [m for m in messages if m.metadata.dst_node_id == self.site_nodes[site]]
             if not messages:
                 log.warning("round %d: the node of site %r is not connected; no site trains "
                             "this round", real, site)
+        self.sent_nodes = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def _admit(self, reply: Message, real_round: int) -> tuple[str, State, dict[str, float]]:
@@ -184,13 +188,11 @@ class LoraFedAvg(FedAvg):
         # the round configure_train sent: a server optimizer on top may pass the run's round
         # number rather than Flower's (see build_strategy)
         real = self.real_round
-        good = self._good(replies, "train", real)
-        row: dict[str, float] = {}
+        good, outcome = split_replies(replies, self.sent_nodes, real)
+        row: dict[str, float] = outcome.counts()
         admitted = self.admit_all(good, real, row)
-        if not admitted:
-            log.error("round %d: no update passed the checks; the global adapter stays as it "
-                      "was", real)
-            return None, None
+        # too few sites trained: no checkpoint, no seal, the run stops (RoundFailed)
+        outcome.check(len(admitted), self.scenario.federation.min_sites, row)
         states = [state for _, state, _ in admitted]
         metrics = [m for _, _, m in admitted]
         weights = [m["num-examples"] for m in metrics]

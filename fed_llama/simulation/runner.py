@@ -13,6 +13,7 @@ from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.train import ICD10_PREFIX
 from fed_llama.errors import ConfigError, FedLlamaError
 from fed_llama.server.checkpoint import RunStore
+from fed_llama.server.outcome import RoundFailed
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
                                                      "num_gpus": 0.0},
                                 "init_args": {"num_cpus": os.cpu_count() or 1}},
             )
+        except RoundFailed as exc:  # too few sites trained (see fed_llama/server/outcome.py)
+            raise FedLlamaError(f"{exc}. The run stopped after round {store.completed_rounds()} "
+                                f"of {total}; fix the sites, then continue with --resume --out "
+                                f"{out}") from None
         finally:
             _stop_ray()
     finished = store.completed_rounds()
