@@ -9,7 +9,7 @@ scenario file named by the run config's ``scenario`` key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,29 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fed_llama.client import security
 from fed_llama.client import site as site_ops
-from fed_llama.config.loader import load_config
-from fed_llama.config.scenario import (
-    DEFAULT_SCENARIO,
-    ScenarioConfig,
-    run_config_path,
-    with_key_folder,
-)
-
-
-def scenario_from_run_config(context: Context) -> ScenarioConfig:
-    """The scenario named by ``run_config["scenario"]`` (relative to the project folder)."""
-    scenario = load_config(ScenarioConfig, run_config_path(context.run_config, "scenario",
-                                                           DEFAULT_SCENARIO))
-    return with_key_folder(scenario, context.run_config)
-
-
-def _site(context: Context, scenario: ScenarioConfig) -> int:
-    site = int(context.node_config.get("partition-id", -1))
-    count = len(scenario.site_names())
-    if not 0 <= site < count:
-        raise ValueError(f"node_config partition-id {site} names no site of the scenario "
-                         f"({count} sites)")
-    return site
+from fed_llama.client.federation import membership, named, queried_site
+from fed_llama.config.scenario import ScenarioConfig
 
 
 def secagg_when_asked(msg: Message, context: Context,
@@ -110,58 +89,77 @@ def _legacy_evaluate(msg: Message, sc: ScenarioConfig, site: int) -> Message:
     return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
 
 
+def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> Message:
+    if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
+        from flwr.compat.common import recorddict_compat as compat
+
+        fit_config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+        member = membership(fit_config, context.node_config, context.run_config, scenario)
+        return _legacy_train(msg, context, member.scenario, member.index)
+    config = msg.content.config_records["config"]
+    member = membership(config, context.node_config, context.run_config, scenario)
+    sc, site = member.scenario, member.index
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    value = config.get("fed-round", config.get("server-round", 0))
+    server_round = value if isinstance(value, int) else 0
+    mu = config.get("proximal-mu", 0.0)  # sent by Flower's FedProx
+    sec = sc.security
+    if sec.envelopes:  # check the seal before spending any time on training
+        key, server = security.site_keys(sec, member.name, member.key_paths)
+        run = security.check_round(sec, server, config, state, server_round)
+    new_state, metrics = _fit(context, sc, site, state, server_round,
+                              float(mu) if isinstance(mu, (int, float)) else 0.0)
+    metrics["site"] = float(site)
+    if sec.envelopes:
+        sealed = security.seal_update(key, server, run=run, server_round=server_round,
+                                      state=new_state, metrics=metrics)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": metrics[
+            "num-examples"], "site": float(site)}),
+            "envelope": ConfigRecord({"sealed": sealed})})
+    else:
+        content = RecordDict({"arrays": ArrayRecord(new_state),
+                              "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    return Message(content, reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -> Message:
+    if "evaluateins.parameters" in msg.content.array_records:  # a SecAgg+ run
+        from flwr.compat.common import recorddict_compat as compat
+
+        ev_config = compat.recorddict_to_evaluateins(msg.content, keep_input=True).config
+        member = membership(ev_config, context.node_config, context.run_config, scenario)
+        return _legacy_evaluate(msg, member.scenario, member.index)
+    config: Mapping[str, Any] = msg.content.config_records.get("config", {})
+    member = membership(config, context.node_config, context.run_config, scenario)
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    metrics = site_ops.evaluate(member.scenario, member.index, state)
+    metrics["site"] = float(member.index)
+    content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    return Message(content, reply_to=msg)
+
+
 def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     """A ClientApp for ``scenario`` (None: read it from the run config)."""
     app = ClientApp(mods=[secagg_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        sc = scenario or scenario_from_run_config(context)
-        site = _site(context, sc)
-        if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
-            return _legacy_train(msg, context, sc, site)
-        state = msg.content.array_records["arrays"].to_torch_state_dict()
-        config = msg.content.config_records["config"]
-        value = config.get("fed-round", config.get("server-round", 0))
-        server_round = value if isinstance(value, int) else 0
-        mu = config.get("proximal-mu", 0.0)  # sent by Flower's FedProx
-        name = sc.site_names()[site]
-        sec = sc.security
-        if sec.envelopes:  # check the seal before spending any time on training
-            key, server = security.site_keys(sec, name, context.node_config)
-            run = security.check_round(sec, server, config, state, server_round)
-        new_state, metrics = _fit(context, sc, site, state, server_round,
-                                  float(mu) if isinstance(mu, (int, float)) else 0.0)
-        metrics["site"] = float(site)
-        if sec.envelopes:
-            sealed = security.seal_update(key, server, run=run, server_round=server_round,
-                                          state=new_state, metrics=metrics)
-            content = RecordDict({"metrics": MetricRecord({"num-examples": metrics[
-                "num-examples"], "site": float(site)}),
-                "envelope": ConfigRecord({"sealed": sealed})})
-        else:
-            content = RecordDict({"arrays": ArrayRecord(new_state),
-                                  "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
-        return Message(content, reply_to=msg)
+        with named(context.node_config):
+            return _train(msg, context, scenario)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        sc = scenario or scenario_from_run_config(context)
-        site = _site(context, sc)
-        if "evaluateins.parameters" in msg.content.array_records:  # a SecAgg+ run
-            return _legacy_evaluate(msg, sc, site)
-        state = msg.content.array_records["arrays"].to_torch_state_dict()
-        metrics = site_ops.evaluate(sc, site, state)
-        metrics["site"] = float(site)
-        content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
-        return Message(content, reply_to=msg)
+        with named(context.node_config):
+            return _evaluate(msg, context, scenario)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Which site this node holds (asked once by a cyclic federation's server)."""
         from fed_llama.server.cyclic import SITE_QUERY
 
-        site = _site(context, scenario or scenario_from_run_config(context))
+        with named(context.node_config):
+            config: Mapping[str, Any] = msg.content.config_records.get("config", {})
+            site = queried_site(config, context.node_config, context.run_config, scenario)
         return Message(RecordDict({"metrics": MetricRecord({SITE_QUERY: float(site)})}),
                        reply_to=msg)
 

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fed_llama.config.run_settings import BACKBONE_SHA256, SETTINGS, federation_settings
 from fed_llama.config.scenario import (
     DEFAULT_SCENARIO,
     ScenarioConfig,
@@ -133,9 +134,14 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             restore_state(strategy, saved, list(state))
             log.info("--resume: %s state restored from round %d",
                      scenario.federation.strategy, done)
+    # what a site needs of the federation's settings travels with every message: a site on its
+    # own machine reads no file of the aggregator's (fed_llama.config.run_settings)
+    settings = {SETTINGS: federation_settings(scenario), BACKBONE_SHA256: source.sha256}
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
-                       timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
+                       timeout=scenario.federation.round_timeout,
+                       train_config=ConfigRecord(dict(settings)),
+                       evaluate_config=ConfigRecord(dict(settings)), evaluate_fn=checkpoint)
     except RoundFailed as exc:  # no checkpoint, no seal: the row says why, the run fails
         store.record(exc.row)
         log.error("%s", exc)

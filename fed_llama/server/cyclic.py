@@ -9,9 +9,10 @@ sequence). The price: N times the wall time per training step, and the sites vis
 weigh most in the result (the shared learning-rate schedule decays towards the end).
 
 Flower routes messages by node id, which the server does not know in advance; before the
-first round the server asks every node which site it holds (a ``query`` message the ClientApp
-answers with its ``partition-id``). An answer decides only whose turn a node gets: each update
-is still verified under the site key of its envelope.
+first round the server asks every node which site it holds (a ``query`` message listing the
+sites' names, which the ClientApp answers with its site's position: from its site config's
+``name`` on a real site, its ``partition-id`` in a simulation). An answer decides only whose
+turn a node gets: each update is still verified under the site key of its envelope.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fed_llama.config.run_settings import SITES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ def site_nodes(grid: Grid, sites: list[str], timeout: float) -> dict[str, int]:
     wait), each is asked once; refuses a federation in which a site has no node or two nodes
     claim one site."""
     _, nodes = sample_nodes(grid, len(sites), len(sites))
-    queries = [Message(RecordDict({"config": ConfigRecord({"ask": SITE_QUERY})}),
+    ask = ConfigRecord({"ask": SITE_QUERY, SITES: list(sites)})  # a real site answers by name
+    queries = [Message(RecordDict({"config": ask}),
                        dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
     found: dict[str, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
