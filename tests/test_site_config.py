@@ -141,3 +141,11 @@ def test_a_site_refuses_a_run_on_another_backbone_and_names_itself(tiny_backbone
     with pytest.raises(SiteFailure, match=r"^site 'oncology': the key file\s+is gone$"), \
             named(node):
         raise OSError("the key file\n  is gone")
+
+
+def test_the_site_kits_template_is_a_valid_site_config() -> None:
+    site = load_site_config(Path(__file__).resolve().parents[1] / "client" /
+                            "site-federation.toml")
+    assert (site.name, site.method, site.lora.r, site.lora.alpha) == ("cardiology", "lora", 8,
+                                                                      16)
+    assert site.passphrase_env == "CARDIOLOGY_PASSPHRASE"

@@ -173,7 +173,8 @@ def main(grid: Grid, context: Context) -> None:
 
     path = run_config_path(context.run_config, "scenario", DEFAULT_SCENARIO)
     out = run_config_path(context.run_config, "out", "runs/flwr-run")
-    scenario, text = load_scenario(path, [])
+    # on real sites the data stays at the sites (their site configs): no file of theirs here
+    scenario, text = load_scenario(path, [], sources=False)
     store = RunStore(out)
     done = store.start(text, resume=True)
     scenario = prepare_keys(with_key_folder(scenario, context.run_config), store.out)

@@ -41,15 +41,17 @@ def _stop_ray() -> None:
         ray.shutdown()
 
 
-def load_scenario(path: Path, overrides: list[str]) -> tuple[ScenarioConfig, str]:
-    """The scenario, checked up front (data sources included), and its effective text."""
+def load_scenario(path: Path, overrides: list[str], *, sources: bool = True
+                  ) -> tuple[ScenarioConfig, str]:
+    """The scenario, checked up front (with ``sources``: the data sources too, which a
+    simulation reads here), and its effective text."""
     import tomli_w
 
     data = apply_overrides(read_toml(path), overrides)
     scenario = build_config(ScenarioConfig, data, source=str(path),
                             base_dir=path.resolve().parent)
     problems = []
-    for source in scenario.federation.sites:
+    for source in scenario.federation.sites if sources else ():
         if source.startswith(ICD10_PREFIX):
             from fed_llama.data.icd10 import SITES
 
