@@ -1,10 +1,12 @@
 """Sites on their own machines, on loopback: the aggregator and two sites share nothing but the
 network.
 
-The aggregator's folder (mode 0700, root's) holds its scenario, its keys, the TLS CA and the
-SuperLink's state; each site's folder belongs to its own user and holds its data, its site
-config, its passphrase-protected site key, its SuperNode key and its copy of the backbone. Each
-SuperNode runs as its site's user (``setpriv``), so it cannot read the aggregator's folder. What
+The aggregator's folder holds its scenario, its keys, the TLS CA and the SuperLink's state;
+each site's folder holds its data, its site config, its passphrase-protected site key, its
+SuperNode key and its copy of the backbone. Each SuperNode runs in a mount namespace of its own
+in which the aggregator's folder and the other site's are empty (a tmpfs over each), without
+the capability to unmount them, so it cannot read them. (Another user would not do here: the
+virtual environment's Python lives under root's home, which only root may enter.) What
 travels between them is what docs/deployment.md says: the sites' public keys to the aggregator,
 the CA certificate and the aggregator's public key to the sites.
 
@@ -35,13 +37,14 @@ from conftest import qa_records
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SITES = ("site0", "site1")
-UIDS = {"site0": 61000, "site1": 61001}
 PASSPHRASES = {"site0": "correct horse 0", "site1": "battery staple 1"}
 
 pytestmark = [
     pytest.mark.deployment,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                       reason="runs the SuperNodes as other users: needs root and setpriv"),
+    pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("setpriv")
+                                                 and shutil.which("unshare")),
+                       reason="hides folders from the SuperNodes in mount namespaces: needs "
+                       "root, unshare and setpriv"),
     pytest.mark.skipif(shutil.which("nginx") is None,
                        reason="the Fleet API is proxied by nginx: apt-get install nginx-light"),
 ]
@@ -107,11 +110,14 @@ class Federation:
     logs: list[Path] = field(default_factory=list)
 
     def submit(self, scenario: Path, out: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["flwr", "run", str(ROOT), "admin", "--stream", "--run-config",
-             f'scenario="{scenario}" out="{out}"'],
-            env=self.admin_env, cwd=self.aggregator, capture_output=True, text=True,
-            timeout=600)
+        cmd = ["flwr", "run", str(ROOT), "admin", "--stream", "--run-config",
+               f'scenario="{scenario}" out="{out}"']
+        try:
+            return subprocess.run(cmd, env=self.admin_env, cwd=self.aggregator,
+                                  capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as exc:
+            said = subprocess.CompletedProcess(cmd, 124, str(exc.stdout), str(exc.stderr))
+            pytest.fail(f"the run took over 300 s:\n{self.detail(said)}")
 
     def detail(self, run: subprocess.CompletedProcess[str]) -> str:
         return run.stdout[-3000:] + run.stderr[-3000:] + "".join(
@@ -150,6 +156,16 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             orphan.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def hidden(folders: list[Path], cmd: list[str]) -> list[str]:
+    """``cmd`` in a mount namespace of its own where each of ``folders`` is an empty tmpfs,
+    without CAP_SYS_ADMIN (it cannot unmount them)."""
+    mounts = " && ".join(f'mount -t tmpfs -o size=64k,mode=0 tmpfs "${i + 1}"'
+                         for i in range(len(folders)))
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            f'{mounts} && shift {len(folders)} && exec setpriv --bounding-set=-sys_admin -- "$@"',
+            "sh", *map(str, folders), *cmd]
 
 
 def aggregator_scenario(folder: Path, backbone: Path, rounds: int, lora_r: int = 8) -> Path:
@@ -200,7 +216,6 @@ def federation(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory
                 f'site_key = "keys/sites/{site}.key"\nserver_public = "server.pub.json"\n'
                 f'passphrase_env = "{site.upper()}_PASSPHRASE"\n'
                 'backbone = "backbone"\nbackbone_cache = "cache"\n')
-            subprocess.run(["chown", "-R", f"{UIDS[site]}:{UIDS[site]}", str(home)], check=True)
             sites[site] = home
         link_port, fleet_port = free_port(), free_port()
         admin_env = flower_env(agg)
@@ -219,12 +234,11 @@ def federation(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory
         fed = Federation(agg, sites, admin_env, site_env, link_port, fleet_port)
 
         def start(name: str, cmd: list[str], env: dict[str, str], cwd: Path,
-                  user: int | None = None) -> subprocess.Popen[bytes]:
+                  hide: list[Path] | None = None) -> subprocess.Popen[bytes]:
             log = top / f"{name}.log"
             fed.logs.append(log)
-            if user is not None:
-                cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-                       *cmd]
+            if hide:
+                cmd = hidden(hide, cmd)
             proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("wb"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(proc)
@@ -236,7 +250,8 @@ def federation(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory
                             "--disable-runtime-dependency-installation",
                             "--host", "127.0.0.1", "--port", str(link_port),
                             "--database", str(agg / "state.db")], admin_env, agg)
-        (top / "nginx-tmp").mkdir()
+        (top / "nginx-tmp").mkdir(mode=0o777)  # nginx workers run as nobody
+        (top / "nginx-tmp").chmod(0o777)
         (top / "nginx.conf").write_text(NGINX.format(
             dir=top, fleet_port=fleet_port, link_port=link_port, cert=tls.cert, key=tls.key,
             ca=tls.ca_cert))
@@ -264,7 +279,18 @@ def federation(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory
                 "--auth-supernode-private-key", str(home / "keys" / "nodes" / f"{site}.key"),
                 "--port", str(free_port()),
                 "--node-config", f"site-config='{home / 'site.toml'}'"],
-                env, home, user=UIDS[site])
+                env, home, hide=[agg, *(h for h in sites.values() if h != home)])
+        deadline = time.monotonic() + 120
+        while True:  # both SuperNodes joined through the proxy
+            ls = subprocess.run(["flwr", "supernode", "ls", "admin", "--format", "json"],
+                                env=admin_env, cwd=agg, capture_output=True, text=True,
+                                timeout=60)
+            nodes = json.loads(ls.stdout)["nodes"] if ls.returncode == 0 else []
+            if sum(n["status"] == "online" for n in nodes) == len(SITES):
+                break
+            assert time.monotonic() < deadline, fed.detail(
+                subprocess.CompletedProcess([], 1, ls.stdout, ls.stderr))
+            time.sleep(2)
         yield fed
     finally:
         stop(procs)
@@ -272,11 +298,14 @@ def federation(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_a_site_cannot_read_the_aggregators_folder(federation: Federation) -> None:
+    """What the SuperNodes see: the same namespace recipe they were started in."""
     scenario = aggregator_scenario(federation.aggregator, federation.aggregator / "backbone", 1)
-    peek = subprocess.run(["setpriv", f"--reuid={UIDS['site0']}", f"--regid={UIDS['site0']}",
-                           "--clear-groups", "cat", str(scenario)], capture_output=True,
-                          text=True, timeout=30)
-    assert peek.returncode != 0 and "Permission denied" in peek.stderr
+    assert scenario.is_file()
+    peek = subprocess.run(hidden([federation.aggregator], ["sh", "-c", f'cat "{scenario}" || '
+                                  f'umount "{federation.aggregator}"']),
+                          capture_output=True, text=True, timeout=30)
+    assert peek.returncode != 0 and "No such file" in peek.stderr, peek.stderr
+    assert "must be superuser" in peek.stderr, peek.stderr
 
 
 def test_sites_that_share_nothing_with_the_aggregator_train_two_rounds(
@@ -296,10 +325,9 @@ def test_sites_that_share_nothing_with_the_aggregator_train_two_rounds(
         assert row["sites-evaluated"] == 2
     assert read_manifest(out / "rounds" / "round-002")["sites"] == ["site0", "site1"]
     assert (out / "seals" / "round-002.json").is_file()
-    # each site read its passphrase-protected key from its own folder, nothing of the
-    # aggregator's, and converted nothing into a cache it does not own
+    # each site installed the app package in its own Flower home
     for home in federation.sites.values():
-        assert all(p.stat().st_uid != 0 for p in (home / "flwr-home").rglob("*"))
+        assert any((home / "flwr-home").rglob("fed_llama/client/app.py"))
     statuses = [r["status"] for r in federation.runs()]
     assert "finished:completed" in statuses, statuses
 
