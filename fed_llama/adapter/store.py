@@ -136,8 +136,9 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
     The manifest's backbone hash must match ``backbone_sha256`` when both are known: an adapter
     trained on other weights would load without complaint and give wrong answers.
     """
-    from peft import PeftModel
+    from fed_llama.backbone.notices import import_peft, without_checkpointing_notice
 
+    PeftModel = import_peft().PeftModel
     manifest = read_manifest(adapter_dir)
     trained_on = manifest.get("backbone", {}).get("sha256")
     if backbone_sha256 and trained_on and trained_on != backbone_sha256:
@@ -147,7 +148,8 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
             f"loaded (sha256 {backbone_sha256[:12]}...): use --backbone "
             f"{manifest['backbone'].get('id')}")
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with without_checkpointing_notice():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except Exception as exc:
         raise AdapterError(f"adapter {str(adapter_dir)!r} does not fit this backbone "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

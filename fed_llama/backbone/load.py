@@ -173,5 +173,9 @@ def _nf4_config(dtype: Any) -> Any:
             "(or pip install bitsandbytes)")
     from transformers import BitsAndBytesConfig
 
+    from fed_llama.backbone.notices import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before transformers imports bitsandbytes for the NF4 weights
+
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)

@@ -1,0 +1,67 @@
+"""Third-party notices that tell a fed-llama user nothing, silenced where they are raised.
+
+Each filter names one library, one logger or warning category, and the start of one message:
+nothing else from that library is hidden, and nothing is filtered process-wide by category.
+This module imports no heavy library itself (peft only inside :func:`import_peft`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+BNB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+"""bitsandbytes' CPU backend logs, at import, that an optional kernel package is missing."""
+BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"
+"""That message's start: bitsandbytes falls back to its own CPU path, which is the one used
+here (QLoRA on CPU), and a LoRA run never calls it at all."""
+
+
+class DropMessage(logging.Filter):
+    """A logger filter that drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' missing-kernel notice, in this process, before bitsandbytes is
+    imported (importing peft imports it whenever it is installed, even for plain LoRA). Safe
+    to call more than once: the filter is added once."""
+    logger = logging.getLogger(BNB_KERNEL_LOGGER)
+    if not any(isinstance(f, DropMessage) and f.prefix == BNB_KERNEL_NOTICE
+               for f in logger.filters):
+        logger.addFilter(DropMessage(BNB_KERNEL_NOTICE))
+
+
+def import_peft() -> ModuleType:
+    """peft, imported without two notices it causes in every process (each simulation worker
+    included): bitsandbytes' missing-kernel log line (:func:`quiet_bitsandbytes`), and the
+    notice torch 2.13 gives about its own code, "``torch.jit.script_method`` is deprecated"
+    (bitsandbytes' ``torch.compile`` decorators load ``torch.utils.mkldnn``, which raises it).
+    Flower's simulation puts a "once" filter for all DeprecationWarnings in front of any set at
+    start-up, so that notice is silenced here, around the import, and nowhere else."""
+    quiet_bitsandbytes()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method",
+                                category=DeprecationWarning)
+        import peft
+    return peft
+
+
+@contextlib.contextmanager
+def without_checkpointing_notice() -> Iterator[None]:
+    """Inside: transformers' FutureWarning "``is_gradient_checkpointing`` is deprecated"
+    (raised when peft's model wrapper reads that property) is not shown; every other warning
+    is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
