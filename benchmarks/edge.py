@@ -1,6 +1,6 @@
 """Edge variants of one adapter, measured in one run against PyTorch eager fp32.
 
-The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which README command 1
+The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which the README's main job
 writes) is merged once; each ONNX variant is built with the same code as ``fed-llama export``
 and measured on the same held-out records of every site of the adapter:
 
@@ -128,8 +128,8 @@ def main() -> None:
 
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
-        raise SystemExit(f"edge.py: error: no adapter in {adapter}: run README command 1 first "
-                         "(it writes runs/hospitals-3) or pass --adapter")
+        raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main job "
+                         "first (it writes runs/hospitals-3) or pass --adapter")
     bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
     merged = merge_adapter(adapter, args.backbone)
     verify = {"records": args.records, "questions": args.questions}

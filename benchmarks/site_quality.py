@@ -4,7 +4,7 @@ Runs ``fed-llama train`` once per method, each in its own process (so peak RSS i
 method's), and prints held-out perplexity before and after, the reduction, wall time and peak
 memory, and task accuracy from ``fed-llama eval`` (greedy answers to held-out questions:
 description -> code exact and category match, code -> description token F1) for the base model
-and each adapter. Writes the table as JSON. The README quotes this script's output.
+and each adapter. Writes the table as JSON (shown in docs/benchmarks.md).
 
     python benchmarks/site_quality.py --site cardiology --steps 200
 """
