@@ -4,6 +4,7 @@ third-party library warns about (run as a user runs it: a fresh process, Ray wor
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -41,3 +42,38 @@ def test_a_short_simulation_prints_no_third_party_warning(tiny_backbone: Path, w
     noise = [line for line in printed.splitlines()
              if THIRD_PARTY.search(line) and not OURS.match(line)]
     assert noise == []
+
+
+def test_only_the_named_notice_is_dropped_and_only_from_its_logger() -> None:
+    from fed_llama.common.notices import (
+        BNB_KERNEL_LOGGER,
+        FLOWER_ACTOR_NOTICE,
+        quiet_bitsandbytes,
+        quiet_flower_actor,
+    )
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(f"{record.name}: {record.getMessage()}")
+
+    keep = Keep()
+    flower, bnb = logging.getLogger("flwr"), logging.getLogger(BNB_KERNEL_LOGGER)
+    for logger in (flower, bnb):
+        logger.addHandler(keep)
+    try:
+        quiet_flower_actor()
+        quiet_flower_actor()  # idempotent: one filter however often a worker asks
+        quiet_bitsandbytes()
+        flower.warning("Manually terminating %s", "ClientAppActor")
+        flower.warning("Node %s failed to reply", 3)
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: ...")
+        bnb.warning("Failed to load something else")
+        logging.getLogger("fed_llama.x").warning("Manually terminating ours")
+    finally:
+        for logger in (flower, bnb):
+            logger.removeHandler(keep)
+    assert seen == ["flwr: Node 3 failed to reply",
+                    f"{BNB_KERNEL_LOGGER}: Failed to load something else"]
+    assert sum(getattr(f, "prefix", None) == FLOWER_ACTOR_NOTICE for f in flower.filters) == 1

@@ -136,7 +136,7 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
     The manifest's backbone hash must match ``backbone_sha256`` when both are known: an adapter
     trained on other weights would load without complaint and give wrong answers.
     """
-    from fed_llama.backbone.notices import import_peft, without_checkpointing_notice
+    from fed_llama.common.notices import import_peft, without_checkpointing_notice
 
     PeftModel = import_peft().PeftModel
     manifest = read_manifest(adapter_dir)

@@ -173,7 +173,7 @@ def _nf4_config(dtype: Any) -> Any:
             "(or pip install bitsandbytes)")
     from transformers import BitsAndBytesConfig
 
-    from fed_llama.backbone.notices import quiet_bitsandbytes
+    from fed_llama.common.notices import quiet_bitsandbytes
 
     quiet_bitsandbytes()  # before transformers imports bitsandbytes for the NF4 weights
 

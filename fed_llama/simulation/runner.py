@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from fed_llama.backbone.notices import DropMessage
+from fed_llama.common.notices import DropMessage
 from fed_llama.config.loader import apply_overrides, build_config, read_toml
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.train import ICD10_PREFIX

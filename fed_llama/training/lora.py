@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from fed_llama.backbone.notices import import_peft as _peft
-from fed_llama.backbone.notices import without_checkpointing_notice
+from fed_llama.common.notices import import_peft as _peft
+from fed_llama.common.notices import without_checkpointing_notice
 from fed_llama.config.train import LoraSpec
 
 

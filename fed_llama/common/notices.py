@@ -20,6 +20,11 @@ BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"
 here (QLoRA on CPU), and a LoRA run never calls it at all."""
 
 
+FLOWER_ACTOR_NOTICE = "Manually terminating"
+"""Flower's simulation logs this at WARNING in each Ray worker when it stops the worker's
+ClientApp actor at the end of a run: the routine end of every simulation, not a problem."""
+
+
 class DropMessage(logging.Filter):
     """A logger filter that drops the records whose message starts with ``prefix``."""
 
@@ -31,14 +36,24 @@ class DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+def drop_log_message(logger_name: str, prefix: str) -> None:
+    """Add a :class:`DropMessage` filter for ``prefix`` to the logger, once."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(DropMessage(prefix))
+
+
+def quiet_flower_actor() -> None:
+    """Drop Flower's actor-shutdown notice (:data:`FLOWER_ACTOR_NOTICE`) in this process: call
+    it where a ClientApp runs (a simulation worker), before the run ends."""
+    drop_log_message("flwr", FLOWER_ACTOR_NOTICE)
+
+
 def quiet_bitsandbytes() -> None:
     """Drop bitsandbytes' missing-kernel notice, in this process, before bitsandbytes is
     imported (importing peft imports it whenever it is installed, even for plain LoRA). Safe
     to call more than once: the filter is added once."""
-    logger = logging.getLogger(BNB_KERNEL_LOGGER)
-    if not any(isinstance(f, DropMessage) and f.prefix == BNB_KERNEL_NOTICE
-               for f in logger.filters):
-        logger.addFilter(DropMessage(BNB_KERNEL_NOTICE))
+    drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
 
 
 def import_peft() -> ModuleType:
