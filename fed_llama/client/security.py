@@ -10,7 +10,6 @@ node's config (``site-key``, ``server-public``) on a real SuperNode.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,10 +67,7 @@ def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[st
         if not isinstance(text, str):
             raise Refused("bad-seal", "the aggregator sent no round seal; refusing to train on "
                           "an adapter nobody vouches for")
-        try:
-            seal = RoundSeal.from_json(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise Refused("bad-seal", f"the round seal is not JSON: {exc}") from exc
+        seal = RoundSeal.parse(text)
         last = _LAST_SEAL.get(run)
         prev = last[1] if last and last[0] == server_round - 1 else None
         verify_round(seal, server, run=run, server_round=server_round,

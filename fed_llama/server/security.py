@@ -73,8 +73,7 @@ class ServerGuard:
         config = {"run-id": self.run}
         if self.cfg.seal_rounds:
             prev_path = self._seal_path(server_round - 1)
-            prev = (RoundSeal.from_json(json.loads(prev_path.read_text()))
-                    if prev_path.is_file() else None)
+            prev = RoundSeal.parse(prev_path.read_bytes()) if prev_path.is_file() else None
             seal = seal_round(self.key, run=self.run, server_round=server_round,
                               adapter_sha256=state_digest(state), prev=prev)
             text = json.dumps(seal.to_json())
