@@ -226,3 +226,12 @@ def test_the_bounds_are_stated_in_the_refusals() -> None:
         "a": [1, 2.5, "x", None, True], "b": {"c": -3}}
     with pytest.raises(Refused, match=r"round.*outside \[0, 2147483648\]"):
         EnvelopeHeader.decode(render(HEADER, "round", "10" * 9).encode())
+
+
+def test_a_history_holding_nan_and_infinite_metrics_still_reads(tmp_path: Path) -> None:
+    """The run's own history may hold NaN (a metric a site did not send) and infinity (an
+    epsilon before the accountant converges): --resume must read it back."""
+    store = RunStore(tmp_path)
+    store.record({"round": 1, "dp-epsilon": float("inf"), "site/train-seconds": float("nan")})
+    (row,) = store.history()
+    assert row["dp-epsilon"] == float("inf") and row["site/train-seconds"] != 0

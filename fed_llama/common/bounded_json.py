@@ -89,8 +89,13 @@ def _check_strings(value: Any) -> None:
 
 
 def loads(raw: bytes | bytearray | str, *, max_bytes: int = 1 << 20,
-          max_depth: int = MAX_DEPTH) -> Any:
-    """The JSON value of ``raw`` (UTF-8 bytes or text), or :class:`BadJson`."""
+          max_depth: int = MAX_DEPTH, constants: bool = False) -> Any:
+    """The JSON value of ``raw`` (UTF-8 bytes or text), or :class:`BadJson`.
+
+    ``constants``: accept Python's ``NaN``, ``Infinity`` and ``-Infinity`` literals (for
+    files this project writes itself with :func:`json.dumps`, such as a run's history, where
+    a metric may be NaN); never for what comes from another party.
+    """
     if isinstance(raw, (bytes, bytearray)):
         if len(raw) > max_bytes:
             raise BadJson(f"{len(raw)} bytes of JSON is over the bound of {max_bytes}")
@@ -107,7 +112,8 @@ def loads(raw: bytes | bytearray | str, *, max_bytes: int = 1 << 20,
     if _depth(text) > max_depth:
         raise BadJson(f"nested deeper than {max_depth} levels")
     try:
-        value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant,
+        value = json.loads(text, parse_int=_int, parse_float=_float,
+                           parse_constant=float if constants else _constant,
                            object_pairs_hook=_object)
     except BadJson:
         raise

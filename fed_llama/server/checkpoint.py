@@ -132,7 +132,8 @@ class RunStore:
         if not self.history_path.is_file():
             return []
         try:
-            rows = loads(self.history_path.read_bytes(), max_bytes=MAX_HISTORY_BYTES)
+            rows = loads(self.history_path.read_bytes(), max_bytes=MAX_HISTORY_BYTES,
+                         constants=True)  # our own file: a metric may be NaN
             if not isinstance(rows, list) or not all(
                     isinstance(r, dict) and isinstance(r.get("round"), int)
                     and not isinstance(r.get("round"), bool) and r["round"] >= 0 for r in rows):
