@@ -10,14 +10,13 @@ median change of the round's updates). Each failure raises
 from __future__ import annotations
 
 import statistics
-from typing import Any
 
 import torch
 
 from fed_llama.adapter.rank import A_TAG, B_TAG, lora_pairs
+from fed_llama.adapter.state import State
 from fed_llama.crypto.refusal import Refused
 
-State = dict[str, Any]
 MAX_ABS_VALUE = 1e6
 """Largest magnitude of an adapter value (trained LoRA factors stay below 10): keeps every
 product and sum the aggregation computes finite."""

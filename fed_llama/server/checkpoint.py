@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fed_llama.adapter.state import State
 from fed_llama.adapter.store import SEALED_WEIGHTS, read_manifest, save_adapter_state
 from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.common.files import write_bytes_atomic, write_text_atomic
@@ -42,7 +43,6 @@ from fed_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 Sealer = Callable[[bytes, str], bytes]
 """Encrypts (or decrypts) a checkpoint's weights, bound to a label (run id and round)."""
 

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
+from fed_llama.adapter.state import State, state_bytes
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.admission import (
@@ -40,17 +41,12 @@ from fed_llama.server.weights import bounded_weights
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 RowHook = Callable[[int, dict[str, float]], None]
 
 
 def scalars(record: Any) -> dict[str, float]:
     """The numeric entries of a MetricRecord."""
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-
-
-def state_bytes(state: State) -> int:
-    return sum(int(t.numel()) * t.element_size() for t in state.values())
 
 
 class LoraFedAvg(FedAvg):
