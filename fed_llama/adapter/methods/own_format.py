@@ -56,6 +56,27 @@ def read_config(folder: Path) -> OwnAdapterConfig | None:
     return OwnAdapterConfig(method, config, base if isinstance(base, str) else "")
 
 
+def saved_settings(folder: Path) -> tuple[Any, Any]:
+    """(the method, its settings) an adapter folder of ours was saved with."""
+    from fed_llama.adapter.methods import method_of
+
+    saved = read_config(folder)
+    if saved is None:
+        raise AdapterError(f"{folder} is not a fed-llama method's adapter (no "
+                           f"{METHOD_KEY} in adapter_config.json): load peft adapters with peft")
+    try:
+        spec = method_of(saved.method)
+        cfg = spec.config_type(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in saved.config.items()})
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{folder}/adapter_config.json: not settings of a fed-llama "
+                           f"method ({exc})") from None
+    problems = cfg.problems()
+    if problems:
+        raise AdapterError(f"{folder}/adapter_config.json: {'; '.join(problems)}")
+    return spec, cfg
+
+
 def trainable_state(model: Any) -> dict[str, Any]:
     """The model's trainable tensors by parameter name (CPU copies): a method's state."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -94,21 +115,10 @@ def load_into(model: Any, folder: Path, seed: int = 0) -> Any:
     tensors: the loader of V2 and Excitor adapter folders. Returns the model."""
     from safetensors.torch import load_file
 
-    from fed_llama.adapter.methods import method_of
     from fed_llama.adapter.store import read_manifest
 
     read_manifest(folder)  # the files' hashes
-    saved = read_config(folder)
-    if saved is None:
-        raise AdapterError(f"{folder} is not a fed-llama method's adapter (no "
-                           f"{METHOD_KEY} in adapter_config.json): load peft adapters with peft")
-    spec = method_of(saved.method)
-    try:
-        cfg = spec.config_type(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in saved.config.items()})
-    except TypeError as exc:
-        raise AdapterError(f"{folder}/adapter_config.json: settings that {saved.method} does "
-                           f"not have ({exc})") from None
+    spec, cfg = saved_settings(folder)
     model = spec.attach(model, cfg, seed)
     load_trainable_state(model, dict(load_file(str(folder / "adapter_model.safetensors"))))
     return model
