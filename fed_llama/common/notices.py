@@ -2,7 +2,8 @@
 
 Each filter names one library, one logger or warning category, and the start of one message:
 nothing else from that library is hidden, and nothing is filtered process-wide by category.
-This module imports no heavy library itself (peft only inside :func:`import_peft`).
+This module imports no heavy library. peft is imported through
+:func:`fed_llama.adapter.peft_import.peft_module`, which applies :func:`quiet_bitsandbytes`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
-from types import ModuleType
 
 BNB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 """bitsandbytes' CPU backend logs, at import, that an optional kernel package is missing."""
@@ -54,21 +54,6 @@ def quiet_bitsandbytes() -> None:
     imported (importing peft imports it whenever it is installed, even for plain LoRA). Safe
     to call more than once: the filter is added once."""
     drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
-
-
-def import_peft() -> ModuleType:
-    """peft, imported without two notices it causes in every process (each simulation worker
-    included): bitsandbytes' missing-kernel log line (:func:`quiet_bitsandbytes`), and the
-    notice torch 2.13 gives about its own code, "``torch.jit.script_method`` is deprecated"
-    (bitsandbytes' ``torch.compile`` decorators load ``torch.utils.mkldnn``, which raises it).
-    Flower's simulation puts a "once" filter for all DeprecationWarnings in front of any set at
-    start-up, so that notice is silenced here, around the import, and nowhere else."""
-    quiet_bitsandbytes()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method",
-                                category=DeprecationWarning)
-        import peft
-    return peft
 
 
 @contextlib.contextmanager

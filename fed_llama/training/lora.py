@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fed_llama.common.notices import import_peft as _peft
+from fed_llama.adapter.peft_import import peft_module as _peft
 from fed_llama.common.notices import without_checkpointing_notice
 from fed_llama.config.train import LoraSpec
 
