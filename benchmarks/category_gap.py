@@ -19,7 +19,6 @@ each pooled share, and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -27,7 +26,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from federated_vs_local import HERE, ROOT, measure, print_rows, train_fresh
+from federated_vs_local import measure, train_fresh
+from harness import RESULTS, add_scenario_arguments, markdown_table, write_results
 
 
 def pooled_se(row: dict[str, Any], counts: dict[str, int]) -> float:
@@ -42,19 +42,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path,
                         help="a federated run folder (its last complete round is scored)")
-    parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
-    parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        help="scenario override, as given to federated_vs_local.py")
+    add_scenario_arguments(parser, "scenario override, as given to federated_vs_local.py")
     parser.add_argument("--local", nargs="+", default=None, metavar="SITE",
                         help="local-only adapters to train (default: every site)")
     parser.add_argument("--questions", type=int, default=32,
                         help="the benchmark's questions per task per site (re-measure check)")
-    parser.add_argument("--json", default=str(HERE / "results" / "category_gap.json"))
+    parser.add_argument("--json", help="results file (default: benchmarks/results/"
+                        "category_gap_<R>rounds.json, R the scenario's rounds)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from fed_llama.client import site as site_ops
-    from fed_llama.common.files import write_text_atomic
     from fed_llama.evaluation.tasks import choose_questions
     from fed_llama.server.checkpoint import RunStore
     from fed_llama.simulation.runner import load_scenario
@@ -107,7 +105,7 @@ def main() -> None:
           + ", ".join(f"{n} {c}" for n, c in counts.items()))
     cols = ["variant", "heldout", "steps", "pooled_ppl", *[f"{n}/category" for n in names],
             "pooled_category", "pooled_desc_f1", "minutes"]
-    print_rows(rows, cols)
+    print(markdown_table(rows, cols))
     full = [r for r in rows if r["heldout"] == "all"]
     fed, best = full[0], max(full[1:], key=lambda r: r["pooled_category"], default=None)
     gap = None
@@ -117,11 +115,11 @@ def main() -> None:
               f"({best['variant']}) on the whole held-out set = {gap} (target >= 20); "
               f"standard error of each pooled share: {fed['pooled_category_se']} and "
               f"{best['pooled_category_se']} points")
-    write_text_atomic(Path(args.json), json.dumps(
-        {"scenario": Path(args.scenario).name, "overrides": args.overrides,
-         "questions_per_site": counts, "rows": rows, "category_points_over_best_local": gap},
-        indent=2))
-    print(f"wrote {args.json}")
+    out = Path(args.json or RESULTS / f"category_gap_{sample.federation.rounds}rounds.json")
+    write_results(out, {"scenario": Path(args.scenario).name, "overrides": args.overrides,
+                        "questions_per_site": counts, "rows": rows,
+                        "category_points_over_best_local": gap})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Edge variants of one adapter, measured in one run against PyTorch eager fp32.
 
-The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which README command 1
+The adapter (default: round 3 of ``simulations/hospitals-3.toml``, which the README's main job
 writes) is merged once; each ONNX variant is built with the same code as ``fed-llama export``
 and measured on the same held-out records of every site of the adapter:
 
@@ -31,7 +31,6 @@ eager and int4 at least 8x.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -41,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import ROOT, add_json_argument, cpu, markdown_table, write_results
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"quant": "fp32"},
     "torch-fp32": {"quant": "fp32", "exporter": "torch"},
@@ -77,24 +75,20 @@ def machine_facts() -> dict[str, Any]:
     """The CPU and libraries the figures belong to: onnxruntime picks its quantized kernels by
     instruction set (AVX2 vs AVX-512 VNNI changes int8/int4 decode speed severalfold)."""
     import os
-    import platform
 
     import onnxruntime
     import torch
 
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    model, isa = cpu()
     return {"cpu": model, "cores": os.cpu_count(), "isa": isa,
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
+TABLE = {"variant": "{}", "size_mb": "{:.0f}", "prefill-ms": "{:.0f}",
+         "decode-tokens-per-s": "{:.1f}", "decode_x_pytorch": "{:.2f}x",
+         "in_place_gain": "{:.2f}x", "perplexity": "{:.3f}", "ppl_vs_pytorch": "{:+.1%}",
+         "top1": "{:.3f}", "category": "{:.3f}", "desc_f1": "{:.3f}", "bound_fraction": "{:.2f}"}
+"""The printed table's columns and their formats (``report.py`` uses the same)."""
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -109,11 +103,10 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=32, help="held-out records per site")
     parser.add_argument("--questions", type=int, default=16, help="questions per task per site")
     parser.add_argument("--repeats", type=int, default=3, help="speed measurements (median)")
-    parser.add_argument("--json", default=str(HERE / "results" / "edge.json"))
+    add_json_argument(parser, "edge.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from fed_llama.common.files import write_text_atomic
     from fed_llama.config.export import ExportConfig
     from fed_llama.config.loader import build_config
     from fed_llama.data.tokenize import encode_all
@@ -135,8 +128,8 @@ def main() -> None:
 
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
-        raise SystemExit(f"edge.py: error: no adapter in {adapter}: run README command 1 first "
-                         "(it writes runs/hospitals-3) or pass --adapter")
+        raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main job "
+                         "first (it writes runs/hospitals-3) or pass --adapter")
     bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
     merged = merge_adapter(adapter, args.backbone)
     verify = {"records": args.records, "questions": args.questions}
@@ -222,7 +215,7 @@ def main() -> None:
     result = {"adapter": str(adapter), "machine": facts, "sources": sources,
               "records_per_site": args.records, "questions_per_task_per_site": args.questions,
               "memory_bandwidth_gbs": round(bandwidth, 1), "rows": rows}
-    write_text_atomic(Path(args.json), json.dumps(result, indent=2))
+    write_results(args.json, result)
     print(f"written to {args.json}")
 
 
@@ -237,18 +230,10 @@ def _pytorch_ppl(reference: dict[str, list[np.ndarray]], data: dict[str, Any]) -
 
 
 def _print(rows: list[dict[str, Any]], bandwidth: float, facts: dict[str, Any]) -> None:
-    cols = [("variant", "{}"), ("size_mb", "{:.0f}"), ("prefill-ms", "{:.0f}"),
-            ("decode-tokens-per-s", "{:.1f}"), ("decode_x_pytorch", "{:.2f}x"),
-            ("in_place_gain", "{:.2f}x"),
-            ("perplexity", "{:.3f}"), ("ppl_vs_pytorch", "{:+.1%}"), ("top1", "{:.3f}"),
-            ("category", "{:.3f}"), ("desc_f1", "{:.3f}"), ("bound_fraction", "{:.2f}")]
     print(f"{facts['cpu']}, {facts['cores']} cores, {' '.join(facts['isa']) or 'no AVX2'}; "
           f"onnxruntime {facts['onnxruntime']}, torch {facts['torch']}")
     print(f"memory bandwidth {bandwidth:.1f} GB/s (fp32 matrix-vector)")
-    print("| " + " | ".join(c for c, _ in cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f.format(r[c]) if c in r else "" for c, f in cols) + " |")
+    print(markdown_table(rows, list(TABLE), TABLE))
 
 
 if __name__ == "__main__":

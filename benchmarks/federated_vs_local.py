@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from harness import RESULTS, add_scenario_arguments, markdown_table, write_results
+
 TASKS = ("desc2code", "code2desc")
 FEDERATED: dict[str, list[str]] = {
     "factors": ["federation.aggregation='factors'"],
@@ -93,14 +93,6 @@ def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, A
     row.update(pooled_ppl=round(math.exp(nll / tokens), 2), pooled_category=round(category / n, 3),
                pooled_desc_f1=round(f1 / n, 3))
     return row
-
-
-def print_rows(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    """A markdown table of ``rows``, one column per key in ``cols``."""
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
 
 
 def references(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], float, float] | None:
@@ -155,7 +147,7 @@ def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str, accumula
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
+    add_scenario_arguments(parser, "scenario override, as for fed-llama simulate")
     parser.add_argument("--modes", nargs="*", default=["factors", "exact", "ffa"],
                         choices=list(FEDERATED),
                         help="federated variants to run (none: only the reference variants; "
@@ -174,10 +166,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="+", default=[], choices=["base", "local", "centralized"],
                         help="reference variants not to measure (e.g. to compare federated and "
                              "centralized at another learning rate without the local ones)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        help="scenario override, as for fed-llama simulate")
     parser.add_argument("--runs", help="keep the federated run folders here (default: temp)")
-    parser.add_argument("--json", default=str(HERE / "results" / "federated_vs_local.json"))
+    parser.add_argument("--json", help="results file (default: benchmarks/results/"
+                        "federated_vs_local_<R>rounds.json, R the scenario's rounds)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the variants already measured in --json (same scenario, "
                              "overrides and questions) and measure the rest; with --runs, a "
@@ -190,7 +181,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from fed_llama.client import site as site_ops
-    from fed_llama.common.files import write_text_atomic
     from fed_llama.simulation.runner import load_scenario, simulate
 
     scenario, _ = load_scenario(Path(args.scenario), args.overrides)
@@ -209,7 +199,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     setup = {"scenario": Path(args.scenario).name, "overrides": args.overrides,
              "questions": args.questions}
-    out = Path(args.json)
+    out = Path(args.json or RESULTS / f"federated_vs_local_{fed.rounds}rounds.json")
     if args.resume and out.is_file():
         saved = json.loads(out.read_text())
         if {k: saved.get(k) for k in setup} != setup:
@@ -238,8 +228,7 @@ def main() -> None:
         logging.info("%s", row)
         # after every variant: a crash later loses nothing measured (--resume goes on), and
         # the file always carries the targets of the rows it holds
-        write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": targets(rows)},
-                                          indent=2))
+        write_results(out, {**setup, "rows": rows, "targets": targets(rows)})
 
     start = time.perf_counter()
     done |= {v for v in ("base", "centralized") if v in args.skip}
@@ -299,7 +288,7 @@ def main() -> None:
     order = ["base", *[f"local:{n}" for n in names], "centralized", "centralized-wide",
              *[f"federated:{m}" for m in FEDERATED]]
     rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
-    print_rows(rows, cols)
+    print(markdown_table(rows, cols))
     ref = references(rows)
     found = targets(rows)
     if ref is not None:  # the targets compare with both (not with --skip)
@@ -316,8 +305,8 @@ def main() -> None:
                   f"(target <= 1.10); category / centralized = {t['category_vs_centralized']} "
                   f"(target >= 0.95); category points over best local = "
                   f"{t['category_points_over_best_local']} (target >= 20)")
-    write_text_atomic(out, json.dumps({**setup, "rows": rows, "targets": found}, indent=2))
-    print(f"wrote {args.json}")
+    write_results(out, {**setup, "rows": rows, "targets": found})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ token F1), and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from harness import add_json_argument, add_scenario_arguments, write_results
 from variant_runs import print_table, run_variants
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 SETUP = ["federation.sites=['icd10:cardiology', 'icd10:oncology', 'icd10:psychiatry', "
          "'icd10:neurology']", "federation.rounds=2", "train.max_steps=5",
          "data.max_heldout_records=32", "evaluation.questions=16"]
@@ -47,14 +45,10 @@ VARIANTS: dict[str, list[str]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
-    parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        help="extra scenario overrides for every variant")
-    parser.add_argument("--json", default=str(HERE / "results" / "poisoning.json"))
+    add_scenario_arguments(parser, "extra scenario overrides for every variant")
+    add_json_argument(parser, "poisoning.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from fed_llama.common.files import write_text_atomic
 
     overrides = SETUP + args.overrides
     results = run_variants(Path(args.scenario), VARIANTS, overrides)
@@ -65,9 +59,8 @@ def main() -> None:
     print("4 sites, 2 rounds x 5 local steps; neurology poisons (change x 100) every round:")
     print_table(results, ["pooled_ppl", "ppl_x_clean", "within_5pct", "pooled_category",
                           "pooled_chapter", "pooled_desc_f1", "refused", "round_s"])
-    write_text_atomic(Path(args.json), json.dumps(
-        {"scenario": args.scenario, "overrides": overrides, "poison": POISON,
-         "variants": results}, indent=2))
+    write_results(args.json, {"scenario": args.scenario, "overrides": overrides,
+                              "poison": POISON, "variants": results})
     print(f"written to {args.json}")
 
 

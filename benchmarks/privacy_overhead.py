@@ -31,15 +31,13 @@ round; ``train_phase_x_plain`` is the ratio that isolates what privacy costs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from harness import add_json_argument, add_scenario_arguments, write_results
 from variant_runs import print_table, run_variants
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 SHORT = ["federation.rounds=2", "train.max_steps=5", "data.max_heldout_records=32",
          "evaluation.questions=16"]
 VARIANTS: dict[str, list[str]] = {
@@ -83,17 +81,13 @@ def plot_utility(utility: dict[str, dict[str, Any]], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default=str(ROOT / "simulations" / "hospitals-3.toml"))
-    parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        help="extra scenario overrides for every variant")
-    parser.add_argument("--json", default=str(HERE / "results" / "privacy_overhead.json"))
+    add_scenario_arguments(parser, "extra scenario overrides for every variant")
+    add_json_argument(parser, "privacy_overhead.json")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the utility-vs-epsilon runs (noise multipliers "
                         f"{', '.join(map(str, NOISE_SWEEP))})")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from fed_llama.common.files import write_text_atomic
 
     overrides = SHORT + args.overrides
     variants = dict(VARIANTS)
@@ -126,9 +120,8 @@ def main() -> None:
     print_table(utility, ["dp_epsilon", "pooled_ppl", "ppl_x_no_dp", "pooled_chapter",
                           "pooled_desc_f1"])
     plot_utility(utility, Path(args.json).with_name("privacy_utility.png"))
-    write_text_atomic(Path(args.json), json.dumps(
-        {"scenario": args.scenario, "overrides": overrides, "variants": results},
-        indent=2))
+    write_results(args.json, {"scenario": args.scenario, "overrides": overrides,
+                              "variants": results})
     print(f"written to {args.json}")
 
 

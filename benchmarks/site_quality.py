@@ -4,7 +4,7 @@ Runs ``fed-llama train`` once per method, each in its own process (so peak RSS i
 method's), and prints held-out perplexity before and after, the reduction, wall time and peak
 memory, and task accuracy from ``fed-llama eval`` (greedy answers to held-out questions:
 description -> code exact and category match, code -> description token F1) for the base model
-and each adapter. Writes the table as JSON. The README quotes this script's output.
+and each adapter. Writes the table as JSON (shown in docs/benchmarks.md).
 
     python benchmarks/site_quality.py --site cardiology --steps 200
 """
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from harness import add_json_argument, markdown_table, write_results
 
 
 def task_scores(args: argparse.Namespace, work: Path, adapter: Path | None) -> dict[str, float]:
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=64, help="questions per task")
     parser.add_argument("--methods", nargs="+", default=["lora", "qlora"],
                         choices=["lora", "qlora"])
-    parser.add_argument("--json", default=str(HERE / "results" / "site_quality.json"))
+    add_json_argument(parser, "site_quality.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = task_scores(args, Path(tmp), None)
@@ -85,12 +85,8 @@ def main() -> None:
     cols = list(rows[0])
     print(f"site {args.site}, {args.steps} steps, {args.heldout} held-out records "
           "(codes unseen in training)")
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
-    from fed_llama.common.files import write_text_atomic
-
-    write_text_atomic(Path(args.json), json.dumps({"site": args.site, "rows": rows}, indent=2))
+    print(markdown_table(rows, cols))
+    write_results(args.json, {"site": args.site, "rows": rows})
     print(f"wrote {args.json}")
 
 

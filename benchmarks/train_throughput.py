@@ -17,9 +17,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from harness import add_json_argument, markdown_table, write_results
+
 WARMUP = 3
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--site", default="cardiology")
-    parser.add_argument("--json", default=str(HERE / "results" / "train_throughput.json"))
+    add_json_argument(parser, "train_throughput.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -91,12 +91,8 @@ def main() -> None:
         row["ratio_to_baseline"] = round(row["tokens_per_s"] / base, 2)
     print(f"{args.steps} timed steps of {args.batch_size} examples, site {args.site}")
     cols = ["mode", "tokens_per_s", "ratio_to_baseline", "peak_rss_mb", "seconds", "tokens"]
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
-    from fed_llama.common.files import write_text_atomic
-
-    write_text_atomic(Path(args.json), json.dumps({"rows": rows}, indent=2))
+    print(markdown_table(rows, cols))
+    write_results(args.json, {"rows": rows})
     print(f"wrote {args.json}")
 
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import markdown_table
+
 
 def summarize(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """A run's round time, training-phase time, bytes up per site, last-round perplexity and
@@ -54,7 +56,5 @@ def run_variants(scenario: Path, variants: dict[str, list[str]], overrides: list
 
 def print_table(results: dict[str, dict[str, Any]], cols: list[str]) -> None:
     """A markdown table of the variants, one column per key in ``cols``."""
-    print("| variant | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for name, r in results.items():
-        print(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    print(markdown_table([{"variant": name, **r} for name, r in results.items()],
+                         ["variant", *cols]))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -46,6 +49,26 @@ def build_tiny_backbone(path: Path) -> Path:
                          bos_token_id=fast.bos_token_id)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _exec_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The benchmark script ``benchmarks/<name>.py`` loaded from its file, without putting
+    benchmarks/ (edge.py, poisoning.py, ...) on sys.path for the rest of the test session. The
+    shared ``harness`` the scripts import is loaded the same way, once."""
+    if "harness" not in sys.modules:
+        sys.modules["harness"] = _exec_benchmark("harness")
+    return _exec_benchmark(name)
 
 
 @pytest.fixture(scope="session")

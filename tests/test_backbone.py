@@ -90,6 +90,46 @@ def test_nf4_quantization_loads_4bit_layers(tiny_backbone: Path) -> None:
     assert getattr(layers[0].weight, "quant_type", None) == "nf4"
 
 
+@pytest.mark.parametrize("method", ["lora", "llama-adapter", "llama-adapter-v2", "excitor"])
+def test_every_method_still_trains_on_nf4_after_an_evaluation_pass(tiny_backbone: Path,
+                                                                   method: str) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks NF4 weights for inference on the first
+    eval-mode pass and gradients stop reaching anything behind them; a site evaluates before
+    it trains, so every trainable tensor must still get a non-zero gradient afterwards."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from fed_llama.adapter.methods import method_of
+    from fed_llama.config.train import LoraSpec
+    from fed_llama.training.lora import attach_lora
+
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone), quantization="nf4"))
+    if method == "lora":
+        model = attach_lora(bb.model, LoraSpec(r=4), seed=0)
+        with torch.no_grad():  # B = 0: give A a gradient path, as after one step
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    else:
+        spec = method_of(method)
+        model = spec.attach(bb.model, spec.config_type(**{
+            "llama-adapter": {"layers": 2}, "llama-adapter-v2": {"prompt_layers": 2},
+            "excitor": {"layers": 2, "rank": 4}}[method]), 0)
+        with torch.no_grad():  # gates open a little, as after one step
+            for name, p in model.named_parameters():
+                if name.endswith(("gate", "adaption_gate")):
+                    p.fill_(0.1)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # the held-out evaluation before training
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    dead = [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert not dead
+
+
 def test_decoding_with_the_cache_gives_the_full_forward_logits(tiny_backbone: Path) -> None:
     """The cache goes in and comes out under the name the installed transformers uses."""
     import inspect

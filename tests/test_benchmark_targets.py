@@ -3,21 +3,15 @@ about the federation and task-evaluation issues rest on)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-# the script loaded from its file, without putting benchmarks/ (edge.py, poisoning.py, ...) on
-# sys.path for the rest of the test session
-_spec = importlib.util.spec_from_file_location(
-    "federated_vs_local", BENCHMARKS / "federated_vs_local.py")
-assert _spec is not None and _spec.loader is not None
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
+_module = load_benchmark("federated_vs_local")
 references, targets = _module.references, _module.targets
 
 
@@ -67,7 +61,8 @@ def test_no_targets_without_centralized_or_local_rows(missing: str) -> None:
     assert targets(rows) == []
 
 
-@pytest.mark.parametrize("name", ["federated_vs_local.json", "federated_vs_local_10rounds.json",
+@pytest.mark.parametrize("name", ["federated_vs_local_3rounds.json",
+                                  "federated_vs_local_10rounds.json",
                                   "federated_vs_local_15rounds.json"])
 def test_saved_results_carry_the_targets_of_their_rows(name: str) -> None:
     """Every committed result file's targets are what its own rows give."""

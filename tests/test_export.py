@@ -430,3 +430,68 @@ def test_runtime_adapters_switch_per_site_without_re_export(
         add_adapter(rank2, out, "r2")
     with pytest.raises(EdgeRuntimeError, match=r"no such runtime adapter.*has: a, site-2"):
         OnnxCausalLM(out, adapter="nowhere")
+
+
+# --- The survey's other adapters ---------------------------------------------------------
+
+def _method_adapter(backbone: Path, out: Path, method: str, **settings: Any) -> Path:
+    """A fed-llama method's adapter, moved away from its initialization, saved as trained."""
+    from fed_llama.adapter.methods import method_of
+    from fed_llama.adapter.methods.own_format import save
+
+    bb = load_backbone(BackboneConfig(name=str(backbone)))
+    spec = method_of(method)
+    cfg = spec.config_type(**settings)
+    model = spec.attach(bb.model, cfg, 0)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    if spec.peft_native:
+        return save_adapter(model, out, {"backbone": bb.describe(), "method": method})
+    return save(model, method, cfg, out, {"backbone": bb.describe(), "method": method})
+
+
+def test_a_v2_adapter_without_prompts_folds_into_a_llama_with_biases(
+        tiny_backbone: Path, tmp_path: Path) -> None:
+    from fed_llama.adapter.methods.own_format import load_into
+
+    adapter = _method_adapter(tiny_backbone, tmp_path / "v2", "llama-adapter-v2",
+                              prompts=False)
+    merged = merge_adapter(adapter, str(tiny_backbone))
+    assert merged.model.config.attention_bias and merged.model.config.mlp_bias
+    assert not [n for n, _ in merged.model.named_parameters() if "adapter_" in n]
+    unfolded = load_into(load_backbone(BackboneConfig(name=str(tiny_backbone))).model, adapter)
+    ids = torch.tensor([[5, 17, 33, 99, 120, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids).logits, unfolded(ids).logits,
+                                   rtol=0, atol=1e-5)
+
+
+def test_a_folded_v2_adapter_exports_and_verifies_against_pytorch(
+        tiny_backbone: Path, tmp_path: Path, verify_data: Path) -> None:
+    adapter = _method_adapter(tiny_backbone, tmp_path / "v2", "llama-adapter-v2",
+                              prompts=False)
+    manifest = export_adapter(adapter, tmp_path / "out", _cfg(verify_data, quant="fp32"),
+                              backbone=str(tiny_backbone))
+    report = manifest["verification"]
+    assert manifest["source_adapter"]["method"] == "llama-adapter-v2"
+    assert report["pooled"]["max-logit-diff"] < 1e-3, report["pooled"]
+    assert report["pooled"]["top1-agreement"] == 1.0
+
+
+@pytest.mark.parametrize(("method", "settings", "why"), [
+    ("llama-adapter", {"layers": 2}, "gated adaption prompts"),
+    ("llama-adapter-v2", {"prompt_layers": 2}, "gated adaption prompts"),
+    ("excitor", {"layers": 2, "rank": 4}, "an extra-key branch"),
+])
+def test_adapters_that_cannot_fold_are_refused_before_any_work(
+        tiny_backbone: Path, tmp_path: Path, verify_data: Path, method: str,
+        settings: dict[str, Any], why: str) -> None:
+    adapter = _method_adapter(tiny_backbone, tmp_path / "a", method, **settings)
+    with pytest.raises(ConfigError, match=f"\\({method}\\) has {why}"):
+        export_adapter(adapter, tmp_path / "out", _cfg(verify_data, quant="fp32"),
+                       backbone=str(tiny_backbone))
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

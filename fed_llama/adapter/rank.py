@@ -8,11 +8,10 @@ A LoRA layer adds ``scale * B @ A`` (``scale = alpha / r``). :func:`factorize` s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-State = dict[str, Any]
+from fed_llama.adapter.state import State
+
 A_TAG, B_TAG = "lora_A", "lora_B"
 
 

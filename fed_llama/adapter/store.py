@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.common.files import file_sha256, replace_dir
 from fed_llama.errors import AdapterError
 
@@ -24,6 +25,8 @@ PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SEALED_WEIGHTS = "adapter_model.safetensors.hpke"
 """The weights of a checkpoint encrypted at rest (in place of ``adapter_model.safetensors``)."""
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest manifest file read."""
 
 
 def check_output_dir(out: Path, force: bool, flag: str = "--out") -> None:
@@ -119,12 +122,22 @@ def read_manifest(adapter_dir: Path, *, sealed: bool = False) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except ValueError as exc:
-        raise AdapterError(f"adapter {str(adapter_dir)!r}: {MANIFEST} is not valid JSON "
-                           f"({exc})") from None
-    for name, expected in manifest.get("files", {}).items():
-        if file_sha256(adapter_dir / name) != expected:
+        with path.open("rb") as fh:
+            manifest = loads(fh.read(MAX_MANIFEST_BYTES + 1), max_bytes=MAX_MANIFEST_BYTES)
+        if not isinstance(manifest, dict):
+            raise BadJson("not a JSON object")
+    except (OSError, BadJson) as exc:
+        raise AdapterError(f"adapter {str(adapter_dir)!r}: {MANIFEST} is not a fed-llama "
+                           f"manifest ({exc}): copy the adapter again") from None
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(
+            name in (*PEFT_FILES, SEALED_WEIGHTS) and isinstance(digest, str)
+            for name, digest in files.items()):
+        raise AdapterError(f"adapter {str(adapter_dir)!r}: {MANIFEST} lists files other than "
+                           f"{', '.join((*PEFT_FILES, SEALED_WEIGHTS))} or a hash that is no "
+                           "text: copy the adapter again")
+    for name, expected in files.items():
+        if not (adapter_dir / name).is_file() or file_sha256(adapter_dir / name) != expected:
             raise AdapterError(f"adapter {str(adapter_dir)!r}: {name} does not match the sha256 "
                                "in its manifest (corrupted or edited): copy the adapter again")
     return manifest
@@ -136,8 +149,10 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
     The manifest's backbone hash must match ``backbone_sha256`` when both are known: an adapter
     trained on other weights would load without complaint and give wrong answers.
     """
-    from peft import PeftModel
+    from fed_llama.adapter.peft_import import peft_module
+    from fed_llama.common.notices import without_checkpointing_notice
 
+    PeftModel = peft_module().PeftModel
     manifest = read_manifest(adapter_dir)
     trained_on = manifest.get("backbone", {}).get("sha256")
     if backbone_sha256 and trained_on and trained_on != backbone_sha256:
@@ -147,7 +162,8 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
             f"loaded (sha256 {backbone_sha256[:12]}...): use --backbone "
             f"{manifest['backbone'].get('id')}")
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with without_checkpointing_notice():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except Exception as exc:
         raise AdapterError(f"adapter {str(adapter_dir)!r} does not fit this backbone "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

@@ -161,9 +161,26 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
+    if cfg.quantization == "nf4":
+        keep_nf4_trainable(model)
     log.info("backbone %s loaded (%s, %s)", source.id, cfg.precision, cfg.quantization)
     return Backbone(model=model, tokenizer=tokenizer, source=source,
                     precision=cfg.precision, quantization=cfg.quantization)
+
+
+def keep_nf4_trainable(model: Any) -> None:
+    """Keep gradients flowing through the NF4 layers after an evaluation pass.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weight for its
+    inference kernel the first time the layer runs in eval mode on an input that needs no
+    gradient, and from then on nothing behind that layer receives a gradient: a site that
+    evaluates before it trains (``fed-llama train`` measures the held-out loss first; a
+    federation evaluates every round) would train nothing, silently. Turning the repacking off
+    keeps the one path that supports training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _nf4_config(dtype: Any) -> Any:
@@ -172,6 +189,10 @@ def _nf4_config(dtype: Any) -> Any:
             "quantization = 'nf4' needs bitsandbytes: pip install 'fed-llama[qlora]' "
             "(or pip install bitsandbytes)")
     from transformers import BitsAndBytesConfig
+
+    from fed_llama.common.notices import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before transformers imports bitsandbytes for the NF4 weights
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)

@@ -131,8 +131,11 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     flwr_log.propagate = False
     flwr_log.setLevel(logging.WARNING if quiet else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    for category in (FutureWarning, DeprecationWarning):  # libraries' deprecation chatter
-        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager"
+    # torch 2.13 warns about its own code when its first import meets typing_extensions'
+    # deprecation marker (whichever command imports torch first): that one notice, by its text
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     # transformers reads these when (and if) a command imports it: the edge runtime never does
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -18,7 +18,16 @@ from flwr.clientapp import ClientApp
 from fed_llama.client import security
 from fed_llama.client import site as site_ops
 from fed_llama.client.federation import membership, named, queried_site
+from fed_llama.common.notices import quiet_flower_actor
 from fed_llama.config.scenario import ScenarioConfig
+
+
+def quiet_worker(msg: Message, context: Context,
+                 call_next: Callable[[Message, Context], Message]) -> Message:
+    """Every message: make sure this process (a simulation's Ray worker, or a SuperNode's
+    ClientApp process) drops Flower's routine actor-shutdown notice; then handle the message."""
+    quiet_flower_actor()
+    return call_next(msg, context)
 
 
 def secagg_when_asked(msg: Message, context: Context,
@@ -140,7 +149,7 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
 
 def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     """A ClientApp for ``scenario`` (None: read it from the run config)."""
-    app = ClientApp(mods=[secagg_when_asked])
+    app = ClientApp(mods=[quiet_worker, secagg_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

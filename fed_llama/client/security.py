@@ -10,22 +10,20 @@ node's config (``site-key``, ``server-public``) on a real SuperNode.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fed_llama.adapter.state import State, state_digest, state_payload
 from fed_llama.config.security import SecurityConfig
-from fed_llama.crypto import RoundSeal, safetensors_manifest, seal_envelope, verify_round
+from fed_llama.crypto import RoundSeal, seal_envelope, verify_round
 from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
 from fed_llama.crypto.keys import ServerPublicKey, SiteKey
 from fed_llama.crypto.refusal import Refused
-from fed_llama.crypto.seal import manifest_digest
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 _LAST_SEAL: dict[str, tuple[int, str]] = {}
 """run -> (round, digest) of the last seal this process accepted: the chain check."""
 
@@ -50,12 +48,6 @@ def site_keys(cfg: SecurityConfig, site: str, node_config: Mapping[str, Any]
     return key, server
 
 
-def _payload(state: State) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in state.items()})
-
-
 def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[str, Any],
                 state: State, server_round: int) -> str:
     """Verify this round's seal over ``state`` (if seals are on); return the run id."""
@@ -68,14 +60,11 @@ def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[st
         if not isinstance(text, str):
             raise Refused("bad-seal", "the aggregator sent no round seal; refusing to train on "
                           "an adapter nobody vouches for")
-        try:
-            seal = RoundSeal.from_json(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise Refused("bad-seal", f"the round seal is not JSON: {exc}") from exc
+        seal = RoundSeal.parse(text)
         last = _LAST_SEAL.get(run)
         prev = last[1] if last and last[0] == server_round - 1 else None
         verify_round(seal, server, run=run, server_round=server_round,
-                     adapter_sha256=manifest_digest(safetensors_manifest(_payload(state))),
+                     adapter_sha256=state_digest(state),
                      prev_digest=prev)
         _LAST_SEAL[run] = (server_round, seal.digest)
     return run
@@ -84,5 +73,5 @@ def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[st
 def seal_update(key: SiteKey, server: ServerPublicKey, *, run: str, server_round: int,
                 state: State, metrics: dict[str, float]) -> bytes:
     """The update as an envelope: encrypted to the aggregator, signed by this site."""
-    return seal_envelope(_payload(state), site_key=key, server=server, run=run,
+    return seal_envelope(state_payload(state), site_key=key, server=server, run=run,
                          server_round=server_round, metrics=metrics)

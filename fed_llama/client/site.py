@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fed_llama.adapter.rank import change_rank
+from fed_llama.adapter.state import State
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.data.source import SiteData, encode_site, load_examples
 from fed_llama.training.loop import train_adapter
@@ -22,7 +23,6 @@ from fed_llama.training.loss import heldout_loss
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 
 
 @dataclass

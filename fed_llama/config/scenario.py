@@ -130,6 +130,20 @@ class FederationConfig:
     clip_norm: float = 0.0
     """Clip each site's update (difference from the global adapter) to this L2 norm (0: off)."""
 
+    weighting: Literal["examples", "equal"] = "examples"
+    """How much each admitted update counts: ``examples``, the example count its site
+    reports, bounded by ``max_weight_ratio`` and ``max_examples`` (FedAvg), or ``equal``
+    (every site the same; the strictest bound on a site that lies about its count). The
+    robust modes weigh their median or kept values the same way."""
+
+    max_weight_ratio: float = 4.0
+    """No site counts more than this many times the median reported example count of the
+    round (0: no relative cap). A site that reports more is weighted at the cap, and the log
+    says so; docs/security.md states the bound this puts on a lying site."""
+
+    max_examples: float = 1e9
+    """No site counts more than this many examples, whatever it reports (at most 1e12)."""
+
     min_sites: int = 0
     """Sites whose updates must pass the checks for a round to count (at most the sites the
     round goes to: one in a cyclic round). 0: every site must reply without failing, and at
@@ -191,6 +205,11 @@ class FederationConfig:
             out.append(f"clip_norm must be 0 (off) or more; got {self.clip_norm}")
         if self.round_timeout <= 0:
             out.append(f"round_timeout must be positive; got {self.round_timeout}")
+        if self.max_weight_ratio != 0 and not 1 <= self.max_weight_ratio <= 1e6:
+            out.append(f"max_weight_ratio must be 0 (off) or in [1, 1e6]; got "
+                       f"{self.max_weight_ratio}")
+        if not 1 <= self.max_examples <= 1e12:
+            out.append(f"max_examples must be in [1, 1e12]; got {self.max_examples}")
         return out
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fed_llama.common.bounded_json import loads
 from fed_llama.crypto.keys import KEMS, ServerKey, ServerPublicKey, SiteKey, TrustStore
 from fed_llama.crypto.refusal import Refused
 
@@ -35,6 +36,18 @@ MAX_HEADER_BYTES = 1 << 20
 _ENC_BYTES = {"x25519": 32, "mlkem768-x25519": 1120}
 _TAG_BYTES = 16
 _DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+MAX_ROUND = 1 << 31
+"""Largest round number a header may name."""
+MAX_PAYLOAD_BYTES = 1 << 40
+"""Largest ciphertext a header may announce (the aggregator's size bound refuses far less)."""
+MAX_DIM, MAX_RANK = 1 << 40, 8
+"""Largest tensor dimension and number of dimensions in a manifest."""
+MAX_TEXT_CHARS = 1024
+"""Longest text field (run id, site, nonce, tensor name) in a header."""
+MAX_METRICS = 256
+"""Most metrics a site may report beside its update."""
+MAX_METRIC = 1e18
+"""Largest magnitude of a reported number or issue time."""
 
 
 @dataclass(frozen=True)
@@ -71,37 +84,71 @@ class EnvelopeHeader:
 
     @classmethod
     def decode(cls, raw: bytes) -> EnvelopeHeader:
+        """The header in ``raw``, or :class:`Refused` (``malformed``): total on any bytes."""
         try:
-            d = json.loads(raw.decode("utf-8"))
+            d = loads(raw, max_bytes=MAX_HEADER_BYTES)
             if not isinstance(d, dict) or d.get("v") != 1:
                 raise ValueError("not a version-1 header")
-            tensors = tuple(_tensor(t) for t in d["tensors"])
-            header = cls(run=_typed(d["run"], str), round=_typed(d["round"], int),
-                         site=_typed(d["site"], str), issued=float(_typed(d["issued"],
-                                                                          (int, float))),
-                         nonce=_typed(d["nonce"], str), kem=_typed(d["kem"], str),
-                         tensors=tensors, ciphertext_bytes=_typed(d["ciphertext_bytes"], int),
-                         metrics={_typed(k, str): float(_typed(v, (int, float)))
-                                  for k, v in _typed(d.get("metrics", {}), dict).items()})
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise Refused("malformed", f"the envelope header cannot be read: {exc}") from exc
-        if header.kem not in KEMS or not math.isfinite(header.issued) or not all(
-                math.isfinite(v) for v in header.metrics.values()):
-            raise Refused("malformed", f"the envelope header names kem {header.kem!r}, an "
-                          "invalid time or a non-finite metric")
+            metrics = _typed(d.get("metrics", {}), dict)
+            if len(metrics) > MAX_METRICS:
+                raise ValueError(f"{len(metrics)} metrics (at most {MAX_METRICS})")
+            header = cls(run=_text(d["run"], "run"),
+                         round=_bounded(d["round"], 0, MAX_ROUND, "round"),
+                         site=_text(d["site"], "site"),
+                         issued=_number(d["issued"], "issued"),
+                         nonce=_text(d["nonce"], "nonce"), kem=_text(d["kem"], "kem"),
+                         tensors=tuple(_tensor(t) for t in _typed(d["tensors"], list)),
+                         ciphertext_bytes=_bounded(d["ciphertext_bytes"], 0, MAX_PAYLOAD_BYTES,
+                                                   "ciphertext_bytes"),
+                         metrics={_text(k, "metric name"): _number(v, f"metric {k[:40]!r}")
+                                  for k, v in metrics.items()})
+        except (ValueError, KeyError, TypeError) as exc:  # BadJson is a ValueError
+            raise Refused("malformed", f"the envelope header cannot be read: {exc}") from None
+        if header.kem not in KEMS:
+            raise Refused("malformed", f"the envelope header names kem {header.kem[:40]!r}")
         return header
 
 
 def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"{value!r} is not of the expected type")
+        raise TypeError(f"a {type(value).__name__} where a {_names(kind)} belongs")
     return value
 
 
+def _names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def _text(value: Any, what: str) -> str:
+    text: str = _typed(value, str)
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{what}: a text of {len(text)} characters (at most "
+                         f"{MAX_TEXT_CHARS})")
+    return text
+
+
+def _bounded(value: Any, low: int, high: int, what: str) -> int:
+    number: int = _typed(value, int)
+    if not low <= number <= high:
+        raise ValueError(f"{what}: {number} is outside [{low}, {high}]")
+    return number
+
+
+def _number(value: Any, what: str) -> float:
+    """A finite number within +-MAX_METRIC (the JSON parser has bounded its digits)."""
+    number = float(_typed(value, (int, float)))
+    if not abs(number) <= MAX_METRIC:
+        raise ValueError(f"{what}: {number:.3g} is outside +-{MAX_METRIC:.0e}")
+    return number
+
+
 def _tensor(item: Any) -> TensorSpec:
-    name, dtype, shape, digest = item
-    return TensorSpec(_typed(name, str), _typed(dtype, str),
-                      tuple(_typed(n, int) for n in _typed(shape, list)), _typed(digest, str))
+    name, dtype, shape, digest = _typed(item, list)
+    dims = tuple(_bounded(n, 0, MAX_DIM, "tensor dimension") for n in _typed(shape, list))
+    if len(dims) > MAX_RANK:
+        raise ValueError(f"a tensor of {len(dims)} dimensions (at most {MAX_RANK})")
+    return TensorSpec(_text(name, "tensor name"), _text(dtype, "tensor dtype"), dims,
+                      _text(digest, "tensor sha256"))
 
 
 def safetensors_manifest(payload: bytes) -> tuple[TensorSpec, ...]:
@@ -116,26 +163,36 @@ def safetensors_manifest(payload: bytes) -> tuple[TensorSpec, ...]:
     if n > min(len(payload) - 8, MAX_HEADER_BYTES):
         raise Refused("malformed", f"the update's safetensors header claims {n} bytes")
     try:
-        header = json.loads(payload[8:8 + n].decode("utf-8"))
+        header = loads(payload[8:8 + n], max_bytes=MAX_HEADER_BYTES)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Refused("malformed", f"the update's safetensors header is not JSON: {exc}") from exc
+    except ValueError as exc:  # BadJson is a ValueError
+        raise Refused("malformed", f"the update's safetensors header is not JSON: {exc}") from None
     data = memoryview(payload)[8 + n:]
     specs, spans = [], []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise Refused("malformed", "the update's safetensors __metadata__ is not a "
+                              "table of texts")
             continue
         try:
-            dtype, shape = _typed(info["dtype"], str), tuple(_typed(x, int) for x in info["shape"])
-            start, end = (_typed(x, int) for x in info["data_offsets"])
+            entry = _typed(info, dict)
+            dtype = _typed(entry["dtype"], str)
+            shape = tuple(_bounded(x, 0, MAX_DIM, "shape") for x in _typed(entry["shape"], list))
+            start, end = (_bounded(x, 0, len(data), "data_offsets")
+                          for x in _typed(entry["data_offsets"], list))
+            if len(shape) > MAX_RANK:
+                raise ValueError(f"{len(shape)} dimensions (at most {MAX_RANK})")
         except (KeyError, TypeError, ValueError) as exc:
-            raise Refused("malformed", f"tensor {name!r}: bad safetensors entry ({exc})") from exc
+            raise Refused("malformed", f"tensor {name[:80]!r}: bad safetensors entry "
+                          f"({exc})") from None
         if dtype not in _DTYPES or any(x < 0 for x in shape):
-            raise Refused("malformed", f"tensor {name!r}: dtype {dtype!r} shape {shape}")
+            raise Refused("malformed", f"tensor {name[:80]!r}: dtype {dtype[:20]!r} shape "
+                          f"{shape}")
         width = 1 if dtype in ("I8", "U8", "BOOL") else int(dtype.strip("FBIU")) // 8
         if not 0 <= start <= end <= len(data) or end - start != width * math.prod(shape):
-            raise Refused("malformed", f"tensor {name!r}: byte range {start}..{end} does not "
+            raise Refused("malformed", f"tensor {name[:80]!r}: byte range {start}..{end} does not "
                           f"fit dtype {dtype} shape {shape}")
         spans.append((start, end))
         specs.append(TensorSpec(name, dtype, shape, hashlib.sha256(data[start:end]).hexdigest()))

@@ -21,17 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
+from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.common.files import write_text_atomic
+from fed_llama.crypto.point_checks import check_ed25519_public, check_x25519_public
 from fed_llama.crypto.refusal import Reason, Refused
 
 Kem = Literal["x25519", "mlkem768-x25519"]
 KEMS: tuple[str, ...] = ("x25519", "mlkem768-x25519")
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A site's name, matched in full (no trailing newline, no control or lookalike character)."""
+MAX_KEY_FILE_BYTES = 1 << 20
+"""Largest key or trust-store file read (a trust store of thousands of sites fits)."""
 
 _SUITES = {
     "x25519": hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305),
@@ -41,9 +46,9 @@ _SUITES = {
 
 
 def check_site_name(site: str) -> str:
-    if not isinstance(site, str) or not SITE_NAME.match(site):
-        raise Refused("bad-key", f"site name {site!r} must be 1-64 letters, digits, '.', '_' "
-                      "or '-', starting with a letter or digit")
+    if not isinstance(site, str) or not SITE_NAME.fullmatch(site):
+        raise Refused("bad-key", f"site name {str(site)[:80]!r} must be 1-64 ASCII letters, "
+                      "digits, '.', '_' or '-', starting with a letter or digit")
     return site
 
 
@@ -73,9 +78,9 @@ def _unpem(text: Any, kind: type, passphrase: bytes | None, where: str) -> Any:
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
         raise Refused("bad-key", f"{where}: {exc}: give the key's passphrase, or none for an "
                       "unencrypted key") from exc
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise Refused("bad-key", f"{where}: cannot read the key ({exc}); a wrong passphrase "
-                      "reads the same") from exc
+                      "reads the same") from None
     if not isinstance(key, kind):
         raise Refused("bad-key", f"{where}: holds a {type(key).__name__}, expected "
                       f"{kind.__name__}")
@@ -84,13 +89,15 @@ def _unpem(text: Any, kind: type, passphrase: bytes | None, where: str) -> Any:
 
 def _read_json(path: Path, kind: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        with Path(path).open("rb") as fh:
+            raw = fh.read(MAX_KEY_FILE_BYTES + 1)
+        data = loads(raw, max_bytes=MAX_KEY_FILE_BYTES)
     except FileNotFoundError as exc:
         raise Refused("bad-key", f"key file {str(path)!r} does not exist: create it with "
                       "`fed-llama keys`") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, BadJson) as exc:
         raise Refused("bad-key", f"key file {str(path)!r} is not a fed-llama key file: "
-                      f"{exc}") from exc
+                      f"{exc}") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
         raise Refused("bad-key", f"key file {str(path)!r} is not a {kind} file")
     return data
@@ -119,9 +126,9 @@ class SitePublicKey:
 
     def __post_init__(self) -> None:
         check_site_name(self.site)
-        if len(self.raw) != 32:
-            raise Refused("bad-key", f"site {self.site!r}: an Ed25519 public key is 32 bytes; "
-                          f"got {len(self.raw)}")
+        if not isinstance(self.raw, bytes) or len(self.raw) != 32:
+            raise Refused("bad-key", f"site {self.site!r}: an Ed25519 public key is 32 bytes")
+        check_ed25519_public(self.raw, f"site {self.site!r}")
 
     @property
     def fingerprint(self) -> str:
@@ -191,10 +198,14 @@ class ServerPublicKey:
 
     def __post_init__(self) -> None:
         if self.kem not in KEMS:
-            raise Refused("bad-key", f"kem {self.kem!r} is not one of {KEMS}")
+            raise Refused("bad-key", f"kem {self.kem[:40]!r} is not one of {KEMS}")
+        want = {"x25519"} if self.kem == "x25519" else {"x25519", "mlkem768"}
+        if set(self.kem_raw) != want:
+            raise Refused("bad-key", f"the aggregator's {self.kem} public key has parts "
+                          f"{sorted(self.kem_raw)[:4]}; expected {sorted(want)}")
+        check_x25519_public(self.kem_raw["x25519"], "the aggregator's X25519 key")
         self._hpke_key()  # checks every component
-        if len(self.sign_raw) != 32:
-            raise Refused("bad-key", "the aggregator's Ed25519 key must be 32 bytes")
+        check_ed25519_public(self.sign_raw, "the aggregator's Ed25519 round-signing key")
 
     def _hpke_key(self) -> Any:
         try:

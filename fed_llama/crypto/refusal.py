@@ -22,6 +22,7 @@ Reason = Literal[
     "wrong-shape",       # a tensor's shape differs from the global adapter's
     "wrong-dtype",       # a tensor's dtype differs from the global adapter's
     "non-finite",        # NaN or Inf in the update
+    "frozen-changed",    # a tensor the method keeps frozen was changed (FFA-LoRA's A)
     "norm-bound",        # the update's norm is beyond the bound
     "bad-key",           # a key file or key bytes that cannot be used
     "bad-seal",          # a round seal that does not verify

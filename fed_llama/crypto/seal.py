@@ -11,14 +11,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from fed_llama.crypto.envelope import TensorSpec
+from fed_llama.common.bounded_json import BadJson, loads
+from fed_llama.crypto.envelope import MAX_ROUND, TensorSpec
 from fed_llama.crypto.keys import ServerKey, ServerPublicKey
 from fed_llama.crypto.refusal import Refused
 
 GENESIS = "0" * 64
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def manifest_digest(tensors: tuple[TensorSpec, ...]) -> str:
@@ -54,11 +57,35 @@ class RoundSeal:
 
     @classmethod
     def from_json(cls, data: Any) -> RoundSeal:
+        """The seal in a parsed JSON value, or :class:`Refused` (``bad-seal``)."""
         try:
-            return cls(str(data["run"]), int(data["round"]), str(data["adapter_sha256"]),
-                       str(data["prev"]), base64.b64decode(data["signature"], validate=True))
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, not a JSON object")
+            fields = [data[k] for k in ("run", "round", "adapter_sha256", "prev", "signature")]
+            if not all(isinstance(f, str) for f in fields[:1] + fields[2:]):
+                raise TypeError("run, adapter_sha256, prev and signature are texts")
+            run, server_round, adapter, prev, signature = fields
+            if not isinstance(server_round, int) or isinstance(server_round, bool) or not (
+                    0 <= server_round <= MAX_ROUND):
+                raise ValueError(f"round {str(server_round)[:20]} is not in [0, {MAX_ROUND}]")
+            if len(run) > 1024 or not (_HEX64.fullmatch(adapter) and _HEX64.fullmatch(prev)):
+                raise ValueError("run is over 1024 characters, or a digest is not 64 hex digits")
+            raw = base64.b64decode(signature, validate=True)
+            if len(raw) != 64:
+                raise ValueError(f"a signature of {len(raw)} bytes (Ed25519's are 64)")
+            return cls(run, server_round, adapter, prev, raw)
         except (KeyError, TypeError, ValueError) as exc:
-            raise Refused("bad-seal", f"the round seal cannot be read: {exc}") from exc
+            raise Refused("bad-seal", f"the round seal cannot be read: {exc}") from None
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> RoundSeal:
+        """The seal in JSON text or bytes (a round's config, a seal file), or
+        :class:`Refused` (``bad-seal``): total on any input."""
+        try:
+            data = loads(raw, max_bytes=1 << 16)
+        except BadJson as exc:
+            raise Refused("bad-seal", f"the round seal is not JSON: {exc}") from None
+        return cls.from_json(data)
 
 
 def seal_round(key: ServerKey, *, run: str, server_round: int, adapter_sha256: str,

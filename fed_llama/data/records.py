@@ -129,7 +129,8 @@ def read_jsonl(path: Path, *, skip_bad: bool = False) -> ReadResult:
         log.warning("%s: skipped %d bad line(s)", path, skipped)
     if not examples:
         raise DataError(f"data file {str(path)!r} has no valid record "
-                        f"({skipped} bad line(s) skipped): see the accepted formats in README")
+                        f"({skipped} bad line(s) skipped): see the accepted formats in "
+                        "docs/site-operator.md")
     return ReadResult(examples=examples, skipped=skipped)
 
 

@@ -1,5 +1,6 @@
 """Merge a LoRA/QLoRA adapter into its backbone: ``W' = W + (alpha/r)·B·A`` for every adapted
-layer, written as a plain Hugging Face model folder.
+layer, written as a plain Hugging Face model folder; or fold a LLaMA-Adapter V2 adapter
+without prompts (its biases, scales and norms) into a LlamaForCausalLM with biases.
 
 A QLoRA adapter was trained against the NF4-quantized backbone, so it is merged into the
 dequantized NF4 weights (what its forward pass saw), not into the original full-precision
@@ -13,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fed_llama.adapter.methods.own_format import read_config
 from fed_llama.adapter.store import load_adapter, read_manifest
 from fed_llama.backbone.load import Backbone
+from fed_llama.common.bounded_json import BadJson, loads
+from fed_llama.errors import AdapterError, ConfigError
 from fed_llama.inference.model import load_model
 
 log = logging.getLogger(__name__)
@@ -52,8 +56,57 @@ def load_base(adapter: Path | None, backbone: str | None = None) -> MergedModel:
                        adapter_manifest=manifest)
 
 
+def adapter_method(adapter: Path) -> str:
+    """The method an adapter folder was trained with (see :mod:`fed_llama.adapter.methods`)."""
+    saved = read_config(adapter)
+    if saved is not None:
+        return saved.method
+    config = adapter / "adapter_config.json"
+    try:
+        peft_type = loads(config.read_bytes()).get("peft_type")
+    except (OSError, BadJson, AttributeError):
+        return "lora"  # read_manifest / peft give the precise error
+    return "llama-adapter" if peft_type == "ADAPTION_PROMPT" else "lora"
+
+
+def check_foldable(adapter: Path, *, runtime_adapters: bool = False) -> None:
+    """Refuse, before any work, an adapter this exporter cannot fold into its backbone.
+
+    LoRA merges (``W + scale·B·A``); LLaMA-Adapter V2 without prompts folds its biases,
+    scales and norms (``W' = diag(s)·W``, ``b' = s ⊙ (b₀ + b)``). Prompts (V1, V2) and the
+    Excitor's key branch need extra branches in the graph, which this exporter does not build
+    yet; runtime-switchable adapters are LoRA's alone.
+    """
+    method = adapter_method(adapter)
+    if method == "lora":
+        return
+    saved = read_config(adapter)
+    prompts = saved is not None and bool(saved.config.get("prompts"))
+    if runtime_adapters:
+        raise ConfigError(f"adapter {str(adapter)!r} is a {method} adapter: runtime_adapters "
+                          "switches LoRA adapters only; set runtime_adapters = false")
+    if method != "llama-adapter-v2" or prompts:
+        what = "gated adaption prompts" if method != "excitor" else "an extra-key branch"
+        raise ConfigError(f"adapter {str(adapter)!r} ({method}) has {what}, which do not fold "
+                          "into the backbone, and this exporter does not yet build them into "
+                          "the graph: export a LoRA adapter or a LLaMA-Adapter V2 adapter "
+                          "trained with prompts = false")
+
+
 def fold_adapter(base: MergedModel, adapter: Path) -> MergedModel:
-    """Fold ``adapter`` into ``base``'s weights (in place): no LoRA layers are left."""
+    """Fold ``adapter`` into ``base``'s weights (in place): no adapter layers are left."""
+    check_foldable(adapter)
+    if adapter_method(adapter) == "llama-adapter-v2":
+        from fed_llama.adapter.methods.llama_adapter_v2.model import fold
+        from fed_llama.adapter.methods.own_format import load_into, saved_settings
+
+        trained_on = base.adapter_manifest.get("backbone", {}).get("sha256")
+        if trained_on and trained_on != base.backbone.source.sha256:
+            raise AdapterError(f"adapter {str(adapter)!r} was trained on another backbone "
+                               f"(sha256 {trained_on[:12]}...): export it with that backbone")
+        _, cfg = saved_settings(adapter)
+        base.model = fold(load_into(base.model, adapter), cfg).eval()
+        return base
     model = load_adapter(base.model, adapter, backbone_sha256=base.backbone.source.sha256)
     base.model = model.merge_and_unload().eval()
     return base

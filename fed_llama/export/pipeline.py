@@ -32,6 +32,7 @@ from fed_llama.export.embedding import share_tied_embedding
 from fed_llama.export.gptq import calibrate_graph
 from fed_llama.export.merge import (
     MergedModel,
+    check_foldable,
     fold_adapter,
     load_base,
     merge_adapter,
@@ -80,6 +81,8 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     check_output_dir(out, force)
     check_export_dependencies()
     manifest_in = read_manifest(adapter) if adapter else {}
+    if adapter is not None:
+        check_foldable(adapter, runtime_adapters=cfg.runtime_adapters)
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
     calibration = calibration_set(sources, cfg)  # refuses a source without any, before the work

@@ -1,22 +1,25 @@
 """What the aggregator checks of every update before it is aggregated.
 
 An update must have exactly the global adapter's tensor names, shapes and dtypes, hold only
-finite values, and change the global adapter by no more than the configured bounds (an
-absolute L2 bound, and a multiple of the median change of the round's updates). Each failure
-raises :class:`~fed_llama.crypto.Refused` with its reason, so the round goes on without it.
+finite values of bounded magnitude, leave frozen tensors as they were, and change the global
+adapter by no more than the configured bounds (an absolute L2 bound, and a multiple of the
+median change of the round's updates). Each failure raises
+:class:`~fed_llama.crypto.Refused` with its reason, so the round goes on without it.
 """
 
 from __future__ import annotations
 
 import statistics
-from typing import Any
 
 import torch
 
 from fed_llama.adapter.rank import A_TAG, B_TAG, lora_pairs
+from fed_llama.adapter.state import State
 from fed_llama.crypto.refusal import Refused
 
-State = dict[str, Any]
+MAX_ABS_VALUE = 1e6
+"""Largest magnitude of an adapter value (trained LoRA factors stay below 10): keeps every
+product and sum the aggregation computes finite."""
 
 
 def expected_shape(name: str, shape: tuple[int, ...], rank: int | None) -> tuple[int, ...]:
@@ -49,6 +52,17 @@ def check_update(update: State, current: State, rank: int | None = None) -> None
                           f"{ref.dtype}")
         if not bool(torch.isfinite(got).all()):
             raise Refused("non-finite", f"{name}: holds NaN or Inf")
+        if got.numel() and float(got.abs().max()) > MAX_ABS_VALUE:
+            raise Refused("norm-bound", f"{name}: a value of magnitude "
+                          f"{float(got.abs().max()):.3g}, over {MAX_ABS_VALUE:.0e}")
+
+
+def check_frozen(update: State, current: State, frozen: set[str]) -> None:
+    """Refuse ``update`` if it changed a tensor the method keeps frozen (FFA-LoRA's A)."""
+    for name in sorted(frozen):
+        if not torch.equal(update[name], current[name]):
+            raise Refused("frozen-changed", f"{name}: changed, but it is frozen (FFA-LoRA "
+                          "trains B only)")
 
 
 def change_norm(update: State, current: State, scales: tuple[float, float] | None = None

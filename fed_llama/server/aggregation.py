@@ -119,27 +119,48 @@ def clip_norms(deltas: Sequence[State], max_norm: float) -> list[State]:
     return out
 
 
-def coordinate_median(states: Sequence[State]) -> State:
-    """The element-wise median of the updates (robust to a minority of bad sites); for an even
-    count, the mean of the two middle values."""
+def _sorted_with_weights(states: Sequence[State], key: str, weights: Sequence[float] | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The updates' values of tensor ``key`` sorted along the update axis, and the
+    normalized weight that follows each value (equal when ``weights`` is None)."""
     n = len(states)
+    w = torch.tensor(_normalized(weights if weights is not None else [1.0] * n, n),
+                     dtype=torch.float64)
+    stacked, order = torch.stack([s[key].float() for s in states]).sort(dim=0)
+    return stacked, w[order]
+
+
+def coordinate_median(states: Sequence[State], weights: Sequence[float] | None = None
+                      ) -> State:
+    """The element-wise weighted median of the updates (robust to a minority of bad sites):
+    the value at which the sorted updates' weights first reach half, or the mean of the two
+    values around half when it falls between them. Equal weights: the median (for an even
+    count, the mean of the two middle values)."""
     out = {}
     for k in _same_keys(states):
-        stacked, _ = torch.stack([s[k].float() for s in states]).sort(dim=0)
-        out[k] = stacked[(n - 1) // 2:n // 2 + 1].mean(dim=0)
+        stacked, w = _sorted_with_weights(states, k, weights)
+        cum = w.cumsum(dim=0)
+        eps = 1e-9
+        lower = (cum < 0.5 - eps).sum(dim=0, keepdim=True)   # first index reaching half
+        upper = (cum <= 0.5 + eps).sum(dim=0, keepdim=True)  # first index passing half
+        upper = upper.clamp(max=len(states) - 1)
+        out[k] = (stacked.gather(0, lower) + stacked.gather(0, upper)).squeeze(0) / 2
     return out
 
 
-def trimmed_mean(states: Sequence[State], trim: float) -> State:
-    """The element-wise mean after dropping the ``trim`` fraction of largest and smallest."""
+def trimmed_mean(states: Sequence[State], trim: float, weights: Sequence[float] | None = None
+                 ) -> State:
+    """The element-wise mean after dropping the ``trim`` fraction of largest and smallest
+    updates (``floor(trim * n)`` on each side), the values kept weighted by ``weights``."""
     n = len(states)
     cut = math.floor(trim * n)
     if not 0 <= trim < 0.5 or n - 2 * cut < 1:
         raise ValueError(f"trim must be in [0, 0.5) and leave at least one update; got {trim}")
     out = {}
     for k in _same_keys(states):
-        stacked, _ = torch.stack([s[k].float() for s in states]).sort(dim=0)
-        out[k] = stacked[cut:n - cut].mean(dim=0)
+        stacked, w = _sorted_with_weights(states, k, weights)
+        kept, kw = stacked[cut:n - cut].double(), w[cut:n - cut]
+        out[k] = ((kept * kw).sum(dim=0) / kw.sum(dim=0)).float()
     return out
 
 
@@ -169,7 +190,7 @@ def combine(current: State, states: Sequence[State], weights: Sequence[float], *
     if aggregation == "ffa":
         return mean_of_b(states, weights, {k: v for k, v in current.items() if A_TAG in k}), info
     if robust == "median":
-        return coordinate_median(states), info
+        return coordinate_median(states, weights), info
     if robust == "trimmed-mean":
-        return trimmed_mean(states, trim_fraction), info
+        return trimmed_mean(states, trim_fraction, weights), info
     return mean_of_factors(states, weights), info

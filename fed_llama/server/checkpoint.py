@@ -28,19 +28,21 @@ import csv
 import io
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fed_llama.adapter.state import State
 from fed_llama.adapter.store import SEALED_WEIGHTS, read_manifest, save_adapter_state
+from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.common.files import write_bytes_atomic, write_text_atomic
 from fed_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 Sealer = Callable[[bytes, str], bytes]
 """Encrypts (or decrypts) a checkpoint's weights, bound to a label (run id and round)."""
 
@@ -58,6 +60,18 @@ def pooled_task_scores(row: dict[str, Any]) -> str:
     """A history row's pooled task scores as ``task/metric 0.123, ...`` ('' when it has none)."""
     return ", ".join(f"{k[len('pooled/'):]} {v:.3f}" for k, v in sorted(row.items())
                      if k.startswith("pooled/"))
+
+
+RUN_ID = re.compile(r"run-[0-9a-f]{16}")
+"""A run id as :meth:`RunStore.run_id` makes it."""
+MAX_HISTORY_BYTES = 64 << 20
+"""Largest ``history.json`` read (thousands of rounds of per-site rows)."""
+
+
+def _round_of(name: str) -> int:
+    """The round number of a ``round-NNN[...]`` file or folder name (-1: not one)."""
+    m = re.match(r"round-(\d{1,9})(?:\.|$)", name)
+    return int(m.group(1)) if m else -1
 
 
 class RunStore:
@@ -92,10 +106,10 @@ class RunStore:
                               "was started with; resume with the same file or start a new run")
         done = self.completed_rounds()
         for extra in self.rounds_dir.glob("round-*"):  # a checkpoint whose round did not finish
-            if int(extra.name.split("-")[1]) > done:
+            if _round_of(extra.name) > done:
                 shutil.rmtree(extra)
         for extra in self.optimizer_dir.glob("round-*"):
-            if int(extra.name.split(".")[0].split("-")[1]) > done:
+            if _round_of(extra.name) > done:
                 extra.unlink()
         return done
 
@@ -106,12 +120,27 @@ class RunStore:
             import secrets
 
             write_text_atomic(path, f"run-{secrets.token_hex(8)}\n")
-        return path.read_text().strip()
+        raw = path.read_bytes()[:64].decode("ascii", errors="replace").strip()
+        if not RUN_ID.fullmatch(raw):
+            raise ConfigError(f"{path} holds {raw[:40]!r}, not a run id (run- and 16 hex "
+                              "digits): restore it, or start a new run in another --out")
+        return raw
 
     def history(self) -> list[dict[str, Any]]:
+        """The rows of ``history.json``; a file that is not a list of rows with a round number
+        is refused with how to recover (``--resume`` trusts nothing else on disk)."""
         if not self.history_path.is_file():
             return []
-        rows: list[dict[str, Any]] = json.loads(self.history_path.read_text())
+        try:
+            rows = loads(self.history_path.read_bytes(), max_bytes=MAX_HISTORY_BYTES,
+                         constants=True)  # our own file: a metric may be NaN
+            if not isinstance(rows, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("round"), int)
+                    and not isinstance(r.get("round"), bool) and r["round"] >= 0 for r in rows):
+                raise BadJson("not a list of rows, each with its round number")
+        except (OSError, BadJson) as exc:
+            raise ConfigError(f"{self.history_path} cannot be read ({exc}): restore it from a "
+                              "backup, or start a new run in another --out") from None
         return rows
 
     def completed_rounds(self) -> int:

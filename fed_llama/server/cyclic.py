@@ -18,6 +18,7 @@ turn a node gets: each update is still verified under the site key of its envelo
 from __future__ import annotations
 
 import logging
+import math
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -36,6 +37,17 @@ def turn(real_round: int, sites: list[str]) -> str:
     return sites[(real_round - 1) % len(sites)]
 
 
+def _site_index(reply: Message) -> int | None:
+    """The whole site index a query reply carries (None: none that can be read)."""
+    try:
+        value = reply.content.metric_records["metrics"][SITE_QUERY]
+    except Exception:  # no metrics record, or no such key
+        return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        return None
+    return int(value)
+
+
 def site_nodes(grid: Grid, sites: list[str], timeout: float) -> dict[str, int]:
     """Which node holds which site: once as many nodes as sites are connected (Flower's own
     wait), each is asked once; refuses a federation in which a site has no node or two nodes
@@ -50,7 +62,11 @@ def site_nodes(grid: Grid, sites: list[str], timeout: float) -> dict[str, int]:
             log.warning("node %s did not say which site it holds: %s",
                         reply.metadata.src_node_id, reply.error.reason)
             continue
-        index = int(reply.content.metric_records["metrics"][SITE_QUERY])  # type: ignore[arg-type]
+        index = _site_index(reply)
+        if index is None:
+            log.warning("node %s answered the site query with no site index; it gets no turn",
+                        reply.metadata.src_node_id)
+            continue
         if not 0 <= index < len(sites):
             raise ValueError(f"node {reply.metadata.src_node_id} holds site index {index}, "
                              f"which names no site of this scenario ({len(sites)} sites)")

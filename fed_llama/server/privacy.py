@@ -16,11 +16,10 @@ admission.
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
 import torch
 
-State = dict[str, Any]
+from fed_llama.adapter.state import State
 
 
 def add_noise(mean: State, current: State, *, sites: int, clip_norm: float,

@@ -24,13 +24,13 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fed_llama.adapter.state import State, state_bytes
 from fed_llama.common.legacy_arrays import from_arrays, to_arrays
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.server.strategy import RowHook, evaluation_row, state_bytes
+from fed_llama.server.strategy import RowHook, evaluation_row
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 
 
 class SecAggFedAvg(LegacyFedAvg):

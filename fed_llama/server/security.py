@@ -18,30 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fed_llama.adapter.state import State, state_digest
 from fed_llama.common.files import write_text_atomic
 from fed_llama.config.security import SecurityConfig
 from fed_llama.crypto import ReplayGuard, RoundSeal, open_envelope, seal_round
 from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
 from fed_llama.crypto.keys import ServerKey, TrustStore
 from fed_llama.crypto.refusal import Refused
-from fed_llama.crypto.seal import manifest_digest
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 ENVELOPE_SLACK = 1 << 16
 """Bytes an envelope may carry beyond its tensors (header, HPKE encapsulation, signature)."""
 PER_TENSOR_SLACK = 512
 """Bytes per tensor for its entries in the safetensors header and the envelope's manifest."""
-
-
-def state_digest(state: State) -> str:
-    """The digest a round seal signs: of the adapter's tensor manifest (as sites compute it)."""
-    from safetensors.torch import save
-
-    from fed_llama.crypto import safetensors_manifest
-
-    return manifest_digest(safetensors_manifest(save(dict(state))))
 
 
 @dataclass
@@ -73,8 +63,7 @@ class ServerGuard:
         config = {"run-id": self.run}
         if self.cfg.seal_rounds:
             prev_path = self._seal_path(server_round - 1)
-            prev = (RoundSeal.from_json(json.loads(prev_path.read_text()))
-                    if prev_path.is_file() else None)
+            prev = RoundSeal.parse(prev_path.read_bytes()) if prev_path.is_file() else None
             seal = seal_round(self.key, run=self.run, server_round=server_round,
                               adapter_sha256=state_digest(state), prev=prev)
             text = json.dumps(seal.to_json())

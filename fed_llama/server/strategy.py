@@ -23,28 +23,31 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
+from fed_llama.adapter.state import State, state_bytes
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
-from fed_llama.server.admission import change_norm, check_norm, check_update, norm_outliers
+from fed_llama.server.admission import (
+    change_norm,
+    check_frozen,
+    check_norm,
+    check_update,
+    norm_outliers,
+)
 from fed_llama.server.aggregation import A_TAG, combine
 from fed_llama.server.cyclic import turn
 from fed_llama.server.outcome import split_replies
 from fed_llama.server.privacy import add_noise, epsilon
 from fed_llama.server.security import ServerGuard
+from fed_llama.server.weights import bounded_weights
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 RowHook = Callable[[int, dict[str, float]], None]
 
 
 def scalars(record: Any) -> dict[str, float]:
     """The numeric entries of a MetricRecord."""
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-
-
-def state_bytes(state: State) -> int:
-    return sum(int(t.numel()) * t.element_size() for t in state.values())
 
 
 class LoraFedAvg(FedAvg):
@@ -128,8 +131,22 @@ class LoraFedAvg(FedAvg):
         if site not in self.site_names:
             raise Refused("unknown-site", f"site {site!r} is not part of this scenario")
         check_update(state, self.current, self._rank(site))
+        if self.scenario.federation.aggregation == "ffa":
+            check_frozen(state, self.current, {k for k in self.current if A_TAG in k})
         check_norm(self._norm(site, state), self.scenario.security.max_update_norm)
         return site, state, metrics
+
+    def _admit_safely(self, reply: Message, real_round: int
+                      ) -> tuple[str, State, dict[str, float]]:
+        """:meth:`_admit`, with whatever else a hostile reply makes it raise turned into a
+        refusal (``malformed``): one reply never costs the round the others' updates."""
+        try:
+            return self._admit(reply, real_round)
+        except Refused:
+            raise
+        except Exception as exc:  # a reply no check foresaw: refuse it, keep the round
+            raise Refused("malformed", f"the reply cannot be processed "
+                          f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
     def _rank(self, site: str) -> int | None:
         """The rank ``site`` trains when sites train their own ranks (else None)."""
@@ -151,9 +168,11 @@ class LoraFedAvg(FedAvg):
         refused: list[str] = []
         for reply in replies:
             try:
-                site, state, metrics = self._admit(reply, real_round)
-                if "num-examples" not in metrics or metrics["num-examples"] <= 0:
-                    raise Refused("malformed", "the update reports no num-examples")
+                site, state, metrics = self._admit_safely(reply, real_round)
+                count = metrics.get("num-examples", math.nan)
+                if not math.isfinite(count) or count <= 0:
+                    raise Refused("malformed", "the update reports no positive, finite "
+                                  "num-examples")
                 if any(site == s for s, _, _ in admitted):
                     raise Refused("replayed", f"site {site!r} already delivered this round")
                 admitted.append((site, state, metrics))
@@ -195,8 +214,11 @@ class LoraFedAvg(FedAvg):
         outcome.check(len(admitted), self.scenario.federation.min_sites, row)
         states = [state for _, state, _ in admitted]
         metrics = [m for _, _, m in admitted]
-        weights = [m["num-examples"] for m in metrics]
         fed, lora = self.scenario.federation, self.scenario.lora
+        weights = bounded_weights([m["num-examples"] for m in metrics], weighting=fed.weighting,
+                                  max_ratio=fed.max_weight_ratio, max_examples=fed.max_examples,
+                                  names=[f"round {real}: site {name!r}" for name, _, _ in
+                                         admitted])
         down = state_bytes(self.current)
         dp = self.scenario.privacy
         if dp.noise_multiplier > 0:  # equal weights, clipped changes, Gaussian noise
@@ -227,6 +249,7 @@ class LoraFedAvg(FedAvg):
         total = sum(weights)
         row["train-loss"] = sum(w * m.get("train-loss", math.nan) for w, m in
                                 zip(weights, metrics, strict=True)) / total
+        row["weight-max-share"] = max(weights) / total
         self.on_train(real, row)
         # in the order of the arrays sent: Flower's server optimizers pair old and new arrays
         # by position, not by name
@@ -252,12 +275,41 @@ class LoraFedAvg(FedAvg):
             self.on_evaluate(real, {})
             return None
         good = self._good(replies, "evaluate", real)
-        if not good:
+        reports: list[dict[str, float]] = []
+        for reply in good:
+            try:
+                reports.append(evaluation_report(reply, len(self.site_names), reports))
+            except Refused as exc:
+                log.warning("round %d: the evaluation from node %s was %s", real,
+                            reply.metadata.src_node_id, exc)
+        if not reports:
+            log.error("round %d: no site's evaluation could be used", real)
             return None
-        row = evaluation_row([scalars(m.content.metric_records["metrics"]) for m in good],
-                             self.site_names)
+        row = evaluation_row(reports, self.site_names)
+        row["evaluations-refused"] = float(len(good) - len(reports))
         self.on_evaluate(self.round_offset + server_round, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
+
+
+def evaluation_report(reply: Message, sites: int, seen: list[dict[str, float]]
+                      ) -> dict[str, float]:
+    """One evaluation reply's numbers, checked (a site index of the scenario, not seen
+    before; finite loss, positive token count, finite scores), or :class:`Refused`."""
+    try:
+        met = scalars(reply.content.metric_records["metrics"])
+    except Exception as exc:  # no MetricRecord, or one that cannot be read
+        raise Refused("malformed", f"no evaluation metrics ({type(exc).__name__})") from None
+    index = met.get("site", -1.0)
+    if not (math.isfinite(index) and index == int(index) and 0 <= index < sites):
+        raise Refused("unknown-site", f"site index {index:.4g} names no site of the scenario")
+    if any(m["site"] == index for m in seen):
+        raise Refused("replayed", f"site index {int(index)} already reported this round")
+    loss, tokens = met.get("heldout-loss", math.nan), met.get("heldout-tokens", math.nan)
+    if not (math.isfinite(loss) and loss >= 0 and math.isfinite(tokens) and 0 < tokens <= 1e12
+            and all(math.isfinite(v) for v in met.values())):
+        raise Refused("malformed", "the held-out loss, token count or a score is missing, "
+                      "negative or not finite")
+    return met
 
 
 def evaluation_row(site_metrics: list[dict[str, float]], site_names: list[str]
@@ -302,7 +354,15 @@ def pool_task_scores(metrics: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _reply_bytes(reply: Message) -> int:
-    """Bytes of the update a reply carries: the envelope, or the plain arrays."""
+    """Bytes of the update a reply carries: the envelope, or the plain arrays (0 when it
+    carries neither in a readable form)."""
+    try:
+        return _carried_bytes(reply)
+    except Exception:  # a malformed reply: it was refused already
+        return 0
+
+
+def _carried_bytes(reply: Message) -> int:
     content = reply.content
     if "envelope" in content.config_records:
         sealed = content.config_records["envelope"].get("sealed")

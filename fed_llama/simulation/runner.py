@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from fed_llama.common.notices import DropMessage
 from fed_llama.config.loader import apply_overrides, build_config, read_toml
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.train import ICD10_PREFIX
@@ -28,9 +29,15 @@ def flower_environment(work: Path) -> None:
     os.environ.setdefault("RAY_TMPDIR", str(work / "ray"))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # the sites run in Ray's worker processes, which inherit this environment: keep the
-    # libraries' deprecation chatter out of their logs, as the CLI does in its own process
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    # Ray's future behaviour, chosen now (it no longer touches the accelerator variables of a
+    # worker that asks for no GPU): without a choice, ray.init warns about the change
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+RUN_SIMULATION_NOTICE = "DEPRECATED FEATURE: The `run_simulation` function"
+"""Flower 1.41 logs this on every call of ``run_simulation``, the Simulation Engine's Python
+entry point that ``fed-llama simulate`` is built on; it is Flower's note to developers, not
+news to a user of the command."""
 
 
 def _stop_ray() -> None:
@@ -95,6 +102,9 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
         from fed_llama.client.app import make_client_app
         from fed_llama.server.app import make_server_app
 
+        flower_log = logging.getLogger("flwr")
+        notice = DropMessage(RUN_SIMULATION_NOTICE)
+        flower_log.addFilter(notice)
         try:
             run_simulation(
                 server_app=make_server_app(scenario, store, done),
@@ -110,6 +120,7 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
                                 f"of {total}; fix the sites, then continue with --resume --out "
                                 f"{out}") from None
         finally:
+            flower_log.removeFilter(notice)
             _stop_ray()
     finished = store.completed_rounds()
     if finished < total:

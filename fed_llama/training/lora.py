@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from fed_llama.adapter.peft_import import peft_module as _peft
+from fed_llama.common.notices import without_checkpointing_notice
 from fed_llama.config.train import LoraSpec
-
-
-def _peft() -> ModuleType:
-    """peft, imported without the notice torch 2.13 gives about its own code: importing peft
-    imports bitsandbytes, whose ``torch.compile`` decorators load ``torch.utils.mkldnn``, which
-    warns "``torch.jit.script_method`` is deprecated" in every process (each simulation worker).
-    Flower's simulation puts a "once" filter for all DeprecationWarnings in front of any set at
-    start-up, so the notice is silenced here, where it is raised, and nowhere else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method",
-                                category=DeprecationWarning)
-        import peft
-    return peft
 
 
 def peft_config(spec: LoraSpec) -> Any:
@@ -41,7 +28,8 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
     """
     peft = _peft()
     torch.manual_seed(seed)
-    return peft.get_peft_model(model, peft_config(spec))
+    with without_checkpointing_notice():
+        return peft.get_peft_model(model, peft_config(spec))
 
 
 def named_trainable_parameters(model: Any) -> dict[str, torch.nn.Parameter]:

@@ -1,0 +1,67 @@
+"""Third-party notices that tell a fed-llama user nothing, silenced where they are raised.
+
+Each filter names one library, one logger or warning category, and the start of one message:
+nothing else from that library is hidden, and nothing is filtered process-wide by category.
+This module imports no heavy library. peft is imported through
+:func:`fed_llama.adapter.peft_import.peft_module`, which applies :func:`quiet_bitsandbytes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+BNB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+"""bitsandbytes' CPU backend logs, at import, that an optional kernel package is missing."""
+BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"
+"""That message's start: bitsandbytes falls back to its own CPU path, which is the one used
+here (QLoRA on CPU), and a LoRA run never calls it at all."""
+
+
+FLOWER_ACTOR_NOTICE = "Manually terminating"
+"""Flower's simulation logs this at WARNING in each Ray worker when it stops the worker's
+ClientApp actor at the end of a run: the routine end of every simulation, not a problem."""
+
+
+class DropMessage(logging.Filter):
+    """A logger filter that drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def drop_log_message(logger_name: str, prefix: str) -> None:
+    """Add a :class:`DropMessage` filter for ``prefix`` to the logger, once."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(DropMessage(prefix))
+
+
+def quiet_flower_actor() -> None:
+    """Drop Flower's actor-shutdown notice (:data:`FLOWER_ACTOR_NOTICE`) in this process: call
+    it where a ClientApp runs (a simulation worker), before the run ends."""
+    drop_log_message("flwr", FLOWER_ACTOR_NOTICE)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' missing-kernel notice, in this process, before bitsandbytes is
+    imported (importing peft imports it whenever it is installed, even for plain LoRA). Safe
+    to call more than once: the filter is added once."""
+    drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
+
+
+@contextlib.contextmanager
+def without_checkpointing_notice() -> Iterator[None]:
+    """Inside: transformers' FutureWarning "``is_gradient_checkpointing`` is deprecated"
+    (raised when peft's model wrapper reads that property) is not shown; every other warning
+    is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
