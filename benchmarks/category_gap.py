@@ -54,8 +54,8 @@ def main() -> None:
 
     from fed_llama.client import site as site_ops
     from fed_llama.evaluation.tasks import choose_questions
+    from fed_llama.launch.simulate import load_scenario
     from fed_llama.server.checkpoint import RunStore
-    from fed_llama.simulation.runner import load_scenario
 
     sample, text = load_scenario(Path(args.scenario), args.overrides)
     whole, _ = load_scenario(Path(args.scenario),

@@ -70,9 +70,10 @@ def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, A
     """Held-out perplexity and task scores of adapter ``state`` on every site, and pooled."""
     from fed_llama.client import site as site_ops
     from fed_llama.evaluation.tasks import evaluate_tasks
+    from fed_llama.training import site_model
     from fed_llama.training.lora import load_adapter_state
 
-    loaded = site_ops.loaded_site_model(scenario)
+    loaded = site_model.loaded_site_model(scenario)
     row: dict[str, Any] = {}
     nll = tokens = category = f1 = 0.0
     for i, name in enumerate(scenario.site_names()):
@@ -131,12 +132,12 @@ def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str, accumula
                 ) -> dict[str, Any]:
     """Train the scenario's initial adapter on ``items`` for ``steps`` steps, in one run
     (``accumulate``: each step's batch that many times the scenario's)."""
-    from fed_llama.client import site as site_ops
+    from fed_llama.training import site_model
     from fed_llama.training.loop import train_adapter
     from fed_llama.training.lora import adapter_state, load_adapter_state
 
-    loaded = site_ops.loaded_site_model(scenario)
-    load_adapter_state(loaded.model, site_ops.initial_state(scenario))
+    loaded = site_model.loaded_site_model(scenario)
+    load_adapter_state(loaded.model, site_model.initial_state(scenario))
     for name, param in loaded.model.named_parameters():
         param.requires_grad_("lora_" in name)
     cfg = dataclasses.replace(scenario.train, max_steps=steps,
@@ -181,7 +182,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from fed_llama.client import site as site_ops
-    from fed_llama.simulation.runner import load_scenario, simulate
+    from fed_llama.launch.simulate import load_scenario, simulate
+    from fed_llama.training import site_model
 
     scenario, _ = load_scenario(Path(args.scenario), args.overrides)
     fed, names = scenario.federation, scenario.site_names()
@@ -235,7 +237,7 @@ def main() -> None:
     if "local" in args.skip:
         done |= {f"local:{name}" for name in names}
     if "base" not in done:
-        add("base", 0, site_ops.initial_state(scenario), start)
+        add("base", 0, site_model.initial_state(scenario), start)
     for i, name in enumerate(names):
         if f"local:{name}" in done:
             continue

@@ -41,7 +41,7 @@ def summarize(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
 def run_variants(scenario: Path, variants: dict[str, list[str]], overrides: list[str]
                  ) -> dict[str, dict[str, Any]]:
     """Each variant's summary: ``scenario`` with ``overrides`` and then the variant's own."""
-    from fed_llama.simulation.runner import simulate
+    from fed_llama.launch.simulate import simulate
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fed-llama-variants-") as tmp:

@@ -88,7 +88,7 @@ def test_builtin_data_sources_are_not_taken_for_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scenario", sorted(
     (Path(__file__).resolve().parents[1] / "simulations").glob("*.toml")), ids=lambda p: p.stem)
 def test_every_shipped_scenario_is_valid(scenario: Path) -> None:
-    from fed_llama.simulation.runner import load_scenario
+    from fed_llama.launch.simulate import load_scenario
 
     loaded, _ = load_scenario(scenario, [])
     assert len(loaded.site_names()) >= 2

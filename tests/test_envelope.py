@@ -25,9 +25,9 @@ from fed_llama.crypto import (
     ServerPublicKey,
     SiteKey,
     TrustStore,
+    make_envelope,
     open_envelope,
     safetensors_manifest,
-    seal_envelope,
 )
 from fed_llama.crypto.envelope import MAGIC, SIGNATURE_BYTES
 
@@ -42,7 +42,7 @@ PAYLOAD = save({"layer.lora_A.weight": torch.randn(4, 8), "layer.lora_B.weight":
 def seal(payload: bytes = PAYLOAD, *, site: SiteKey = SITE, run: str = "run-1",
          server_round: int = 3, issued: float = NOW, server: ServerPublicKey | None = None
          ) -> bytes:
-    return seal_envelope(payload, site_key=site, server=server or SERVER.public(), run=run,
+    return make_envelope(payload, site_key=site, server=server or SERVER.public(), run=run,
                          server_round=server_round, clock=lambda: issued)
 
 

@@ -15,9 +15,10 @@ from conftest import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import save
 
+from fed_llama import wire
 from fed_llama.config.loader import build_config
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.crypto import ReplayGuard, ServerKey, SiteKey, TrustStore, seal_envelope
+from fed_llama.crypto import ReplayGuard, ServerKey, SiteKey, TrustStore, make_envelope
 from fed_llama.crypto.envelope import INFO, MAGIC, SIGNATURE_BYTES
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.security import ServerGuard
@@ -43,7 +44,7 @@ EXAMPLES = [10.0, 20.0, 30.0]
 
 def envelope(state: dict[str, torch.Tensor], site: str = "neurology", server_round: int = 2,
              key: SiteKey | None = None, examples: float = 40.0) -> bytes:
-    return seal_envelope(save(state), site_key=key or KEYS[site], server=SERVER.public(),
+    return make_envelope(save(state), site_key=key or KEYS[site], server=SERVER.public(),
                          run="run-t", server_round=server_round, clock=lambda: NOW,
                          metrics={"num-examples": examples, "train-loss": 1.0})
 
@@ -106,7 +107,7 @@ def run_round(tmp_path: Path, hostile: bytes, *, names: list[str] = NAMES,
         sealed.append(hostile)
     replies = [Message(RecordDict({
         "metrics": MetricRecord({"num-examples": 1, "site": i}),
-        "envelope": ConfigRecord({"sealed": data})}), reply_to=msg)
+        wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: data})}), reply_to=msg)
         for i, (msg, data) in enumerate(zip(sent, sealed, strict=True))]
     if reply is not None:
         replies[-1] = reply(sent[-1])
@@ -229,10 +230,10 @@ def odd_replies(sent: Message) -> dict[str, Message]:
             "metrics": MetricRecord({"num-examples": 1})}), reply_to=sent),
         "envelope that is text": Message(RecordDict({
             "metrics": MetricRecord({"num-examples": 1}),
-            "envelope": ConfigRecord({"sealed": "not bytes"})}), reply_to=sent),
+            wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: "not bytes"})}), reply_to=sent),
         "envelope that is a list": Message(RecordDict({
             "metrics": MetricRecord({"num-examples": 1}),
-            "envelope": ConfigRecord({"sealed": [1, 2, 3]})}), reply_to=sent),
+            wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: [1, 2, 3]})}), reply_to=sent),
         "nothing at all": Message(RecordDict({}), reply_to=sent),
     }
 

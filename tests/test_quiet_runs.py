@@ -37,7 +37,7 @@ def test_a_short_simulation_prints_no_third_party_warning(tiny_backbone: Path, w
     assert done.returncode == 0, printed
     # the run happened and said so: our progress and our results
     assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["round"] == 1
-    assert "fed_llama.simulation.runner: simulating 2 site(s) for 1 round(s)" in printed
+    assert "fed_llama.launch.simulate: simulating 2 site(s) for 1 round(s)" in printed
     assert "pooled held-out perplexity" in done.stdout
     noise = [line for line in printed.splitlines()
              if THIRD_PARTY.search(line) and not OURS.match(line)]

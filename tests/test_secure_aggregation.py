@@ -15,7 +15,7 @@ import torch
 from conftest import qa_records
 
 from fed_llama.errors import ConfigError
-from fed_llama.simulation.runner import load_scenario, simulate
+from fed_llama.launch.simulate import load_scenario, simulate
 
 PLAIN = ["security.envelopes=false", "security.seal_rounds=false", "evaluation.questions=0"]
 SECAGG = [*PLAIN, "secure_aggregation.enabled=true", "secure_aggregation.max_weight=100"]

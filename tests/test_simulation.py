@@ -12,7 +12,7 @@ from conftest import qa_records
 from fed_llama.adapter import read_manifest
 from fed_llama.cli.main import main
 from fed_llama.errors import ConfigError
-from fed_llama.simulation.runner import load_scenario
+from fed_llama.launch.simulate import load_scenario
 
 
 def _scenario(tmp_path: Path, backbone: Path, write_jsonl, rounds: int,  # type: ignore[no-untyped-def]
@@ -68,7 +68,7 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
     # the run is extended to 3 rounds: --resume trains round 3 only, from round 2's adapter
     scenario.write_text(scenario.read_text().replace("rounds = 2", "rounds = 3"))
     with pytest.raises(ConfigError, match="scenario differs"):
-        from fed_llama.simulation.runner import simulate
+        from fed_llama.launch.simulate import simulate
 
         simulate(scenario, out, resume=True)
     scenario.write_text(scenario.read_text().replace("rounds = 3", "rounds = 2"))
@@ -111,7 +111,7 @@ def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep")
-    from fed_llama.simulation.runner import simulate
+    from fed_llama.launch.simulate import simulate
 
     with pytest.raises(ConfigError, match="already holds a run: pass --resume"):
         simulate(scenario, out)
@@ -123,7 +123,7 @@ def test_a_run_folder_is_never_reused_without_resume(tiny_backbone: Path, write_
 def test_a_named_key_folder_is_checked_before_any_work(tiny_backbone: Path, write_jsonl,  # type: ignore[no-untyped-def]
                                                       tmp_path: Path) -> None:
     from fed_llama.crypto.keyring import KeyFolder
-    from fed_llama.simulation.runner import simulate
+    from fed_llama.launch.simulate import simulate
 
     scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1)
     keys = tmp_path / "keys"
@@ -163,7 +163,7 @@ def test_a_poisoning_site_is_refused_and_the_round_is_the_honest_sites_mean(  # 
         tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from fed_llama.simulation.runner import simulate
+    from fed_llama.launch.simulate import simulate
 
     for i in range(3):
         write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
@@ -198,8 +198,8 @@ def test_encrypted_checkpoints_resume_after_a_crash(tiny_backbone: Path, write_j
     from fed_llama.crypto import ServerKey
     from fed_llama.crypto.at_rest import checkpoint_ciphers
     from fed_llama.crypto.keyring import KeyFolder
+    from fed_llama.launch.simulate import simulate
     from fed_llama.server.checkpoint import RunStore
-    from fed_llama.simulation.runner import simulate
 
     scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=2)
     out = tmp_path / "run"
@@ -275,14 +275,15 @@ def test_the_initial_adapter_stays_the_seeded_one_after_training_in_the_process(
     import torch
 
     from fed_llama.client import site as site_ops
+    from fed_llama.training import site_model
 
     scenario, _ = load_scenario(_scenario(tmp_path, tiny_backbone, write_jsonl, rounds=1), [])
-    before = site_ops.initial_state(scenario)
+    before = site_model.initial_state(scenario)
     assert all(float(v.abs().max()) == 0 for k, v in before.items() if "lora_B" in k)
     trained, _, _ = site_ops.fit(scenario, 0, before, server_round=1)
     assert any(not torch.equal(trained[k], before[k]) for k in before)
     # the process's model now holds the trained adapter; the initial one is still B = 0
-    after = site_ops.initial_state(scenario)
+    after = site_model.initial_state(scenario)
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
@@ -292,8 +293,8 @@ def test_evaluate_every_skips_held_out_evaluation_between_rounds_but_loses_no_ro
 
     import torch
 
+    from fed_llama.launch.simulate import simulate
     from fed_llama.server.checkpoint import RunStore
-    from fed_llama.simulation.runner import simulate
 
     scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=3)
     out = tmp_path / "run"

@@ -10,15 +10,11 @@ import pytest
 
 from fed_llama.client.federation import SiteFailure, membership, named
 from fed_llama.config.loader import build_config
-from fed_llama.config.run_settings import (
-    BACKBONE_SHA256,
-    SETTINGS,
-    federation_settings,
-    site_scenario,
-)
+from fed_llama.config.run_settings import federation_settings, site_scenario
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.site import SITE_CONFIG, SiteConfig, load_site_config
 from fed_llama.errors import ConfigError
+from fed_llama.wire import BACKBONE_SHA256, SETTINGS
 
 
 def aggregator_scenario(**lora: int) -> ScenarioConfig:

@@ -192,8 +192,8 @@ def cmd_export_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fed_llama.launch.simulate import simulate
     from fed_llama.server.checkpoint import evaluated, pooled_task_scores
-    from fed_llama.simulation.runner import simulate
 
     scenario = Path(args.scenario)
     out = Path(args.out) if args.out else Path("runs") / scenario.stem

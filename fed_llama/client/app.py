@@ -3,8 +3,9 @@
 Only adapter tensors and a few numbers leave the site: the updated adapter and
 ``num-examples``, the local training loss and time (train), or the held-out loss and token
 count (evaluate). ``fed-llama simulate`` builds the app around its scenario
-(:func:`make_client_app`); ``flwr run .`` uses the module-level ``app``, which reads the
-scenario file named by the run config's ``scenario`` key.
+(:func:`make_client_app`); ``flwr run .`` loads the one :mod:`fed_llama.launch.flwr_run`
+builds, which reads the scenario file named by the run config's ``scenario`` key, or, on a
+real site, takes the federation's settings from the messages.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_llama import wire
+from fed_llama.adapter.state import State
 from fed_llama.client import security
-from fed_llama.client import site as site_ops
 from fed_llama.client.federation import membership, named, queried_site
 from fed_llama.common.notices import quiet_flower_actor
 from fed_llama.config.scenario import ScenarioConfig
@@ -47,20 +49,31 @@ def secagg_when_asked(msg: Message, context: Context,
     return out
 
 
+def torch_state(record: ArrayRecord) -> State:
+    """The record's tensors as torch tensors. torch is imported here, not when this module is
+    (Flower may load the apps in two threads at once; see fed_llama.launch.flwr_run), and
+    Flower converts only once torch is imported."""
+    import torch  # noqa: F401
+
+    return dict(record.to_torch_state_dict())
+
+
 LOCAL_OPTIMIZER = "local-optimizer"
 """The node state's record holding the site's AdamW state (``local_optimizer = "keep"``)."""
 
 
-def _fit(context: Context, sc: ScenarioConfig, site: int, state: site_ops.State,
+def _fit(context: Context, sc: ScenarioConfig, site: int, state: State,
          server_round: int, proximal_mu: float = 0.0
-         ) -> tuple[site_ops.State, dict[str, float]]:
-    """:func:`site_ops.fit`, continuing the AdamW state the site kept in its node state from
-    its previous round (``local_optimizer = "keep"``) and keeping this round's there (it is
-    never sent)."""
+         ) -> tuple[State, dict[str, float]]:
+    """:func:`fed_llama.client.site.fit`, continuing the AdamW state the site kept in its node
+    state from its previous round (``local_optimizer = "keep"``) and keeping this round's
+    there (it is never sent)."""
     record = context.state.array_records.get(LOCAL_OPTIMIZER)
+    from fed_llama.client import site as site_ops
+
     new_state, metrics, optimizer = site_ops.fit(
         sc, site, state, server_round, proximal_mu=proximal_mu,
-        optimizer=record.to_torch_state_dict() if record is not None else None)
+        optimizer=torch_state(record) if record is not None else None)
     if optimizer:
         context.state[LOCAL_OPTIMIZER] = ArrayRecord(optimizer)
     return new_state, metrics
@@ -74,9 +87,11 @@ def _legacy_train(msg: Message, context: Context, sc: ScenarioConfig, site: int)
     from fed_llama.common.legacy_arrays import from_arrays, to_arrays
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    keys = list(site_ops.initial_state(sc))
+    from fed_llama.training.site_model import initial_state
+
+    keys = list(initial_state(sc))
     state = from_arrays(parameters_to_ndarrays(fitins.parameters), keys)
-    value = fitins.config.get("fed-round", 0)
+    value = fitins.config.get(wire.ROUND, 0)
     new_state, metrics = _fit(context, sc, site, state, value if isinstance(value, int) else 0)
     metrics["site"] = float(site)
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(to_arrays(new_state, keys)),
@@ -91,7 +106,10 @@ def _legacy_evaluate(msg: Message, sc: ScenarioConfig, site: int) -> Message:
     from fed_llama.common.legacy_arrays import from_arrays
 
     ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    state = from_arrays(parameters_to_ndarrays(ins.parameters), list(site_ops.initial_state(sc)))
+    from fed_llama.client import site as site_ops
+    from fed_llama.training.site_model import initial_state
+
+    state = from_arrays(parameters_to_ndarrays(ins.parameters), list(initial_state(sc)))
     metrics: dict[str, Any] = dict(site_ops.evaluate(sc, site, state), site=float(site))
     res = EvaluateRes(Status(Code.OK, ""), float(metrics["heldout-loss"]),
                       int(metrics["num-examples"]), metrics)
@@ -105,13 +123,13 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
         fit_config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
         member = membership(fit_config, context.node_config, context.run_config, scenario)
         return _legacy_train(msg, context, member.scenario, member.index)
-    config = msg.content.config_records["config"]
+    config = msg.content.config_records[wire.CONFIG]
     member = membership(config, context.node_config, context.run_config, scenario)
     sc, site = member.scenario, member.index
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
-    value = config.get("fed-round", config.get("server-round", 0))
+    state = torch_state(msg.content.array_records[wire.ARRAYS])
+    value = config.get(wire.ROUND, config.get(wire.FLOWER_ROUND, 0))
     server_round = value if isinstance(value, int) else 0
-    mu = config.get("proximal-mu", 0.0)  # sent by Flower's FedProx
+    mu = config.get(wire.PROXIMAL_MU, 0.0)  # sent by Flower's FedProx
     sec = sc.security
     if sec.envelopes:  # check the seal before spending any time on training
         key, server = security.site_keys(sec, member.name, member.key_paths)
@@ -120,14 +138,15 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
                               float(mu) if isinstance(mu, (int, float)) else 0.0)
     metrics["site"] = float(site)
     if sec.envelopes:
-        sealed = security.seal_update(key, server, run=run, server_round=server_round,
+        sealed = security.envelope_update(key, server, run=run, server_round=server_round,
                                       state=new_state, metrics=metrics)
-        content = RecordDict({"metrics": MetricRecord({"num-examples": metrics[
-            "num-examples"], "site": float(site)}),
-            "envelope": ConfigRecord({"sealed": sealed})})
+        content = RecordDict({
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: metrics[wire.NUM_EXAMPLES],
+                                        wire.SITE: float(site)}),
+            wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: sealed})})
     else:
-        content = RecordDict({"arrays": ArrayRecord(new_state),
-                              "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+        content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
+                              wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
 
@@ -140,10 +159,12 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
         return _legacy_evaluate(msg, member.scenario, member.index)
     config: Mapping[str, Any] = msg.content.config_records.get("config", {})
     member = membership(config, context.node_config, context.run_config, scenario)
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    state = torch_state(msg.content.array_records[wire.ARRAYS])
+    from fed_llama.client import site as site_ops
+
     metrics = site_ops.evaluate(member.scenario, member.index, state)
     metrics["site"] = float(member.index)
-    content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
 
@@ -164,15 +185,12 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Which site this node holds (asked once by a cyclic federation's server)."""
-        from fed_llama.server.cyclic import SITE_QUERY
 
         with named(context.node_config):
             config: Mapping[str, Any] = msg.content.config_records.get("config", {})
             site = queried_site(config, context.node_config, context.run_config, scenario)
-        return Message(RecordDict({"metrics": MetricRecord({SITE_QUERY: float(site)})}),
+        return Message(RecordDict({wire.METRICS: MetricRecord({wire.SITE_QUERY: float(site)})}),
                        reply_to=msg)
 
     return app
 
-
-app = make_client_app()

@@ -22,16 +22,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fed_llama.config.loader import load_config
-from fed_llama.config.run_settings import BACKBONE_SHA256, SETTINGS, SITES, site_scenario
-from fed_llama.config.scenario import (
-    DEFAULT_SCENARIO,
-    ScenarioConfig,
-    run_config_path,
-    with_key_folder,
-)
+from fed_llama.config.run_config import load_scenario, scenario_path, with_key_folder
+from fed_llama.config.run_settings import site_scenario
+from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.site import SITE_CONFIG, SiteConfig, load_site_config
 from fed_llama.errors import ConfigError, FedLlamaError
+from fed_llama.wire import BACKBONE_SHA256, SETTINGS, SITES
 
 
 @dataclass(frozen=True)
@@ -90,8 +86,7 @@ def _backbone_sha256(name: str) -> str:
 
 def shared_scenario(run_config: Mapping[str, Any]) -> ScenarioConfig:
     """The scenario named by ``run_config["scenario"]`` (a simulation's shared machine)."""
-    scenario = load_config(ScenarioConfig, run_config_path(run_config, "scenario",
-                                                           DEFAULT_SCENARIO))
+    scenario, _ = load_scenario(scenario_path(run_config))
     return with_key_folder(scenario, run_config)
 
 

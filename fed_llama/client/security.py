@@ -3,7 +3,7 @@
 Before training, the site checks that the aggregator signed the global adapter it received
 for this round of this run (and, when it saw the previous round, that the seal chains to it).
 After training, it encrypts its update to the aggregator and signs it
-(:func:`fed_llama.crypto.seal_envelope`). Key paths come from the key folder, or from the
+(:func:`fed_llama.crypto.make_envelope`). Key paths come from the key folder, or from the
 node's config (``site-key``, ``server-public``) on a real SuperNode.
 """
 
@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fed_llama import wire
 from fed_llama.adapter.state import State, state_digest, state_payload
 from fed_llama.config.security import SecurityConfig
-from fed_llama.crypto import RoundSeal, seal_envelope, verify_round
+from fed_llama.crypto import RoundSeal, make_envelope, verify_round
 from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
 from fed_llama.crypto.keys import ServerPublicKey, SiteKey
 from fed_llama.crypto.refusal import Refused
@@ -51,12 +52,12 @@ def site_keys(cfg: SecurityConfig, site: str, node_config: Mapping[str, Any]
 def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[str, Any],
                 state: State, server_round: int) -> str:
     """Verify this round's seal over ``state`` (if seals are on); return the run id."""
-    run = config.get("run-id")
+    run = config.get(wire.RUN_ID)
     if not isinstance(run, str) or not run:
         raise Refused("malformed", "the round's config carries no run id: is the aggregator "
                       "running with [security] envelopes = true?")
     if cfg.seal_rounds:
-        text = config.get("round-seal")
+        text = config.get(wire.ROUND_SEAL)
         if not isinstance(text, str):
             raise Refused("bad-seal", "the aggregator sent no round seal; refusing to train on "
                           "an adapter nobody vouches for")
@@ -70,8 +71,8 @@ def check_round(cfg: SecurityConfig, server: ServerPublicKey, config: Mapping[st
     return run
 
 
-def seal_update(key: SiteKey, server: ServerPublicKey, *, run: str, server_round: int,
+def envelope_update(key: SiteKey, server: ServerPublicKey, *, run: str, server_round: int,
                 state: State, metrics: dict[str, float]) -> bytes:
     """The update as an envelope: encrypted to the aggregator, signed by this site."""
-    return seal_envelope(state_payload(state), site_key=key, server=server, run=run,
+    return make_envelope(state_payload(state), site_key=key, server=server, run=run,
                          server_round=server_round, metrics=metrics)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fed_llama.adapter.rank import change_rank
@@ -18,50 +17,11 @@ from fed_llama.adapter.state import State
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.data.source import SiteData, encode_site, load_examples
 from fed_llama.training.loop import train_adapter
-from fed_llama.training.lora import adapter_state, attach_lora, load_adapter_state, use_rank
+from fed_llama.training.lora import adapter_state, load_adapter_state, use_rank
 from fed_llama.training.loss import heldout_loss
+from fed_llama.training.site_model import loaded_site_model
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class LoadedSite:
-    model: Any
-    tokenizer: Any
-    backbone: Any
-    data: dict[int, SiteData]
-    initial: State
-    """The adapter as attached (seeded peft initialization, B = 0), before any training."""
-    fills: dict[int, State] = field(default_factory=dict)
-    """Per rank other than the global one: the seeded initial adapter whose A rows fill
-    directions the global product lacks (see :func:`fed_llama.adapter.rank.factorize`)."""
-
-
-_CACHE: dict[ScenarioConfig, LoadedSite] = {}
-
-
-def loaded_site_model(scenario: ScenarioConfig) -> LoadedSite:
-    """This process's backbone with the scenario's LoRA attached (loaded on first use)."""
-    if scenario not in _CACHE:
-        from fed_llama.backbone.load import load_backbone
-
-        bb = load_backbone(scenario.backbone)
-        model = attach_lora(bb.model, scenario.lora, seed=scenario.train.seed)
-        _CACHE.clear()  # one scenario per process at a time: free the previous backbone
-        _CACHE[scenario] = LoadedSite(model=model, tokenizer=bb.tokenizer, backbone=bb, data={},
-                                      initial=adapter_state(model))
-    return _CACHE[scenario]
-
-
-def initial_state(scenario: ScenarioConfig) -> State:
-    """The global adapter before round 1: the seeded peft initialization (B = 0).
-
-    Every site attaches its adapter with the same seed, so with FFA-LoRA every site's frozen A
-    equals this A. Always the attached state, however the process's model was trained since
-    (a copy: callers may change it).
-    """
-    return {k: v.clone() for k, v in loaded_site_model(scenario).initial.items()}
 
 
 def site_data(scenario: ScenarioConfig, site: int) -> SiteData:

@@ -22,16 +22,7 @@ from fed_llama.config.loader import build_config
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.site import SiteConfig
 from fed_llama.errors import ConfigError
-
-SETTINGS = "fed-settings"
-"""Train/evaluate config key: the federation's settings, a JSON object."""
-
-BACKBONE_SHA256 = "fed-backbone-sha256"
-"""Train/evaluate config key: the sha256 of the backbone the aggregator runs."""
-
-SITES = "fed-sites"
-"""Query config key: the federation's site names, in order (a cyclic run asks each node which
-site it holds)."""
+from fed_llama.wire import SETTINGS
 
 _AGGREGATOR_ONLY = {("backbone", "name"), ("security", "keys"), ("security", "passphrase_env"),
                     ("data", "source"), ("data", "heldout")}

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fed_llama.config.security import (
     PrivacyConfig,
@@ -24,15 +22,6 @@ from fed_llama.config.train import (
 
 AGGREGATIONS = ("factors", "exact", "ffa")
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCENARIO = "simulations/hospitals-3.toml"
-
-
-def run_config_path(run_config: Mapping[str, Any], key: str, default: str) -> Path:
-    """A path from Flower's run config; relative paths are taken from the project folder
-    (Flower runs apps from wherever its SuperLink was started)."""
-    value = Path(str(run_config.get(key, default))).expanduser()
-    return value if value.is_absolute() else PROJECT_ROOT / value
 
 
 @dataclass(frozen=True)
@@ -418,13 +407,3 @@ class ScenarioConfig:
                 out.append("federation.clip_norm and privacy.clip_norm both clip updates: with "
                            "DP on, set only privacy.clip_norm")
         return out
-
-
-def with_key_folder(scenario: ScenarioConfig, run_config: Mapping[str, Any]) -> ScenarioConfig:
-    """The scenario with ``security.keys`` filled in: as given, or ``<out>/keys`` of the run
-    config (``flwr run .``, where every party of a simulation shares this machine)."""
-    if scenario.security.keys:
-        return scenario
-    keys = run_config_path(run_config, "out", "runs/flwr-run") / "keys"
-    return dataclasses.replace(scenario, security=dataclasses.replace(scenario.security,
-                                                                      keys=str(keys)))

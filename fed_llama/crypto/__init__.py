@@ -9,9 +9,9 @@ from fed_llama.crypto.envelope import (
     OpenedEnvelope,
     ReplayGuard,
     TensorSpec,
+    make_envelope,
     open_envelope,
     safetensors_manifest,
-    seal_envelope,
 )
 from fed_llama.crypto.keys import (
     KEMS,
@@ -38,9 +38,9 @@ __all__ = [
     "SitePublicKey",
     "TensorSpec",
     "TrustStore",
+    "make_envelope",
     "open_envelope",
     "safetensors_manifest",
-    "seal_envelope",
     "seal_round",
     "verify_round",
 ]

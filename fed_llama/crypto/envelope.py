@@ -203,7 +203,7 @@ def safetensors_manifest(payload: bytes) -> tuple[TensorSpec, ...]:
     return tuple(sorted(specs, key=lambda t: t.name))
 
 
-def seal_envelope(payload: bytes, *, site_key: SiteKey, server: ServerPublicKey, run: str,
+def make_envelope(payload: bytes, *, site_key: SiteKey, server: ServerPublicKey, run: str,
                   server_round: int, metrics: dict[str, float] | None = None,
                   clock: Callable[[], float] = time.time, nonce: str | None = None) -> bytes:
     """Encrypt ``payload`` (safetensors bytes) to ``server`` and sign it as ``site_key``,

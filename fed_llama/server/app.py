@@ -10,12 +10,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fed_llama.config.run_settings import BACKBONE_SHA256, SETTINGS, federation_settings
+from fed_llama.config.run_settings import federation_settings
 from fed_llama.config.scenario import (
-    DEFAULT_SCENARIO,
     ScenarioConfig,
-    run_config_path,
-    with_key_folder,
 )
 from fed_llama.crypto.keyring import KeyFolder
 from fed_llama.server.checkpoint import EVALUATED, RunStore, pooled_task_scores
@@ -24,6 +21,7 @@ from fed_llama.server.outcome import RoundFailed
 from fed_llama.server.report import plot_history
 from fed_llama.server.security import ServerGuard
 from fed_llama.server.strategy import build_strategy
+from fed_llama.wire import BACKBONE_SHA256, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +31,8 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     """Run the rounds after ``done`` (the last complete round) to ``federation.rounds``
     (``context``: the ServerApp's, which secure aggregation's workflow needs)."""
     from fed_llama.backbone.load import resolve_backbone
-    from fed_llama.client.site import initial_state
     from fed_llama.training.lora import peft_config
+    from fed_llama.training.site_model import initial_state
 
     total = scenario.federation.rounds
     if done >= total:
@@ -161,24 +159,6 @@ def make_server_app(scenario: ScenarioConfig, store: RunStore, done: int) -> Ser
         run_federation(grid, scenario, store, done, context)
 
     return app
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """``flwr run .``: the scenario and run folder come from ``[tool.flwr.app.config]``."""
-    from fed_llama.simulation.runner import load_scenario
-
-    path = run_config_path(context.run_config, "scenario", DEFAULT_SCENARIO)
-    out = run_config_path(context.run_config, "out", "runs/flwr-run")
-    # on real sites the data stays at the sites (their site configs): no file of theirs here
-    scenario, text = load_scenario(path, [], sources=False)
-    store = RunStore(out)
-    done = store.start(text, resume=True)
-    scenario = prepare_keys(with_key_folder(scenario, context.run_config), store.out)
-    run_federation(grid, scenario, store, done, context)
 
 
 def prepare_keys(scenario: ScenarioConfig, out: Path) -> ScenarioConfig:

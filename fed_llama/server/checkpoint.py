@@ -43,7 +43,7 @@ from fed_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Sealer = Callable[[bytes, str], bytes]
+Cipher = Callable[[bytes, str], bytes]
 """Encrypts (or decrypts) a checkpoint's weights, bound to a label (run id and round)."""
 
 EVALUATED = "pooled-perplexity"
@@ -156,7 +156,7 @@ class RunStore:
         """What an encrypted checkpoint is bound to: this run and that round."""
         return f"{self.run_id()}/round-{server_round:03d}"
 
-    def load_round(self, server_round: int, decrypt: Sealer | None = None) -> State:
+    def load_round(self, server_round: int, decrypt: Cipher | None = None) -> State:
         """The global adapter after ``server_round`` (``decrypt``: for encrypted checkpoints)."""
         from safetensors.torch import load, load_file
 
@@ -168,7 +168,7 @@ class RunStore:
         return dict(load_file(str(folder / "adapter_model.safetensors")))
 
     def save_round(self, server_round: int, state: State, peft_config: Any,
-                   manifest: dict[str, Any], encrypt: Sealer | None = None) -> None:
+                   manifest: dict[str, Any], encrypt: Cipher | None = None) -> None:
         """Write the round's checkpoint (its weights encrypted with ``encrypt`` if given)."""
         label = self.checkpoint_label(server_round)
         meta = dict(manifest, round=server_round,
@@ -179,7 +179,7 @@ class RunStore:
                            encrypt=None if encrypt is None else lambda b: encrypt(b, label))
 
     def save_optimizer(self, server_round: int, tensors: dict[str, Any],
-                       encrypt: Sealer | None = None) -> None:
+                       encrypt: Cipher | None = None) -> None:
         """Write the server optimizer's state after ``server_round`` (nothing if empty)."""
         if not tensors:
             return
@@ -192,7 +192,7 @@ class RunStore:
             path = path.with_name(path.name + ".hpke")
         write_bytes_atomic(path, data, mode=0o600)
 
-    def load_optimizer(self, server_round: int, decrypt: Sealer | None = None
+    def load_optimizer(self, server_round: int, decrypt: Cipher | None = None
                        ) -> dict[str, Any] | None:
         """The server optimizer's state after ``server_round``; None when none was saved."""
         from safetensors.numpy import load

@@ -24,12 +24,10 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fed_llama.config.run_settings import SITES
+from fed_llama import wire
 
 log = logging.getLogger(__name__)
 
-SITE_QUERY = "site"
-"""The query's key in the reply's MetricRecord: the site index the node holds."""
 
 
 def turn(real_round: int, sites: list[str]) -> str:
@@ -40,7 +38,7 @@ def turn(real_round: int, sites: list[str]) -> str:
 def _site_index(reply: Message) -> int | None:
     """The whole site index a query reply carries (None: none that can be read)."""
     try:
-        value = reply.content.metric_records["metrics"][SITE_QUERY]
+        value = reply.content.metric_records[wire.METRICS][wire.SITE_QUERY]
     except Exception:  # no metrics record, or no such key
         return None
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
@@ -53,8 +51,9 @@ def site_nodes(grid: Grid, sites: list[str], timeout: float) -> dict[str, int]:
     wait), each is asked once; refuses a federation in which a site has no node or two nodes
     claim one site."""
     _, nodes = sample_nodes(grid, len(sites), len(sites))
-    ask = ConfigRecord({"ask": SITE_QUERY, SITES: list(sites)})  # a real site answers by name
-    queries = [Message(RecordDict({"config": ask}),
+    # a real site answers by its name among the sites
+    ask = ConfigRecord({wire.ASK: wire.SITE_QUERY, wire.SITES: list(sites)})
+    queries = [Message(RecordDict({wire.CONFIG: ask}),
                        dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
     found: dict[str, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):

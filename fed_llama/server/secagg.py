@@ -24,6 +24,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fed_llama import wire
 from fed_llama.adapter.state import State, state_bytes
 from fed_llama.common.legacy_arrays import from_arrays, to_arrays
 from fed_llama.config.scenario import ScenarioConfig
@@ -54,7 +55,7 @@ class SecAggFedAvg(LegacyFedAvg):
         need = scenario.federation.min_sites or scenario.secagg_threshold()
 
         def config(server_round: int) -> dict[str, Any]:
-            return {"fed-round": round_offset + server_round}
+            return {wire.ROUND: round_offset + server_round}
 
         super().__init__(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=need,
                          min_evaluate_clients=need, min_available_clients=len(self.site_names),

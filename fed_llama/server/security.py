@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fed_llama import wire
 from fed_llama.adapter.state import State, state_digest
 from fed_llama.common.files import write_text_atomic
 from fed_llama.config.security import SecurityConfig
@@ -60,7 +61,7 @@ class ServerGuard:
 
     def round_config(self, server_round: int, state: State) -> dict[str, str]:
         """What goes into round ``server_round``'s train config: run id and, if on, the seal."""
-        config = {"run-id": self.run}
+        config = {wire.RUN_ID: self.run}
         if self.cfg.seal_rounds:
             prev_path = self._seal_path(server_round - 1)
             prev = RoundSeal.parse(prev_path.read_bytes()) if prev_path.is_file() else None
@@ -68,7 +69,7 @@ class ServerGuard:
                               adapter_sha256=state_digest(state), prev=prev)
             text = json.dumps(seal.to_json())
             write_text_atomic(self._seal_path(server_round), text + "\n")
-            config["round-seal"] = text
+            config[wire.ROUND_SEAL] = text
         return config
 
     def open(self, data: Any, server_round: int, current: State) -> tuple[str, State,

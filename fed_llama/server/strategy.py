@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
+from fed_llama import wire
 from fed_llama.adapter.state import State, state_bytes
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
@@ -96,7 +97,7 @@ class LoraFedAvg(FedAvg):
         self.current = arrays.to_torch_state_dict()  # the global adapter sent this round
         real = self.round_offset + server_round
         self.real_round = real
-        config["fed-round"] = real  # Flower's server-round restarts at 1 on --resume
+        config[wire.ROUND] = real  # Flower's server-round restarts at 1 on --resume
         if self.security is not None:
             for key, value in self.security.round_config(real, self.current).items():
                 config[key] = value
@@ -114,15 +115,15 @@ class LoraFedAvg(FedAvg):
         """One reply's (site, adapter state, metrics), verified and checked, or Refused."""
         content = reply.content
         if self.security is not None:
-            if "envelope" not in content.config_records:
+            if wire.ENVELOPE not in content.config_records:
                 raise Refused("malformed", "the reply carries no update envelope")
-            sealed = content.config_records["envelope"].get("sealed")
+            sealed = content.config_records[wire.ENVELOPE].get(wire.ENVELOPE_BYTES)
             site, state, metrics = self.security.open(sealed, real_round, self.current)
         else:
-            metrics = scalars(content.metric_records["metrics"])
-            if "arrays" not in content.array_records:
+            metrics = scalars(content.metric_records[wire.METRICS])
+            if wire.ARRAYS not in content.array_records:
                 raise Refused("malformed", "the reply carries no adapter arrays")
-            state = content.array_records["arrays"].to_torch_state_dict()
+            state = content.array_records[wire.ARRAYS].to_torch_state_dict()
             index = int(metrics.get("site", -1))
             if not 0 <= index < len(self.site_names):
                 raise Refused("unknown-site", f"site index {index} names no site of the "
@@ -169,7 +170,7 @@ class LoraFedAvg(FedAvg):
         for reply in replies:
             try:
                 site, state, metrics = self._admit_safely(reply, real_round)
-                count = metrics.get("num-examples", math.nan)
+                count = metrics.get(wire.NUM_EXAMPLES, math.nan)
                 if not math.isfinite(count) or count <= 0:
                     raise Refused("malformed", "the update reports no positive, finite "
                                   "num-examples")
@@ -215,7 +216,7 @@ class LoraFedAvg(FedAvg):
         states = [state for _, state, _ in admitted]
         metrics = [m for _, _, m in admitted]
         fed, lora = self.scenario.federation, self.scenario.lora
-        weights = bounded_weights([m["num-examples"] for m in metrics], weighting=fed.weighting,
+        weights = bounded_weights([m[wire.NUM_EXAMPLES] for m in metrics], weighting=fed.weighting,
                                   max_ratio=fed.max_weight_ratio, max_examples=fed.max_examples,
                                   names=[f"round {real}: site {name!r}" for name, _, _ in
                                          admitted])
@@ -296,7 +297,7 @@ def evaluation_report(reply: Message, sites: int, seen: list[dict[str, float]]
     """One evaluation reply's numbers, checked (a site index of the scenario, not seen
     before; finite loss, positive token count, finite scores), or :class:`Refused`."""
     try:
-        met = scalars(reply.content.metric_records["metrics"])
+        met = scalars(reply.content.metric_records[wire.METRICS])
     except Exception as exc:  # no MetricRecord, or one that cannot be read
         raise Refused("malformed", f"no evaluation metrics ({type(exc).__name__})") from None
     index = met.get("site", -1.0)
@@ -364,11 +365,11 @@ def _reply_bytes(reply: Message) -> int:
 
 def _carried_bytes(reply: Message) -> int:
     content = reply.content
-    if "envelope" in content.config_records:
-        sealed = content.config_records["envelope"].get("sealed")
+    if wire.ENVELOPE in content.config_records:
+        sealed = content.config_records[wire.ENVELOPE].get(wire.ENVELOPE_BYTES)
         return len(sealed) if isinstance(sealed, bytes) else 0
-    if "arrays" in content.array_records:
-        return sum(len(a.data) for a in content.array_records["arrays"].values())
+    if wire.ARRAYS in content.array_records:
+        return sum(len(a.data) for a in content.array_records[wire.ARRAYS].values())
     return 0
 
 

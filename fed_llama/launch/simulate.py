@@ -1,4 +1,4 @@
-"""``fed-llama simulate``: a scenario on Flower's Simulation Engine (Ray), one process per site."""
+"""``fed-llama simulate``: a scenario on Flower's Simulation Engine (Ray), the sites in turn."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from fed_llama.common.notices import DropMessage
-from fed_llama.config.loader import apply_overrides, build_config, read_toml
+from fed_llama.config.run_config import load_scenario as load_shared_scenario
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.train import ICD10_PREFIX
 from fed_llama.errors import ConfigError, FedLlamaError
@@ -48,17 +48,13 @@ def _stop_ray() -> None:
         ray.shutdown()
 
 
-def load_scenario(path: Path, overrides: list[str], *, sources: bool = True
+def load_scenario(path: Path, overrides: list[str] | None = None
                   ) -> tuple[ScenarioConfig, str]:
-    """The scenario, checked up front (with ``sources``: the data sources too, which a
-    simulation reads here), and its effective text."""
-    import tomli_w
-
-    data = apply_overrides(read_toml(path), overrides)
-    scenario = build_config(ScenarioConfig, data, source=str(path),
-                            base_dir=path.resolve().parent)
+    """The scenario (:func:`fed_llama.config.run_config.load_scenario`) with its data sources
+    checked too, which a simulation reads on this machine."""
+    scenario, text = load_shared_scenario(path, overrides)
     problems = []
-    for source in scenario.federation.sites if sources else ():
+    for source in scenario.federation.sites:
         if source.startswith(ICD10_PREFIX):
             from fed_llama.data.icd10 import SITES
 
@@ -69,7 +65,7 @@ def load_scenario(path: Path, overrides: list[str], *, sources: bool = True
             problems.append(f"federation.sites: data file {source!r} does not exist")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-    return scenario, tomli_w.dumps(data)
+    return scenario, text
 
 
 def simulate(path: Path, out: Path, *, resume: bool = False,

@@ -1,1 +1,0 @@
-"""Simulated federations on Flower's Simulation Engine."""

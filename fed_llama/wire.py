@@ -1,0 +1,53 @@
+"""The names messages between the aggregator and the sites use: one place for every key.
+
+Flower's Message API carries records by name (``ArrayRecord``, ``MetricRecord``,
+``ConfigRecord``) and each record carries values by key. The aggregator (``fed_llama.server``)
+and the sites (``fed_llama.client``) must agree on them; both import them from here, and
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+# Records of a message (Flower's own names for the defaults its strategies use)
+ARRAYS = "arrays"
+"""ArrayRecord: the global adapter (to a site) or a plain update (from a site, no envelopes)."""
+METRICS = "metrics"
+"""MetricRecord: the numbers a site reports."""
+CONFIG = "config"
+"""ConfigRecord: the round's settings, from the aggregator."""
+ENVELOPE = "envelope"
+"""ConfigRecord: a site's update envelope (signed, encrypted: fed_llama.crypto.envelope)."""
+ENVELOPE_BYTES = "bytes"
+"""In the ENVELOPE record: the envelope's bytes."""
+
+# Keys of the aggregator's CONFIG record
+ROUND = "fed-round"
+"""The run's round number (Flower's ``server-round`` restarts at 1 on --resume)."""
+FLOWER_ROUND = "server-round"
+"""Flower's own round number, the fallback when ROUND is missing."""
+RUN_ID = "run-id"
+"""The run id envelopes are bound to."""
+ROUND_SEAL = "round-seal"
+"""The aggregator's signed, hash-chained seal of the adapter it sends (JSON)."""
+PROXIMAL_MU = "proximal-mu"
+"""FedProx's proximal weight (sent by Flower's FedProx)."""
+SETTINGS = "fed-settings"
+"""The federation's settings as JSON (fed_llama.config.run_settings), for real sites."""
+BACKBONE_SHA256 = "fed-backbone-sha256"
+"""The sha256 of the backbone the aggregator runs."""
+SITES = "fed-sites"
+"""Query: the federation's site names, in order."""
+ASK = "ask"
+"""Query: what the aggregator asks (SITE_QUERY)."""
+
+# Keys of a site's METRICS record
+NUM_EXAMPLES = "num-examples"
+"""Examples the site trained on (its aggregation weight, bounded) or evaluated."""
+SITE = "site"
+"""The site's index among the federation's sites."""
+SITE_QUERY = SITE
+"""Query reply: the site index a node holds (cyclic participation)."""
+TRAIN_LOSS = "train-loss"
+HELDOUT_LOSS = "heldout-loss"
+HELDOUT_TOKENS = "heldout-tokens"
+BYTES_UP = "bytes-up"
