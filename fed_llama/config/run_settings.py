@@ -17,6 +17,7 @@ import dataclasses
 import json
 from typing import Any
 
+from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.config.loader import build_config
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.site import SiteConfig
@@ -62,16 +63,16 @@ def site_scenario(settings: object, site: SiteConfig) -> tuple[ScenarioConfig, i
         raise ConfigError(f"the run's messages carry no federation settings ({SETTINGS}): is the "
                           "aggregator running fed-llama's ServerApp of the same version?")
     try:
-        data: Any = json.loads(settings)
-    except json.JSONDecodeError as exc:
+        data: Any = loads(settings, max_bytes=1 << 20)
+    except BadJson as exc:
         raise ConfigError(f"the run's federation settings are not JSON: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(t), dict) for t in (
             "backbone", "data", "federation", "security")):
         raise ConfigError("the run's federation settings are not a scenario's tables")
     names = data["federation"].get("sites")
     if not isinstance(names, list) or site.name not in names:
-        raise ConfigError(f"the federation's sites are {names!r}; this site's config names "
-                          f"{site.name!r}: set name in the site config to the aggregator's "
+        raise ConfigError(f"the federation's sites are {str(names)[:200]}; this site's config "
+                          f"names {site.name!r}: set name in the site config to the aggregator's "
                           "name for this site")
     index = names.index(site.name)
     data["backbone"]["name"] = site.backbone
