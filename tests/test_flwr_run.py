@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +29,10 @@ pytestmark = pytest.mark.deployment
 @pytest.fixture
 def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     home = tmp_path / "flwr-home"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's sockets: short paths
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FED_LLAMA_RUNS=str(tmp_path / "runs"), RAY_TMPDIR=str(tmp_path / "ray"),
+               FED_LLAMA_RUNS=str(tmp_path / "runs"), RAY_TMPDIR=str(ray_tmp),
                TOKENIZERS_PARALLELISM="false")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     yield env
@@ -44,6 +47,7 @@ def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
             continue
         if str(home).encode() in environ:
             os.killpg(os.getpgid(int(pid)), signal.SIGTERM)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_flwr_run_completes_five_runs_in_a_row(tiny_backbone: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
@@ -64,6 +68,7 @@ def test_flwr_run_completes_five_runs_in_a_row(tiny_backbone: Path, tmp_path: Pa
         log = done.stdout + done.stderr
         assert done.returncode == 0, log[-3000:]
         folder = tmp_path / "runs" / f"tiny-{run}"  # where a relative out goes
+        assert (folder / "history.json").is_file(), log[-4000:]
         history = json.loads((folder / "history.json").read_text())
         assert [row["round"] for row in history] == [1, 2], log[-3000:]
         assert all(row["sites-trained"] == 2 for row in history)
