@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 from safetensors.torch import save
 
 from fed_llama import wire
@@ -22,7 +23,7 @@ from fed_llama.crypto import ReplayGuard, ServerKey, SiteKey, TrustStore, make_e
 from fed_llama.crypto.envelope import INFO, MAGIC, SIGNATURE_BYTES
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.security import ServerGuard
-from fed_llama.server.strategy import LoraFedAvg, build_strategy
+from fed_llama.server.strategy import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -86,7 +87,7 @@ def run_round(tmp_path: Path, hostile: bytes, *, names: list[str] = NAMES,
               trust: TrustStore = TRUST, sealed: list[bytes] | None = None,
               federation: dict[str, object] | None = None,
               reply: Callable[[Message], Message] | None = None
-              ) -> tuple[LoraFedAvg, dict[str, float], dict[str, torch.Tensor] | None]:
+              ) -> tuple[Strategy, dict[str, float], dict[str, torch.Tensor] | None]:
     """One round of the honest sites' envelopes and ``hostile`` (or ``sealed``, every
     site's; ``reply`` makes the last site's whole reply instead)."""
     scenario = build_config(ScenarioConfig, {"federation": {
@@ -318,7 +319,7 @@ def test_ffa_refuses_an_update_that_changed_the_frozen_a(tmp_path: Path) -> None
 ])
 def test_a_hostile_evaluation_is_refused_and_the_others_are_pooled(
         bad: dict[str, float]) -> None:
-    from fed_llama.server.strategy import evaluation_report, evaluation_row
+    from fed_llama.server.evaluation import evaluation_report, evaluation_row
 
     honest = [{"site": float(i), "heldout-loss": 1.0 + i, "heldout-tokens": 10.0}
               for i in range(3)]

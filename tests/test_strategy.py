@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 
 from fed_llama.client.site import proximal_term
 from fed_llama.config.loader import build_config
@@ -17,7 +18,8 @@ from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.errors import ConfigError
 from fed_llama.server.checkpoint import RunStore
 from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
-from fed_llama.server.strategy import ADAPTIVE_SERVER_LR, LoraFedAvg, build_strategy
+from fed_llama.server.strategy import ADAPTIVE_SERVER_LR, build_strategy
+from fed_llama.server.wrapper import innermost
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _strategy(round_offset: int = 0, site_nodes: dict[str, int] | None = None,
-              **federation: Any) -> LoraFedAvg:
+              **federation: Any) -> Strategy:
     scenario = build_config(ScenarioConfig, {"federation": {
         "sites": ["icd10:cardiology", "icd10:oncology"], **federation}}, source="test")
     return build_strategy(scenario, scenario.site_names(), round_offset=round_offset,
@@ -35,7 +37,7 @@ def _strategy(round_offset: int = 0, site_nodes: dict[str, int] | None = None,
                           site_nodes=site_nodes)
 
 
-def _round(strategy: LoraFedAvg, current: dict[str, torch.Tensor],
+def _round(strategy: Strategy, current: dict[str, torch.Tensor],
            sites: list[dict[str, torch.Tensor]], examples: list[int], server_round: int = 1
            ) -> tuple[dict[str, torch.Tensor], list[Message]]:
     sent = list(strategy.configure_train(server_round, ArrayRecord(current), ConfigRecord(),
@@ -67,7 +69,7 @@ def test_fedavg_returns_the_example_weighted_mean() -> None:
 def test_fedadam_takes_one_adam_step_along_the_lora_aware_mean() -> None:
     current, sites = _adapters()
     strategy = _strategy(strategy="fedadam")
-    assert type(strategy).__name__ == "LoraFedAdam"
+    assert type(innermost(strategy)).__name__ == "AdapterFedAdam"
     new, _ = _round(strategy, current, sites, [10, 30])
     b1, b2, tau, eta = 0.9, 0.99, 1e-3, ADAPTIVE_SERVER_LR
     for k in current:
@@ -112,11 +114,11 @@ def test_a_resumed_server_optimizer_takes_the_uninterrupted_runs_steps(
     drift = [[{k: 0.01 * torch.randn(v.shape, generator=g) for k, v in start.items()}
               for _ in range(2)] for _ in range(3)]
 
-    def step(strategy: LoraFedAvg, current: dict[str, torch.Tensor], r: int
+    def step(strategy: Strategy, current: dict[str, torch.Tensor], r: int
              ) -> dict[str, torch.Tensor]:
         sites = [{k: current[k] + d[k] for k in current} for d in drift[r]]
         return _round(strategy, current, sites, [10, 30], server_round=r + 1
-                      - strategy.round_offset)[0]
+                      - innermost(strategy).book.round_offset)[0]
 
     straight = _strategy(**federation)
     assert uses_server_state(straight)
@@ -157,7 +159,7 @@ def test_fedprox_sends_mu_to_the_sites() -> None:
     current, sites = _adapters()
     strategy = _strategy(strategy="fedprox", proximal_mu=0.5)
     rows: list[tuple[int, dict[str, float]]] = []
-    strategy.on_train = lambda r, row: rows.append((r, row))
+    innermost(strategy).on_train = lambda r, row: rows.append((r, row))
     new, sent = _round(strategy, current, sites, [1, 3])
     assert all(m.content.config_records["config"]["proximal-mu"] == 0.5 for m in sent)
     # the replies went through fed-llama's checks and LoRA-aware aggregation (which records

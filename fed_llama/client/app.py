@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_llama import wire
 from fed_llama.adapter.state import State
 from fed_llama.client import security
 from fed_llama.client.federation import membership, named, queried_site
+from fed_llama.client.records import round_number, torch_state
 from fed_llama.common.notices import quiet_flower_actor
 from fed_llama.config.scenario import ScenarioConfig
 
@@ -47,15 +48,6 @@ def secagg_when_asked(msg: Message, context: Context,
         size = sum(len(b) for b in sent if isinstance(b, bytes))
         out.content.config_records["fitres.metrics"]["bytes-up"] = float(size)
     return out
-
-
-def torch_state(record: ArrayRecord) -> State:
-    """The record's tensors as torch tensors. torch is imported here, not when this module is
-    (Flower may load the apps in two threads at once; see fed_llama.launch.flwr_run), and
-    Flower converts only once torch is imported."""
-    import torch  # noqa: F401
-
-    return dict(record.to_torch_state_dict())
 
 
 LOCAL_OPTIMIZER = "local-optimizer"
@@ -125,28 +117,15 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
         return _legacy_train(msg, context, member.scenario, member.index)
     config = msg.content.config_records[wire.CONFIG]
     member = membership(config, context.node_config, context.run_config, scenario)
-    sc, site = member.scenario, member.index
     state = torch_state(msg.content.array_records[wire.ARRAYS])
-    value = config.get(wire.ROUND, config.get(wire.FLOWER_ROUND, 0))
-    server_round = value if isinstance(value, int) else 0
     mu = config.get(wire.PROXIMAL_MU, 0.0)  # sent by Flower's FedProx
-    sec = sc.security
-    if sec.envelopes:  # check the seal before spending any time on training
-        key, server = security.site_keys(sec, member.name, member.key_paths)
-        run = security.check_round(sec, server, config, state, server_round)
-    new_state, metrics = _fit(context, sc, site, state, server_round,
+    new_state, metrics = _fit(context, member.scenario, member.index, state,
+                              round_number(config),
                               float(mu) if isinstance(mu, (int, float)) else 0.0)
-    metrics["site"] = float(site)
-    if sec.envelopes:
-        sealed = security.envelope_update(key, server, run=run, server_round=server_round,
-                                      state=new_state, metrics=metrics)
-        content = RecordDict({
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: metrics[wire.NUM_EXAMPLES],
-                                        wire.SITE: float(site)}),
-            wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: sealed})})
-    else:
-        content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
-                              wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+    metrics[wire.SITE] = float(member.index)
+    # plain records: with security.envelopes, envelope_mod puts the update in an envelope
+    content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
+                          wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
 
@@ -170,7 +149,7 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
 
 def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     """A ClientApp for ``scenario`` (None: read it from the run config)."""
-    app = ClientApp(mods=[quiet_worker, secagg_when_asked])
+    app = ClientApp(mods=[quiet_worker, secagg_when_asked, security.envelope_mod(scenario)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

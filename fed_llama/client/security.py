@@ -1,22 +1,31 @@
-"""A site's side of the update protocol: check the round's seal, seal the update.
+"""A site's side of the update protocol: check the round's seal, send the update in an envelope.
 
 Before training, the site checks that the aggregator signed the global adapter it received
 for this round of this run (and, when it saw the previous round, that the seal chains to it).
 After training, it encrypts its update to the aggregator and signs it
 (:func:`fed_llama.crypto.make_envelope`). Key paths come from the key folder, or from the
 node's config (``site-key``, ``server-public``) on a real SuperNode.
+
+:func:`envelope_mod` does both around the ClientApp's training, the site's side of
+:class:`fed_llama.server.envelopes.UpdateEnvelopes` (as Flower's ``fixedclipping_mod`` is
+the site's side of its DP wrapper): the training itself replies in plain records.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
 from fed_llama import wire
 from fed_llama.adapter.state import State, state_digest, state_payload
+from fed_llama.client.federation import membership
+from fed_llama.client.records import round_number, scalars, torch_state
+from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.security import SecurityConfig
 from fed_llama.crypto import RoundSeal, make_envelope, verify_round
 from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
@@ -76,3 +85,45 @@ def envelope_update(key: SiteKey, server: ServerPublicKey, *, run: str, server_r
     """The update as an envelope: encrypted to the aggregator, signed by this site."""
     return make_envelope(state_payload(state), site_key=key, server=server, run=run,
                          server_round=server_round, metrics=metrics)
+
+
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+
+def envelope_mod(scenario: ScenarioConfig | None) -> Mod:
+    """A ClientApp mod: on a training message of a federation with ``security.envelopes``,
+    check the round's seal before the site trains, and reply with the update in an
+    envelope (``scenario``: the one ``fed-llama simulate`` built the app around; None: from
+    the run or the site's config)."""
+
+    def mod(msg: Message, context: Context,
+            call_next: Callable[[Message, Context], Message]) -> Message:
+        content = msg.content
+        if (msg.metadata.message_type.partition(".")[0] != MessageType.TRAIN
+                or wire.CONFIG not in content.config_records
+                or wire.ARRAYS not in content.array_records):  # not ours (SecAgg+'s layout)
+            return call_next(msg, context)
+        config = content.config_records[wire.CONFIG]
+        member = membership(config, context.node_config, context.run_config, scenario)
+        sec = member.scenario.security
+        if not sec.envelopes:
+            return call_next(msg, context)
+        key, server = site_keys(sec, member.name, member.key_paths)
+        server_round = round_number(config)
+        # check the seal before spending any time on training
+        run = check_round(sec, server, config, torch_state(content.array_records[wire.ARRAYS]),
+                          server_round)
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        metrics = scalars(reply.content.metric_records[wire.METRICS])
+        sealed = envelope_update(key, server, run=run, server_round=server_round,
+                                 state=torch_state(reply.content.array_records[wire.ARRAYS]),
+                                 metrics=metrics)
+        reply.content = RecordDict({
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: metrics[wire.NUM_EXAMPLES],
+                                        wire.SITE: metrics[wire.SITE]}),
+            wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: sealed})})
+        return reply
+
+    return mod

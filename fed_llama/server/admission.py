@@ -5,17 +5,34 @@ finite values of bounded magnitude, leave frozen tensors as they were, and chang
 adapter by no more than the configured bounds (an absolute L2 bound, and a multiple of the
 median change of the round's updates). Each failure raises
 :class:`~fed_llama.crypto.Refused` with its reason, so the round goes on without it.
+
+:class:`Admission` wraps a strategy in these checks: it reads every plain reply (an
+envelope has been opened by :class:`~fed_llama.server.envelopes.UpdateEnvelopes` around it),
+takes out the ones refused, with their reasons, and hands on the rest.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import statistics
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
 
+from fed_llama import wire
 from fed_llama.adapter.rank import A_TAG, B_TAG, lora_pairs
 from fed_llama.adapter.state import State
+from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
+from fed_llama.server.evaluation import scalars
+from fed_llama.server.round_book import RoundBook
+from fed_llama.server.wrapper import StrategyWrapper
+
+log = logging.getLogger(__name__)
 
 MAX_ABS_VALUE = 1e6
 """Largest magnitude of an adapter value (trained LoRA factors stay below 10): keeps every
@@ -94,3 +111,117 @@ def norm_outliers(norms: list[float], factor: float) -> list[int]:
         return []
     median = statistics.median(norms)
     return [i for i, n in enumerate(norms) if n > factor * max(median, 1e-12)]
+
+
+Admitted = tuple[str, State, dict[str, float]]
+"""An update that passed: (site, adapter state, metrics)."""
+
+
+def read_reply(reply: Message, site_names: list[str]) -> Admitted:
+    """A plain reply's (site, adapter state, metrics): the site by its index in the
+    scenario, or :class:`Refused`."""
+    content = reply.content
+    metrics = scalars(content.metric_records[wire.METRICS])
+    if wire.ARRAYS not in content.array_records:
+        raise Refused("malformed", "the reply carries no adapter arrays")
+    state = content.array_records[wire.ARRAYS].to_torch_state_dict()
+    index = int(metrics.get(wire.SITE, -1))
+    if not 0 <= index < len(site_names):
+        raise Refused("unknown-site", f"site index {index} names no site of the scenario")
+    return site_names[index], state, metrics
+
+
+def carried_bytes(reply: Message) -> int:
+    """Bytes of the update a reply carries: the envelope, or the plain arrays (0 when it
+    carries neither in a readable form)."""
+    try:
+        content = reply.content
+        if wire.ENVELOPE in content.config_records:
+            sealed = content.config_records[wire.ENVELOPE].get(wire.ENVELOPE_BYTES)
+            return len(sealed) if isinstance(sealed, bytes) else 0
+        if wire.ARRAYS in content.array_records:
+            return sum(len(a.data) for a in content.array_records[wire.ARRAYS].values())
+    except Exception:  # a malformed reply: it is refused on its own account
+        return 0
+    return 0
+
+
+class Admission(StrategyWrapper):
+    """Hands on only the updates that pass every check of this module; each refusal is
+    noted in the round book with its reason (``sites-refused``, ``refused/<reason>``)."""
+
+    def __init__(self, strategy: Strategy, book: RoundBook, scenario: ScenarioConfig) -> None:
+        super().__init__(strategy, book)
+        self.scenario = scenario
+
+    def rank(self, site: str) -> int | None:
+        """The rank ``site`` trains when sites train their own ranks (else None)."""
+        if not self.scenario.federation.site_ranks:
+            return None
+        return self.scenario.site_rank(self.book.site_names.index(site))
+
+    def norm(self, site: str, state: State) -> float:
+        """How far ``state`` moves the global adapter (on the products for own ranks)."""
+        rank, current = self.rank(site), self.book.current
+        if rank is None:
+            return change_norm(state, current)
+        alpha = float(self.scenario.lora.alpha)
+        return change_norm(state, current, (alpha / rank, alpha / self.scenario.lora.r))
+
+    def check(self, reply: Message) -> Admitted:
+        """One reply's update, checked, or :class:`Refused`."""
+        site, state, metrics = read_reply(reply, self.book.site_names)
+        current = self.book.current
+        check_update(state, current, self.rank(site))
+        if self.scenario.federation.aggregation == "ffa":
+            check_frozen(state, current, {k for k in current if A_TAG in k})
+        check_norm(self.norm(site, state), self.scenario.security.max_update_norm)
+        count = metrics.get(wire.NUM_EXAMPLES, math.nan)
+        if not math.isfinite(count) or count <= 0:
+            raise Refused("malformed", "the update reports no positive, finite num-examples")
+        return site, state, metrics
+
+    def check_safely(self, reply: Message) -> Admitted:
+        """:meth:`check`, with whatever else a hostile reply makes it raise turned into a
+        refusal (``malformed``): one reply never costs the round the others' updates."""
+        try:
+            return self.check(reply)
+        except Refused:
+            raise
+        except Exception as exc:  # a reply no check foresaw: refuse it, keep the round
+            raise Refused("malformed", f"the reply cannot be processed "
+                          f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        book = self.book
+        passed: list[Message] = []
+        admitted: list[tuple[Message, str, State]] = []
+        for reply in replies:
+            if reply.has_error():  # the core strategy counts it as failed
+                passed.append(reply)
+                continue
+            node = reply.metadata.src_node_id
+            book.bytes_up.setdefault(node, carried_bytes(reply))
+            try:
+                site, state, _ = self.check_safely(reply)
+                if any(site == s for _, s, _ in admitted):
+                    raise Refused("replayed", f"site {site!r} already delivered this round")
+            except Refused as exc:
+                book.refuse(node, exc)
+                continue
+            admitted.append((reply, site, state))
+        norms = [self.norm(site, state) for _, site, state in admitted]
+        factor = self.scenario.security.norm_outlier_factor
+        for i in reversed(norm_outliers(norms, factor)):
+            reply, site, _ = admitted.pop(i)
+            book.refuse(reply.metadata.src_node_id, Refused(
+                "norm-bound", f"site {site!r} changes the adapter by {norms[i]:.4g}, over "
+                f"{factor:g} x the median change"))
+        return self.strategy.aggregate_train(server_round,
+                                             passed + [reply for reply, _, _ in admitted])
+
+
+def admitted_replies(replies: Iterable[Any], site_names: list[str]) -> list[Admitted]:
+    """What the replies that reached the core strategy carry (after :class:`Admission`)."""
+    return [read_reply(reply, site_names) for reply in replies]

@@ -13,18 +13,25 @@ first round the server asks every node which site it holds (a ``query`` message 
 sites' names, which the ClientApp answers with its site's position: from its site config's
 ``name`` on a real site, its ``partition-id`` in a simulation). An answer decides only whose
 turn a node gets: each update is still verified under the site key of its envelope.
+
+:class:`CyclicTurns` wraps a strategy so that each round's training message goes to the node
+whose turn it is.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fed_llama import wire
+from fed_llama.server.round_book import RoundBook
+from fed_llama.server.wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +87,28 @@ def site_nodes(grid: Grid, sites: list[str], timeout: float) -> dict[str, int]:
                          f"for {missing} (of {len(nodes)} connected node(s))")
     log.info("cyclic turns: %s", ", ".join(f"{s} (node {found[s]})" for s in sites))
     return found
+
+
+class CyclicTurns(StrategyWrapper):
+    """Sends each round's training message to the node of the site whose turn it is
+    (``site_nodes``: from :func:`site_nodes`), and to no other."""
+
+    def __init__(self, strategy: Strategy, book: RoundBook, site_nodes: dict[str, int]
+                 ) -> None:
+        super().__init__(strategy, book)
+        if set(site_nodes) != set(book.site_names):
+            raise ValueError("participation = 'cyclic' needs the node of every site "
+                             "(fed_llama.server.cyclic.site_nodes)")
+        self.site_nodes = site_nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        real = self.book.begin(server_round, arrays)
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        site = turn(real, self.book.site_names)
+        mine = [m for m in messages if m.metadata.dst_node_id == self.site_nodes[site]]
+        if not mine:
+            log.warning("round %d: the node of site %r is not connected; no site trains "
+                        "this round", real, site)
+        self.book.sent = [m.metadata.dst_node_id for m in mine]
+        return mine

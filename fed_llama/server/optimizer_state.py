@@ -5,7 +5,8 @@ second moments (``m_t``, ``v_t``) inside the strategy object; none of it is in t
 adapter. The aggregator writes them beside each round's checkpoint and ``--resume`` puts them
 back, so a resumed run takes the same steps as one that was never interrupted (FedAdam and
 FedYogi also see the same round number in their bias correction: see
-:func:`fed_llama.server.strategy.build_strategy`).
+:class:`fed_llama.server.strategy.RunRound`). Each function takes the strategy as
+:func:`~fed_llama.server.strategy.build_strategy` makes it, wrappers and all.
 
 Tensors are keyed ``<slot>/<adapter tensor name>``: FedAvgM pairs its momentum with the
 adapter's arrays by position, so they are stored by name and put back in the order the
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fed_llama.server.wrapper import innermost
+
 MOMENTUM = "momentum_vector"
 """FedAvgM's momentum: a list in the order of the arrays sent."""
 MOMENTS = ("m_t", "v_t")
@@ -26,6 +29,7 @@ MOMENTS = ("m_t", "v_t")
 
 def uses_server_state(strategy: Any) -> bool:
     """Whether ``strategy`` keeps state between rounds that the adapter does not hold."""
+    strategy = innermost(strategy)
     if getattr(strategy, "server_momentum", 0.0) > 0.0:  # FedAvgM with momentum
         return True
     return all(hasattr(strategy, slot) for slot in MOMENTS)
@@ -33,6 +37,7 @@ def uses_server_state(strategy: Any) -> bool:
 
 def export_state(strategy: Any) -> dict[str, np.ndarray]:
     """The strategy's server-optimizer state after a round (empty when it keeps none)."""
+    strategy = innermost(strategy)
     out: dict[str, np.ndarray] = {}
     momentum = getattr(strategy, MOMENTUM, None)
     if momentum is not None:
@@ -52,6 +57,7 @@ def export_state(strategy: Any) -> dict[str, np.ndarray]:
 def restore_state(strategy: Any, saved: dict[str, np.ndarray], order: list[str]) -> None:
     """Put ``saved`` (from :func:`export_state`) back into a freshly built ``strategy``;
     ``order``: the adapter's tensor names in the order the aggregator sends them."""
+    strategy = innermost(strategy)
     slots: dict[str, dict[str, np.ndarray]] = {}
     for key, value in saved.items():
         slot, _, name = key.partition("/")

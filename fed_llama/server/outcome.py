@@ -108,13 +108,14 @@ class RoundOutcome:
         raise RoundFailed(message, full)
 
 
-def split_replies(replies: Iterable[Message], sent: list[int], real_round: int
-                  ) -> tuple[list[Message], RoundOutcome]:
+def split_replies(replies: Iterable[Message], sent: list[int], real_round: int,
+                  refused: Iterable[int] = ()) -> tuple[list[Message], RoundOutcome]:
     """The replies without errors, and the round's outcome so far (each failure logged with
-    the site's reason)."""
+    the site's reason); ``refused``: nodes whose replies came and were refused on the way
+    (not missing)."""
     outcome = RoundOutcome(real_round, list(sent))
     good: list[Message] = []
-    seen: set[int] = set()
+    seen: set[int] = set(refused)
     for reply in replies:
         node = reply.metadata.src_node_id
         seen.add(node)

@@ -28,10 +28,9 @@ from fed_llama import wire
 from fed_llama.adapter.state import State, state_bytes
 from fed_llama.common.legacy_arrays import from_arrays, to_arrays
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.server.strategy import RowHook, evaluation_row
+from fed_llama.server.evaluation import RowHook, evaluation_row
 
 log = logging.getLogger(__name__)
-
 
 
 class SecAggFedAvg(LegacyFedAvg):

@@ -3,8 +3,8 @@
 Each round the aggregator sends the sites its run id and, with ``seal_rounds``, a signed seal
 of the global adapter they start from (hash-chained to the previous round's, kept in the run
 folder under ``seals/``). Each update comes back as an envelope; :meth:`ServerGuard.open`
-verifies and decrypts it (the strategy then checks its contents with
-:mod:`fed_llama.server.admission`) or raises
+verifies and decrypts it (:class:`fed_llama.server.envelopes.UpdateEnvelopes` does this for
+each reply; :mod:`fed_llama.server.admission` then checks its contents) or raises
 :class:`~fed_llama.crypto.Refused` with the reason.
 """
 
@@ -75,7 +75,7 @@ class ServerGuard:
     def open(self, data: Any, server_round: int, current: State) -> tuple[str, State,
                                                                            dict[str, float]]:
         """Verify and decrypt one update; return (site, adapter state, metrics). The update's
-        contents are checked by the strategy (:mod:`fed_llama.server.admission`)."""
+        contents are checked by :mod:`fed_llama.server.admission`."""
         from safetensors.torch import load
 
         size = sum(v.numel() * v.element_size() for v in current.values())

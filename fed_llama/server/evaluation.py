@@ -1,0 +1,117 @@
+"""The held-out evaluation of a round: which rounds evaluate, and what the sites' reports make.
+
+Every site evaluates the global adapter on its own held-out split and reports its loss, token
+count and task scores (never data). :func:`evaluation_report` checks one reply;
+:func:`evaluation_row` pools the reports into the round's history row. :class:`EvaluateEvery`
+wraps a strategy so that only every ``federation.evaluate_every``-th round (and the last) sends
+evaluation messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fed_llama import wire
+from fed_llama.crypto.refusal import Refused
+from fed_llama.server.round_book import RoundBook
+from fed_llama.server.wrapper import StrategyWrapper
+
+RowHook = Callable[[int, dict[str, float]], None]
+"""Called with a round (the run's numbering) and its history row."""
+
+
+def scalars(record: Any) -> dict[str, float]:
+    """The numeric entries of a MetricRecord."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+class EvaluateEvery(StrategyWrapper):
+    """Held-out evaluation every ``every`` rounds and after round ``rounds`` (the run's last);
+    a round without it still ends with its row (``skipped(round, {})``)."""
+
+    def __init__(self, strategy: Strategy, book: RoundBook, *, every: int, rounds: int,
+                 skipped: RowHook) -> None:
+        super().__init__(strategy, book)
+        self.every, self.rounds, self.skipped = every, rounds, skipped
+
+    def evaluates(self, real_round: int) -> bool:
+        """Whether round ``real_round`` ends with a held-out evaluation."""
+        return real_round % self.every == 0 or real_round >= self.rounds
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if not self.evaluates(self.book.real(server_round)):
+            return []  # no messages: Flower goes on to the checkpoint at once
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        real = self.book.real(server_round)
+        if not self.evaluates(real):  # the round's row, with its training metrics only
+            self.skipped(real, {})
+            return None
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def evaluation_report(reply: Message, sites: int, seen: list[dict[str, float]]
+                      ) -> dict[str, float]:
+    """One evaluation reply's numbers, checked (a site index of the scenario, not seen
+    before; finite loss, positive token count, finite scores), or :class:`Refused`."""
+    try:
+        met = scalars(reply.content.metric_records[wire.METRICS])
+    except Exception as exc:  # no MetricRecord, or one that cannot be read
+        raise Refused("malformed", f"no evaluation metrics ({type(exc).__name__})") from None
+    index = met.get(wire.SITE, -1.0)
+    if not (math.isfinite(index) and index == int(index) and 0 <= index < sites):
+        raise Refused("unknown-site", f"site index {index:.4g} names no site of the scenario")
+    if any(m[wire.SITE] == index for m in seen):
+        raise Refused("replayed", f"site index {int(index)} already reported this round")
+    loss, tokens = met.get("heldout-loss", math.nan), met.get("heldout-tokens", math.nan)
+    if not (math.isfinite(loss) and loss >= 0 and math.isfinite(tokens) and 0 < tokens <= 1e12
+            and all(math.isfinite(v) for v in met.values())):
+        raise Refused("malformed", "the held-out loss, token count or a score is missing, "
+                      "negative or not finite")
+    return met
+
+
+def evaluation_row(site_metrics: list[dict[str, float]], site_names: list[str]
+                   ) -> dict[str, float]:
+    """A round's evaluation row from what each site reported (``site``, ``heldout-loss``,
+    ``heldout-tokens``, ``task/...``): per-site and token-pooled perplexity, task scores."""
+    row: dict[str, float] = {"sites-evaluated": float(len(site_metrics))}
+    nll = tokens = 0.0
+    for met in site_metrics:
+        name = site_names[int(met[wire.SITE])]
+        loss, n = met["heldout-loss"], met["heldout-tokens"]
+        for key, value in met.items():
+            if key.startswith("task/"):  # task/<task>/<metric>: this site's scores
+                row[f"{name}/{key[5:]}"] = value
+        row[f"{name}/loss"] = loss
+        row[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
+        nll += loss * n
+        tokens += n
+    row["pooled-loss"] = nll / tokens
+    row["pooled-perplexity"] = math.exp(min(row["pooled-loss"], 50.0))
+    row.update(pool_task_scores(site_metrics))
+    return row
+
+
+def pool_task_scores(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """``pooled/<task>/<metric>``: each site's mean score weighted by its question count."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for met in metrics:
+        for key, value in met.items():
+            parts = key.split("/")
+            if parts[0] != "task" or len(parts) != 3 or parts[2] == "n":
+                continue
+            n = met.get(f"task/{parts[1]}/n", 0.0)
+            sums[key] = sums.get(key, 0.0) + value * n
+            counts[key] = counts.get(key, 0.0) + n
+    return {f"pooled/{k[5:]}": sums[k] / counts[k] for k in sums if counts[k]}

@@ -1,0 +1,144 @@
+"""The aggregator's concerns are wrappers around any strategy: around Flower's own FedAvg,
+admission refuses a bad update with its reason and the envelopes a site's mod sends are
+opened, and FedAvg's example-weighted mean of the rest comes out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FakeGrid
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fed_llama import wire
+from fed_llama.client.security import envelope_mod
+from fed_llama.config.loader import build_config
+from fed_llama.config.scenario import ScenarioConfig
+from fed_llama.crypto.keyring import KeyFolder
+from fed_llama.server.admission import Admission
+from fed_llama.server.envelopes import UpdateEnvelopes
+from fed_llama.server.round_book import RoundBook
+from fed_llama.server.security import ServerGuard
+from fed_llama.server.strategy import build_strategy
+from fed_llama.server.wrapper import innermost
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+NAMES = ["cardiology", "oncology", "psychiatry"]
+A = "base_model.model.layers.0.q_proj.lora_A.weight"
+B = "base_model.model.layers.0.q_proj.lora_B.weight"
+G = torch.Generator().manual_seed(7)
+CURRENT = {A: torch.randn(2, 5, generator=G), B: torch.zeros(6, 2)}
+SITES = [{k: v + 0.01 * torch.randn(v.shape, generator=G) for k, v in CURRENT.items()}
+         for _ in NAMES]
+EXAMPLES = [10, 30, 60]
+
+
+def _scenario(keys: Path | None = None) -> ScenarioConfig:
+    security = {"envelopes": keys is not None, "seal_rounds": keys is not None}
+    if keys is not None:
+        security["keys"] = str(keys)  # type: ignore[assignment]
+    return build_config(ScenarioConfig, {
+        "federation": {"sites": [f"icd10:{n}" for n in NAMES]}, "security": security},
+        source="test")
+
+
+def _plain_reply(msg: Message, site: int, state: dict[str, torch.Tensor]) -> Message:
+    return Message(RecordDict({wire.ARRAYS: ArrayRecord(state), wire.METRICS: MetricRecord(
+        {wire.NUM_EXAMPLES: EXAMPLES[site], wire.SITE: float(site), "train-loss": 1.0})}),
+        reply_to=msg)
+
+
+def _mean(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    total = sum(weights)
+    return {k: sum(w / total * s[k] for w, s in zip(weights, states, strict=True))
+            for k in CURRENT}  # type: ignore[misc]
+
+
+def test_admission_around_flowers_fedavg_refuses_a_bad_update_and_averages_the_rest() -> None:
+    book = RoundBook(NAMES)
+    strategy = Admission(FedAvg(), book, _scenario())
+    sent = list(strategy.configure_train(1, ArrayRecord(CURRENT), ConfigRecord(),
+                                         FakeGrid(3)))  # type: ignore[arg-type]
+    poisoned = {A: SITES[2][A].clone(), B: SITES[2][B].clone()}
+    poisoned[B][0, 0] = float("nan")
+    replies = [_plain_reply(sent[0], 0, SITES[0]), _plain_reply(sent[1], 1, SITES[1]),
+               _plain_reply(sent[2], 2, poisoned)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    expected = _mean(SITES[:2], EXAMPLES[:2])  # 10 and 30 examples: weights 1/4 and 3/4
+    for key, value in arrays.to_torch_state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+    assert book.refused == {sent[2].metadata.dst_node_id: "non-finite"}
+    assert book.refusal_counts() == {"sites-refused": 1.0, "refused/non-finite": 1.0}
+
+
+def test_the_envelope_mod_and_its_wrapper_carry_updates_around_flowers_fedavg(
+        tmp_path: Path) -> None:
+    scenario = _scenario(tmp_path / "keys")
+    KeyFolder(tmp_path / "keys").ensure_simulation(NAMES, scenario.security.kem)
+    guard = ServerGuard.load(scenario.security, KeyFolder(tmp_path / "keys"), "run-wrappers",
+                             tmp_path / "seals")
+    book = RoundBook(NAMES)
+    strategy = UpdateEnvelopes(Admission(FedAvg(), book, scenario), book, guard)
+    sent = list(strategy.configure_train(1, ArrayRecord(CURRENT), ConfigRecord(),
+                                         FakeGrid(3)))  # type: ignore[arg-type]
+    assert all(m.content.config_records[wire.CONFIG][wire.RUN_ID] == "run-wrappers"
+               for m in sent)
+    mod = envelope_mod(scenario)
+    replies = []
+    for site, msg in enumerate(sent):
+        context = Context(run_id=1, node_id=msg.metadata.dst_node_id,
+                          node_config={"partition-id": site}, state=RecordDict(),
+                          run_config={})
+        trained: list[dict[str, torch.Tensor]] = []
+
+        def train(m: Message, _: Context, site: int = site,
+                  trained: list[dict[str, torch.Tensor]] = trained) -> Message:
+            trained.append(m.content.array_records[wire.ARRAYS].to_torch_state_dict())
+            return _plain_reply(m, site, SITES[site])
+
+        reply = mod(msg, context, train)
+        # the site trained on the sealed global adapter; only an envelope goes back
+        assert all(torch.equal(trained[0][k], CURRENT[k]) for k in CURRENT)
+        assert wire.ARRAYS not in reply.content.array_records
+        assert isinstance(reply.content.config_records[wire.ENVELOPE][wire.ENVELOPE_BYTES],
+                          bytes)
+        replies.append(reply)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    expected = _mean(SITES, EXAMPLES)
+    for key, value in arrays.to_torch_state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+    assert book.refused == {}
+    assert set(book.bytes_up) == {m.metadata.dst_node_id for m in sent}
+
+
+def test_the_envelope_mod_refuses_to_train_on_an_unsealed_adapter(tmp_path: Path) -> None:
+    scenario = _scenario(tmp_path / "keys")
+    KeyFolder(tmp_path / "keys").ensure_simulation(NAMES, scenario.security.kem)
+    flower = FedAvg(min_train_nodes=1, min_available_nodes=1)
+    msg = next(iter(flower.configure_train(1, ArrayRecord(CURRENT), ConfigRecord(
+        {wire.RUN_ID: "run-unsealed"}), FakeGrid(1))))  # type: ignore[arg-type]
+    context = Context(run_id=1, node_id=11, node_config={"partition-id": 0},
+                      state=RecordDict(), run_config={})
+    called = []
+    with pytest.raises(Exception, match="sent no round seal"):
+        envelope_mod(scenario)(msg, context, lambda m, c: called.append(m) or m)
+    assert called == []  # nothing trained
+
+
+def test_build_strategy_stacks_the_scenarios_wrappers_around_a_plain_strategy_class() -> None:
+    scenario = build_config(ScenarioConfig, {"federation": {
+        "sites": [f"icd10:{n}" for n in NAMES], "strategy": "fedyogi"}}, source="test")
+    strategy = build_strategy(scenario, NAMES, round_offset=0, on_train=lambda *_: None,
+                              on_evaluate=lambda *_: None)
+    chain = []
+    while strategy is not innermost(strategy):
+        chain.append(type(strategy).__name__)
+        strategy = strategy.strategy  # type: ignore[attr-defined]
+    assert chain == ["EvaluateEvery", "Admission"]
+    assert type(strategy).__name__ == "AdapterFedYogi"
+    assert type(strategy).__mro__[1].__name__ == "RunRound"
