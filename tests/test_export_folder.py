@@ -165,6 +165,22 @@ def test_a_copy_of_the_listed_files_runs_without_torch_and_with_plain_genai(
     assert len(generator.get_sequence(0)) == 4
 
 
+@pytest.mark.parametrize(("left_out", "named"), [
+    (("tokenizer.json",), "lacks tokenizer.json: copy it from the export folder"),
+    (("chat_template.jinja",), "has no chat template: copy chat_template.jinja"),
+])
+def test_a_partial_copy_names_the_file_to_copy(int8_export: Path, tmp_path: Path,
+                                               left_out: tuple[str, ...], named: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    device = tmp_path / "device"
+    shutil.copytree(int8_export, device)
+    for name in left_out:
+        (device / name).unlink()
+    assert main(["generate", "--onnx", str(device), "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_export_adapter_adds_the_new_adapter_to_the_readme(
         switch_export: Path, tiny_backbone: Path, tmp_path: Path) -> None:
     from fed_llama.export.switchable import add_adapter

@@ -19,10 +19,10 @@ from typing import Any
 
 from fed_llama.common.files import file_sha256, umask_mode, write_text_atomic
 from fed_llama.export.host import host_label
+from fed_llama.export.runtime import README
 
 log = logging.getLogger(__name__)
 
-README = "README.md"
 MANIFEST = "export_manifest.json"
 #: The oldest onnxruntime this project supports (the export extra's floor: the LoRA adapter
 #: API of runtime-switchable adapters); graphs with the operators below need more.
