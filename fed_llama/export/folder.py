@@ -24,8 +24,9 @@ from fed_llama.export.runtime import README
 log = logging.getLogger(__name__)
 
 MANIFEST = "export_manifest.json"
-#: The oldest onnxruntime this project supports (the export extra's floor: the LoRA adapter
-#: API of runtime-switchable adapters); graphs with the operators below need more.
+#: The oldest onnxruntime fed-llama's runtime can use (the LoRA adapter API of switchable
+#: adapters): enough for the plain route's graph; graphs with the operators below need more
+#: (the export extra asks for 1.23, as the builder's graphs do).
 ONNXRUNTIME_FLOOR = "1.20.0"
 #: Operators (com.microsoft) -> (oldest onnxruntime that runs them as built here, why).
 #: Measured on this project's exports: onnxruntime 1.22.1 refuses both graphs, 1.23.0 runs
