@@ -29,15 +29,15 @@ MANIFEST = "export_manifest.json"
 #: (the export extra asks for 1.23, as the builder's graphs do).
 ONNXRUNTIME_FLOOR = "1.20.0"
 #: Operators (com.microsoft) -> (oldest onnxruntime that runs them as built here, why).
-#: Measured on this project's exports: onnxruntime 1.22.1 refuses both graphs, 1.23.0 runs
-#: them.
+#: Measured on this project's fp32, int8 and GPTQ int4 exports: onnxruntime 1.22.1 refuses them,
+#: 1.23.0 runs them.
 OPERATOR_NEEDS: dict[str, tuple[str, str]] = {
     "GroupQueryAttention": ("1.23.0", "the onnxruntime-genai builder's fused attention takes "
                                       "inputs that onnxruntime 1.22 rejects"),
-    "GatherBlockQuantized": ("1.23.0", "the int8 embedding lookup reads the LM head's 8-bit "
-                                       "codes with zero points, which this operator accepts "
-                                       "since onnxruntime 1.23 (microsoft/onnxruntime#25214; "
-                                       "4-bit only before)"),
+    "GatherBlockQuantized": ("1.23.0", "the embedding lookup reads the LM head's quantized "
+                                       "codes as uint8 with a bits attribute and zero points, "
+                                       "which this operator accepts since onnxruntime 1.23 "
+                                       "(microsoft/onnxruntime#25214)"),
 }
 #: What each file is for, by name (``adapters/*`` are optional runtime adapters).
 ROLES = {
@@ -64,10 +64,14 @@ def runtime_requirements(onnx_file: Path) -> dict[str, Any]:
     import onnxruntime
 
     graph = onnx.load(str(onnx_file), load_external_data=False).graph
-    ops = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    contrib = [n for n in graph.node if n.domain == "com.microsoft"]
+    ops = sorted({n.op_type for n in contrib})
+    # GatherBlockQuantized without the bits attribute (int4 data types) is older
+    needing = {n.op_type for n in contrib if n.op_type != "GatherBlockQuantized"
+               or any(a.name == "bits" for a in n.attribute)}
     minimum, reasons = ONNXRUNTIME_FLOOR, []
     for op in ops:
-        if op in OPERATOR_NEEDS:
+        if op in OPERATOR_NEEDS and op in needing:
             version, why = OPERATOR_NEEDS[op]
             reasons.append(f"{op}: {why}")
             minimum = max(minimum, version, key=_version_key)
