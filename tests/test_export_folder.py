@@ -132,6 +132,17 @@ def test_the_readme_lists_the_files_to_ship_and_the_runtime_that_runs_them(
     assert "--lora site-1" in other
 
 
+def test_the_readme_offers_plain_genai_only_when_it_ran_the_folder(int8_export: Path) -> None:
+    from fed_llama.export.folder import device_readme
+
+    manifest = json.loads((int8_export / EXPORT_MANIFEST).read_text())
+    manifest["runtime"]["onnxruntime-genai"] = {"version": "0.18.0", "loads": False,
+                                                "error": "unsupported model type"}
+    readme = device_readme(int8_export, manifest)
+    assert "Not with plain onnxruntime-genai" in readme and "unsupported model type" in readme
+    assert "og.Model('.')" not in readme and "fed-llama generate --onnx ." in readme
+
+
 def test_a_copy_of_the_listed_files_runs_without_torch_and_with_plain_genai(
         int8_export: Path, tmp_path: Path) -> None:
     device = tmp_path / "device"
