@@ -144,6 +144,9 @@ def _print_stream(pieces: Iterable[str]) -> int:
 
 def _generate_onnx(args: argparse.Namespace) -> int:
     """The edge path: onnxruntime, tokenizers and numpy; torch is never imported."""
+    from fed_llama.export.build import EDGE_RUNTIME, require
+
+    require(EDGE_RUNTIME, "fed-llama generate --onnx")
     from fed_llama.export.runtime import OnnxCausalLM
 
     if args.lora and not args.onnx:
@@ -163,26 +166,25 @@ def _generate_onnx(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fed_llama.config.export import ExportConfig
-    from fed_llama.export.pipeline import export_adapter
+    from fed_llama.export.build import check_export_dependencies
 
     overrides = list(args.set) + ([f"quant='{args.quant}'"] if args.quant else [])
     cfg = _config(ExportConfig, args.profile, overrides)
+    check_export_dependencies()  # before importing torch (a missing one: a line, no traceback)
+    from fed_llama.export.folder import summary_line
+    from fed_llama.export.pipeline import export_adapter
 
     out = Path(args.out)
     manifest = export_adapter(Path(args.adapter), out, cfg, backbone=args.backbone,
                               force=args.force)
-    ver = manifest["verification"]
-    pooled, speed = ver["pooled"], ver["speed-onnx"]
-    print(f"{cfg.quant} export in {out}: {manifest['size_mb']['model']:.0f} MB "
-          f"(PyTorch fp32 {manifest['size_mb']['pytorch_fp32']:.0f} MB); held-out perplexity "
-          f"PyTorch {pooled['perplexity-pytorch']:.3f} -> ONNX {pooled['perplexity-onnx']:.3f}; "
-          f"top-1 agreement {pooled['top1-agreement']:.3f}; prefill "
-          f"{speed['prefill-ms']:.0f} ms, decode {speed['decode-tokens-per-s']:.1f} tokens/s "
-          f"(PyTorch {ver['speed-pytorch']['decode-tokens-per-s']:.1f})")
+    print(summary_line(manifest, out))
     return 0
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:
+    from fed_llama.export.build import ADAPTER_FILES, require
+
+    require(ADAPTER_FILES, "fed-llama export-adapter")
     from fed_llama.export.switchable import add_adapter
 
     out = add_adapter(Path(args.adapter), Path(args.onnx), args.name)

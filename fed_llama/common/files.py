@@ -32,6 +32,22 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def umask_mode() -> int:
+    """The mode a new file gets from ``open()`` in this process: ``0o666`` less the umask
+    (``0o644`` under the usual umask 022), for files that others may read, as ``cp`` or an
+    editor would create them."""
+    status = Path("/proc/self/status")
+    try:  # Linux reports it; reading it does not change it for other threads
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()

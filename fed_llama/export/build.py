@@ -17,11 +17,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from fed_llama.common.files import umask_mode
 from fed_llama.config.export import ExportConfig
 from fed_llama.errors import FedLlamaError
 
@@ -36,9 +39,41 @@ class ExportError(FedLlamaError):
     """An export could not be built or failed its verification."""
 
 
+#: What ``fed-llama export`` imports besides the export extra (fed-llama's own dependencies).
+NEEDED_TO_MERGE = {"torch": "torch", "transformers": "transformers", "peft": "peft",
+                   "safetensors": "safetensors", "numpy": "numpy"}
+#: What the torch-free edge paths import: ``generate --onnx`` and ``export-adapter``.
+EDGE_RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "tokenizers": "tokenizers",
+                "jinja2": "jinja2"}
+ADAPTER_FILES = {"numpy": "numpy", "safetensors": "safetensors", "onnxruntime": "onnxruntime"}
+
+
+def missing_packages(modules: dict[str, str]) -> list[str]:
+    """The pip names of ``modules`` (import name -> pip name) that cannot be imported here."""
+    missing = []
+    for module, package in modules.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a blocked or half-removed package
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def require(modules: dict[str, str], command: str) -> None:
+    """Refuse in one line, naming the missing packages and how to install them, before a
+    command imports them (and would fail with a traceback)."""
+    missing = missing_packages(modules)
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ExportError(f"{command} needs {', '.join(missing)}, which {verb} not installed "
+                          f"here: pip install {' '.join(missing)}")
+
+
 def check_export_dependencies() -> None:
     """Refuse early, naming the packages to install, when the export extra is missing."""
-    missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
+    missing = missing_packages({**NEEDED_TO_MERGE, **NEEDED})
     if missing:
         raise ExportError(f"edge export needs {', '.join(missing)}: "
                           "pip install 'fed-llama[export]'")
@@ -76,13 +111,25 @@ def builder_options(cfg: ExportConfig, adapter: Path | None = None) -> list[str]
 
 def save_graph(model: Any, onnx_file: Path) -> None:
     """Write ``model`` (an ``onnx.ModelProto`` with its weights loaded) over ``onnx_file``, the
-    weights in ``<onnx_file>.data`` as the builder writes them."""
+    weights in ``<onnx_file>.data`` as the builder writes them.
+
+    Both files are written into a temporary folder beside it and renamed into place (weights
+    first, as the graph names them), with the mode the umask gives (onnx writes external
+    data 0600, which would keep the weights from another user on the device)."""
     import onnx
 
-    data = onnx_file.with_name(onnx_file.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
-    onnx.save_model(model, str(onnx_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=data.name)
+    data = onnx_file.name + ".data"
+    tmp = Path(tempfile.mkdtemp(dir=onnx_file.parent, prefix=f".{onnx_file.name}.",
+                                suffix=".tmp"))
+    try:
+        onnx.save_model(model, str(tmp / onnx_file.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data)
+        mode = umask_mode()
+        for name in (data, onnx_file.name):
+            os.chmod(tmp / name, mode)
+            os.replace(tmp / name, onnx_file.parent / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_onnx(hf_dir: Path, out: Path, cfg: ExportConfig, cache: Path,
@@ -98,7 +145,8 @@ def build_onnx(hf_dir: Path, out: Path, cfg: ExportConfig, cache: Path,
            "--extra_options", *builder_options(cfg, adapter)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONWARNINGS="ignore")
-    log.info("building the %s ONNX graph (onnxruntime-genai builder)", cfg.quant)
+    log.info("building the %s ONNX graph (onnxruntime-genai builder, in a child process%s)",
+             cfg.quant, "; int4 takes minutes on a small CPU" if cfg.quant == "int4" else "")
     log.debug("builder: %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     onnx_file = out / "model.onnx"

@@ -18,6 +18,7 @@ LM head and projections kept in 8-bit (``mixed_precision``) are left as the buil
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,11 +229,18 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
     four_bit = {f"{i}/{group}": nodes[name]
                 for i in range(len(model.model.layers)) for group in GROUPS
                 if (name := f"/model/layers.{i}/{group}/MatMul_Q4") in nodes}
+    log.info("GPTQ: recording the inputs of %d projections on %d calibration records",
+             len(four_bit), len(sequences))
     hessians = collect_hessians(model, sequences, set(four_bit),
                                 lambda s: tqdm(s, desc="GPTQ calibration", unit="record",
-                                               leave=False))
+                                               leave=False, disable=None))
+    keys = sorted(hessians, key=lambda k: (int(k.split("/")[0]), k))  # layer by layer
+    per_layer = Counter(int(k.split("/")[0]) for k in keys)
+    log.info("GPTQ: quantizing %d matrices in %d layers", len(keys), len(per_layer))
+    # a bar on a terminal; a log line per layer where there is none (a log file, a pipe)
+    bar = tqdm(keys, desc="GPTQ", unit="matrix", leave=False, disable=None)
     before, after, changed = [], [], 0
-    for key in tqdm(sorted(hessians), desc="GPTQ", unit="matrix", leave=False):
+    for key in bar:
         layer, group = key.split("/", 1)
         node = four_bit[key]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -257,6 +265,12 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
             inits[name].CopyFrom(numpy_helper.from_array(
                 array.reshape(tuple(inits[name].dims)), name))
         changed += 1
+        per_layer[int(layer)] -= 1
+        if not per_layer[int(layer)]:
+            bar.set_postfix_str(f"layer {layer} done")
+            log.log(logging.INFO if bar.disable else logging.DEBUG,
+                    "GPTQ: layer %s done (%d of %d matrices)", layer, changed, len(keys))
+    bar.close()
     save_graph(graph, onnx_file)
     report = {"algorithm": "gptq", "matrices": changed, "damp": damp,
               "calibration_records": len(sequences),

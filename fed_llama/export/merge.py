@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fed_llama.adapter.methods.own_format import read_config
+from fed_llama.adapter.methods.own_format import OwnAdapterConfig, parse_config
 from fed_llama.adapter.store import load_adapter, read_manifest
 from fed_llama.backbone.load import Backbone
 from fed_llama.common.bounded_json import BadJson, loads
@@ -56,47 +56,66 @@ def load_base(adapter: Path | None, backbone: str | None = None) -> MergedModel:
                        adapter_manifest=manifest)
 
 
-def adapter_method(adapter: Path) -> str:
-    """The method an adapter folder was trained with (see :mod:`fed_llama.adapter.methods`)."""
-    saved = read_config(adapter)
-    if saved is not None:
-        return saved.method
-    config = adapter / "adapter_config.json"
+@dataclass(frozen=True)
+class AdapterSettings:
+    """An adapter folder's ``adapter_config.json``, read once and passed on."""
+
+    method: str
+    """The method it was trained with (see :mod:`fed_llama.adapter.methods`)."""
+    saved: OwnAdapterConfig | None
+    """A fed-llama method's saved settings; None for a peft adapter."""
+
+    @property
+    def prompts(self) -> bool:
+        return self.saved is not None and bool(self.saved.config.get("prompts"))
+
+
+def read_settings(adapter: Path) -> AdapterSettings:
+    """Read ``adapter/adapter_config.json``: the method and, for ours, the saved settings."""
+    path = adapter / "adapter_config.json"
     try:
-        peft_type = loads(config.read_bytes()).get("peft_type")
-    except (OSError, BadJson, AttributeError):
-        return "lora"  # read_manifest / peft give the precise error
-    return "llama-adapter" if peft_type == "ADAPTION_PROMPT" else "lora"
+        data = loads(path.read_bytes(), max_bytes=1 << 20)
+    except (OSError, BadJson) as exc:
+        raise AdapterError(f"{path} cannot be read ({exc}): copy the adapter again") from None
+    saved = parse_config(data, path)
+    if saved is not None:
+        return AdapterSettings(saved.method, saved)
+    peft_type = data.get("peft_type") if isinstance(data, dict) else None
+    return AdapterSettings("llama-adapter" if peft_type == "ADAPTION_PROMPT" else "lora", None)
 
 
-def check_foldable(adapter: Path, *, runtime_adapters: bool = False) -> None:
-    """Refuse, before any work, an adapter this exporter cannot fold into its backbone.
+def check_foldable(adapter: Path, *, runtime_adapters: bool = False,
+                   settings: AdapterSettings | None = None) -> AdapterSettings:
+    """Refuse, before any work, an adapter this exporter cannot fold into its backbone;
+    return its settings (read here unless given) for :func:`fold_adapter`.
 
     LoRA merges (``W + scale·B·A``); LLaMA-Adapter V2 without prompts folds its biases,
     scales and norms (``W' = diag(s)·W``, ``b' = s ⊙ (b₀ + b)``). Prompts (V1, V2) and the
     Excitor's key branch need extra branches in the graph, which this exporter does not build
     yet; runtime-switchable adapters are LoRA's alone.
     """
-    method = adapter_method(adapter)
+    settings = settings if settings is not None else read_settings(adapter)
+    method = settings.method
     if method == "lora":
-        return
-    saved = read_config(adapter)
-    prompts = saved is not None and bool(saved.config.get("prompts"))
+        return settings
     if runtime_adapters:
         raise ConfigError(f"adapter {str(adapter)!r} is a {method} adapter: runtime_adapters "
                           "switches LoRA adapters only; set runtime_adapters = false")
-    if method != "llama-adapter-v2" or prompts:
+    if method != "llama-adapter-v2" or settings.prompts:
         what = "gated adaption prompts" if method != "excitor" else "an extra-key branch"
         raise ConfigError(f"adapter {str(adapter)!r} ({method}) has {what}, which do not fold "
                           "into the backbone, and this exporter does not yet build them into "
                           "the graph: export a LoRA adapter or a LLaMA-Adapter V2 adapter "
                           "trained with prompts = false")
+    return settings
 
 
-def fold_adapter(base: MergedModel, adapter: Path) -> MergedModel:
-    """Fold ``adapter`` into ``base``'s weights (in place): no adapter layers are left."""
-    check_foldable(adapter)
-    if adapter_method(adapter) == "llama-adapter-v2":
+def fold_adapter(base: MergedModel, adapter: Path,
+                 settings: AdapterSettings | None = None) -> MergedModel:
+    """Fold ``adapter`` into ``base``'s weights (in place): no adapter layers are left.
+    ``settings``: what :func:`check_foldable` returned (its config is not read again)."""
+    settings = check_foldable(adapter, settings=settings)
+    if settings.method == "llama-adapter-v2":
         from fed_llama.adapter.methods.llama_adapter_v2.model import fold
         from fed_llama.adapter.methods.own_format import load_into, saved_settings
 
@@ -104,22 +123,24 @@ def fold_adapter(base: MergedModel, adapter: Path) -> MergedModel:
         if trained_on and trained_on != base.backbone.source.sha256:
             raise AdapterError(f"adapter {str(adapter)!r} was trained on another backbone "
                                f"(sha256 {trained_on[:12]}...): export it with that backbone")
-        _, cfg = saved_settings(adapter)
-        base.model = fold(load_into(base.model, adapter), cfg).eval()
+        spec, cfg = saved_settings(adapter, settings.saved)
+        base.model = fold(load_into(base.model, adapter, settings=(spec, cfg)), cfg).eval()
         return base
     model = load_adapter(base.model, adapter, backbone_sha256=base.backbone.source.sha256)
     base.model = model.merge_and_unload().eval()
     return base
 
 
-def merge_adapter(adapter: Path | None, backbone: str | None = None) -> MergedModel:
-    """Load ``backbone`` (default: the adapter's own) and fold ``adapter`` into it.
+def merge_adapter(adapter: Path | None, backbone: str | None = None,
+                  settings: AdapterSettings | None = None) -> MergedModel:
+    """Load ``backbone`` (default: the adapter's own) and fold ``adapter`` into it
+    (``settings``: as :func:`fold_adapter`).
 
     ``adapter`` None exports the backbone alone. The result has no LoRA layers left, so it
     cannot be merged twice.
     """
     base = load_base(adapter, backbone)
-    return fold_adapter(base, adapter) if adapter is not None else base
+    return fold_adapter(base, adapter, settings) if adapter is not None else base
 
 
 def save_merged(merged: MergedModel, out: Path) -> Path:

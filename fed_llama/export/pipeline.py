@@ -4,14 +4,14 @@ Everything is built in a temporary folder beside ``--out`` and renamed into plac
 verification passed, so a failure or an interruption never leaves a half-written export and
 never touches an existing one. The folder holds the ONNX model (``model.onnx`` +
 ``model.onnx.data``), the tokenizer and chat template, onnxruntime-genai's
-``genai_config.json``, and ``export_manifest.json`` (source adapter and its hashes, backbone,
-what the adapter was merged into, quantization, sizes, verification figures).
+``genai_config.json``, ``export_manifest.json`` (source adapter and its hashes, backbone,
+what the adapter was merged into, quantization, sizes, verification figures, the runtime it
+needs) and a device ``README.md`` written from it (:mod:`fed_llama.export.folder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import tempfile
@@ -29,6 +29,13 @@ from fed_llama.data.tokenize import encode_all
 from fed_llama.errors import ConfigError
 from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
 from fed_llama.export.embedding import share_tied_embedding
+from fed_llama.export.folder import (
+    MANIFEST,
+    TOKENS_CHECKED,
+    check_genai,
+    runtime_requirements,
+    write_folder_files,
+)
 from fed_llama.export.gptq import calibrate_graph
 from fed_llama.export.merge import (
     MergedModel,
@@ -51,7 +58,7 @@ from fed_llama.export.verify import (
 
 log = logging.getLogger(__name__)
 
-EXPORT_MANIFEST = "export_manifest.json"
+EXPORT_MANIFEST = MANIFEST
 
 
 def check_sources(sources: list[str]) -> None:
@@ -81,8 +88,8 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     check_output_dir(out, force)
     check_export_dependencies()
     manifest_in = read_manifest(adapter) if adapter else {}
-    if adapter is not None:
-        check_foldable(adapter, runtime_adapters=cfg.runtime_adapters)
+    settings = (check_foldable(adapter, runtime_adapters=cfg.runtime_adapters)
+                if adapter is not None else None)
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
     calibration = calibration_set(sources, cfg)  # refuses a source without any, before the work
@@ -96,9 +103,9 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
         if switchable and adapter is not None:
             base = load_base(adapter, backbone)
             hf_dir = save_merged(base, work / "base")
-            merged = fold_adapter(base, adapter)  # the PyTorch reference
+            merged = fold_adapter(base, adapter, settings)  # the PyTorch reference
         else:
-            merged = merge_adapter(adapter, backbone)
+            merged = merge_adapter(adapter, backbone, settings)
             hf_dir = save_merged(merged, work / "merged")
         quantization = build_graph(merged, hf_dir, onnx_dir, cfg, calibration, work / "cache",
                                    adapter=adapter if switchable else None)
@@ -113,7 +120,10 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
         if failures:
             raise ExportError(f"export refused, nothing written to {out}: "
                               + "; ".join(failures))
-        files = sorted(str(p.relative_to(onnx_dir)) for p in onnx_dir.rglob("*") if p.is_file())
+        runtime_needs = runtime_requirements(onnx_dir / "model.onnx")
+        prompt = lm.encode_chat([{"role": "user", "content": "hello"}])
+        runtime_needs["onnxruntime-genai"] = check_genai(
+            onnx_dir, prompt, list(lm.generate_ids(prompt, max_new_tokens=TOKENS_CHECKED)))
         manifest = {
             "format_version": 1,
             "fed_llama_version": __version__,
@@ -125,16 +135,16 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             "merged_into": merged.merged_into,
             "quantization": quantization,
             "runtime_adapters": runtime,
-            "size_mb": {"model": round(sum((onnx_dir / f).stat().st_size for f in files
-                                           if f.startswith("model.onnx")) / 1e6, 2),
+            "runtime": runtime_needs,
+            "size_mb": {"model": round(sum(p.stat().st_size for p in
+                                           onnx_dir.glob("model.onnx*")) / 1e6, 2),
                         "folder": round(folder_size_mb(onnx_dir), 2),
                         "pytorch_fp32": round(sum(p.numel() * 4 for p in
                                                   merged.model.parameters()) / 1e6, 2)},
             "verification": report,
             "export_seconds": round(time.monotonic() - started, 1),
-            "files": {f: file_sha256(onnx_dir / f) for f in files},
         }
-        (onnx_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        write_folder_files(onnx_dir, manifest)
         replace_dir(onnx_dir, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

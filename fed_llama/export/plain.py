@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fed_llama.common.files import umask_mode, write_text_atomic
 from fed_llama.export.build import ExportError
 from fed_llama.export.runtime import io_names
 
@@ -68,8 +69,9 @@ def export_plain(model: Any, hf_dir: Path, out: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out / name)
-    (out / "genai_config.json").write_text(json.dumps(
-        genai_config(config, head_size, kv_heads), indent=2))
+    write_text_atomic(out / "genai_config.json",
+                      json.dumps(genai_config(config, head_size, kv_heads), indent=2),
+                      umask_mode())
     return onnx_file
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
+README = "README.md"
 
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:
@@ -123,6 +124,12 @@ class OnnxCausalLM:
             raise EdgeRuntimeError(f"the edge runtime needs onnxruntime and tokenizers ({exc}): "
                                 "pip install onnxruntime tokenizers") from None
         self.folder = folder
+        missing = [name for name in (MODEL_FILE, GENAI_CONFIG, "tokenizer.json")
+                   if not (folder / name).is_file()]
+        if missing and (folder / MODEL_FILE).is_file():  # a partial copy of an export
+            raise EdgeRuntimeError(f"{str(folder)!r} lacks {', '.join(missing)}: copy "
+                                   f"{'it' if len(missing) == 1 else 'them'} from the export "
+                                   f"folder (its {README} lists the files to ship)")
         self.spec = read_spec(folder)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -133,7 +140,9 @@ class OnnxCausalLM:
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types for bad files
             raise EdgeRuntimeError(f"{folder / MODEL_FILE} cannot be loaded by onnxruntime "
-                                f"({str(exc).splitlines()[0][:200]}): export it again") from None
+                                   f"{ort.__version__} ({str(exc).splitlines()[0][:200]}): "
+                                   f"copy every file its {README} lists, with the onnxruntime "
+                                   "version it names, or export it again") from None
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.template, self.special = _chat_template(folder)
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -310,8 +319,9 @@ def _chat_template(folder: Path) -> tuple[str, dict[str, str]]:
     template = (template_file.read_text() if template_file.is_file()
                 else config.get("chat_template"))
     if not isinstance(template, str) or not template:
-        raise EdgeRuntimeError(f"{str(folder)!r} has no chat template (chat_template.jinja or "
-                            "tokenizer_config.json): export the model again")
+        raise EdgeRuntimeError(f"{str(folder)!r} has no chat template: copy "
+                               "chat_template.jinja (or tokenizer_config.json) from the export "
+                               "folder, or export the model again")
     special = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
     return template, {k: v for k, v in special.items() if v}
 

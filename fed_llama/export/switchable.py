@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fed_llama.common.files import umask_mode, write_bytes_atomic, write_text_atomic
 from fed_llama.errors import AdapterError
 
 ADAPTERS_DIR = "adapters"
@@ -75,9 +76,9 @@ def make_overridable(onnx_file: Path) -> dict[str, list[int]]:
     if not slots:
         raise AdapterError(f"{onnx_file} has no LoRA branches to switch: it was built without "
                            "runtime_adapters")
-    onnx.save_model(model, str(onnx_file))
-    (onnx_file.parent / ADAPTERS_DIR).mkdir(exist_ok=True)
-    (onnx_file.parent / ADAPTERS_DIR / SLOTS_FILE).write_text(json.dumps(slots, indent=1))
+    write_bytes_atomic(onnx_file, model.SerializeToString(), umask_mode())
+    write_text_atomic(onnx_file.parent / ADAPTERS_DIR / SLOTS_FILE, json.dumps(slots, indent=1),
+                      umask_mode())
     return slots
 
 
@@ -144,7 +145,7 @@ def write_onnx_adapter(adapter: Path, export_dir: Path, name: str) -> Path:
     os.close(fd)
     try:
         fmt.export_adapter(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -177,7 +178,8 @@ def add_adapter(adapter: Path, export_dir: Path, name: str | None = None) -> Pat
     """``fed-llama export-adapter``: check ``adapter`` against the export, write its file and
     record it (with its sha256) in the export's manifest."""
     from fed_llama.adapter.store import read_manifest
-    from fed_llama.common.files import file_sha256, write_text_atomic
+    from fed_llama.common.files import file_sha256
+    from fed_llama.export.folder import README, write_readme
 
     manifest_path = export_dir / "export_manifest.json"
     if not manifest_path.is_file():
@@ -194,6 +196,9 @@ def add_adapter(adapter: Path, export_dir: Path, name: str | None = None) -> Pat
     out = write_onnx_adapter(adapter, export_dir, name)
     runtime = export.setdefault("runtime_adapters", {})
     runtime["adapters"] = sorted(set(runtime.get("adapters", [])) | {name})
-    export.setdefault("files", {})[f"{ADAPTERS_DIR}/{out.name}"] = file_sha256(out)
-    write_text_atomic(manifest_path, json.dumps(export, indent=2, default=str))
+    files = export.setdefault("files", {})
+    files[f"{ADAPTERS_DIR}/{out.name}"] = file_sha256(out)
+    write_readme(export_dir, export)  # it lists the new adapter
+    files[README] = file_sha256(export_dir / README)
+    write_text_atomic(manifest_path, json.dumps(export, indent=2, default=str), umask_mode())
     return out

@@ -24,6 +24,7 @@ from fed_llama.data.source import sample
 from fed_llama.data.tokenize import IGNORE, Encoded, encode_all
 from fed_llama.errors import ConfigError
 from fed_llama.evaluation.tasks import choose_questions, evaluate_tasks, score_answers
+from fed_llama.export.host import export_host, host_label
 from fed_llama.export.runtime import ArrayDecoding, Decoding, OnnxCausalLM
 
 log = logging.getLogger(__name__)
@@ -214,10 +215,35 @@ def verify_export(merged: Any, tokenizer: Any, lm: OnnxCausalLM, cfg: ExportConf
                  source, entry["perplexity-pytorch"], entry["perplexity-onnx"],
                  entry["top1-agreement"])
     report["pooled"] = pooled.summary()
+    if v.questions:
+        report["pooled-tasks"] = {kind: pool_tasks([entry[f"tasks-{kind}"] for entry in
+                                                    report["sources"].values()])
+                                  for kind in ("onnx", "pytorch")}
     prompt = speed_prompt(all_items, v.prefill_tokens)
     report["speed-onnx"] = speed_onnx(lm, prompt, v.decode_tokens)
     report["speed-pytorch"] = speed_torch(merged, prompt, v.decode_tokens)
+    # the speeds describe this host at this moment (a busy host halves them), not the model
+    host = export_host()
+    report["speed-host"] = host
+    for kind in ("speed-onnx", "speed-pytorch"):
+        report[kind]["measured-on"] = host_label(host)
     return report
+
+
+def pool_tasks(per_source: list[dict[str, float]]) -> dict[str, float]:
+    """Task scores of several sources (``task/metric`` -> value, with ``task/n`` questions)
+    pooled: each metric averaged over the sources weighted by their questions."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for scores in per_source:
+        for key, value in scores.items():
+            task, metric = key.rsplit("/", 1)
+            if metric == "n":
+                continue
+            n = scores.get(f"{task}/n", 1.0)
+            sums[key] = sums.get(key, 0.0) + n * value
+            counts[key] = counts.get(key, 0.0) + n
+    return {key: sums[key] / counts[key] for key in sorted(sums) if counts[key]}
 
 
 def check_bounds(report: dict[str, Any], cfg: ExportConfig) -> list[str]:

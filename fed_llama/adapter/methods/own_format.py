@@ -47,6 +47,11 @@ def read_config(folder: Path) -> OwnAdapterConfig | None:
         data = loads(path.read_bytes(), max_bytes=1 << 20)
     except (OSError, BadJson) as exc:
         raise AdapterError(f"{path} cannot be read ({exc}): copy the adapter again") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, path: Path) -> OwnAdapterConfig | None:
+    """:func:`read_config` of ``data``, the parsed ``adapter_config.json`` at ``path``."""
     if not isinstance(data, dict) or METHOD_KEY not in data:
         return None
     method, config = data.get(METHOD_KEY), data.get("config")
@@ -56,11 +61,12 @@ def read_config(folder: Path) -> OwnAdapterConfig | None:
     return OwnAdapterConfig(method, config, base if isinstance(base, str) else "")
 
 
-def saved_settings(folder: Path) -> tuple[Any, Any]:
-    """(the method, its settings) an adapter folder of ours was saved with."""
+def saved_settings(folder: Path, saved: OwnAdapterConfig | None = None) -> tuple[Any, Any]:
+    """(the method, its settings) an adapter folder of ours was saved with; ``saved``: its
+    ``adapter_config.json`` already read (:func:`read_config`)."""
     from fed_llama.adapter.methods import method_of
 
-    saved = read_config(folder)
+    saved = saved if saved is not None else read_config(folder)
     if saved is None:
         raise AdapterError(f"{folder} is not a fed-llama method's adapter (no "
                            f"{METHOD_KEY} in adapter_config.json): load peft adapters with peft")
@@ -110,15 +116,17 @@ def save(model: Any, method: str, cfg: Any, out: Path, manifest: dict[str, Any],
     return save_adapter_state(trainable_state(model), config, out, manifest, force=force)
 
 
-def load_into(model: Any, folder: Path, seed: int = 0) -> Any:
+def load_into(model: Any, folder: Path, seed: int = 0,
+              settings: tuple[Any, Any] | None = None) -> Any:
     """Attach the saved method to the frozen ``model`` with the saved settings and load its
-    tensors: the loader of V2 and Excitor adapter folders. Returns the model."""
+    tensors: the loader of V2 and Excitor adapter folders. ``settings``: what
+    :func:`saved_settings` returned for ``folder``, if the caller has it. Returns the model."""
     from safetensors.torch import load_file
 
     from fed_llama.adapter.store import read_manifest
 
     read_manifest(folder)  # the files' hashes
-    spec, cfg = saved_settings(folder)
+    spec, cfg = settings if settings is not None else saved_settings(folder)
     model = spec.attach(model, cfg, seed)
     load_trainable_state(model, dict(load_file(str(folder / "adapter_model.safetensors"))))
     return model
