@@ -7,7 +7,7 @@ section, parsed into the frozen dataclass its package declares (``fed_llama.adap
 =====================  ======================  ========================================
 ``adapter.method``     section                 dataclass
 =====================  ======================  ========================================
-``lora``               ``[lora]``              :class:`LoraSpec`     
+``lora``               ``[lora]``              :class:`LoraSpec`
 ``llama-adapter``      ``[llama_adapter]``     ``LlamaAdapterConfig`` (V1, peft)
 ``llama-adapter-v2``   ``[llama_adapter_v2]``  ``LlamaAdapterV2Config``
 ``excitor``            ``[excitor]``           ``ExcitorConfig``

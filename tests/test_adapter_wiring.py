@@ -1,0 +1,137 @@
+"""Every adapter method through the product: config, `fed-llama train/eval/generate`, a
+federation on Flower's Simulation Engine, its checkpoints, SecAgg+, admission and --resume.
+
+On the tiny random LLaMA of conftest.py (2 layers, GQA). The methods' own maths (init equals
+the backbone, parameter counts, KV cache, folding) is tests/test_adapter_methods.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import qa_records
+
+from fed_llama.adapter.methods import METHODS
+from fed_llama.adapter.store import read_manifest
+from fed_llama.cli.main import main
+from fed_llama.config.adapter import METHOD_NAMES
+from fed_llama.config.loader import build_config
+from fed_llama.config.scenario import ScenarioConfig
+from fed_llama.config.train import TrainConfig
+from fed_llama.errors import ConfigError
+
+OTHERS = ("llama-adapter", "llama-adapter-v2", "excitor")
+
+
+def _refusal(cls: type, data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_config(cls, data, source="test.toml")
+    return str(info.value)
+
+
+def test_the_config_names_every_method() -> None:
+    assert METHOD_NAMES == METHODS
+
+
+@pytest.mark.parametrize("cls", [ScenarioConfig, TrainConfig])
+def test_each_method_reads_its_own_section(cls: type) -> None:
+    v2 = build_config(cls, {"adapter": {"method": "llama-adapter-v2"},
+                            "llama_adapter_v2": {"prompts": False,
+                                                 "target_modules": ["q_proj", "v_proj"]}},
+                      source="t")
+    assert v2.method_config().prompts is False
+    assert v2.method_config().target_modules == ("q_proj", "v_proj")
+    ex = build_config(cls, {"adapter": {"method": "excitor"}, "excitor": {"rank": 4}}, source="t")
+    assert ex.method_config().rank == 4 and ex.method_settings()["rank"] == 4
+    assert build_config(cls, {}, source="t").method_config() == build_config(
+        cls, {}, source="t").lora
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    ({"excitor": {"rank": 4}},
+     "[excitor] configures excitor, but adapter.method = 'lora': remove [excitor], or set "
+     "adapter.method = 'excitor'"),
+    ({"adapter": {"method": "excitor"}, "llama_adapter": {}},
+     "[llama_adapter] configures llama-adapter, but adapter.method = 'excitor'"),
+    ({"adapter": {"method": "llama-adapter"}, "lora": {"r": 4}},
+     "lora.r = 4 is a LoRA setting, but adapter.method = 'llama-adapter': remove it from "
+     "[lora], or set adapter.method = 'lora'"),
+    ({"adapter": {"method": "bitfit"}}, "adapter.method must be one of"),
+    ({"adapter": {"method": "excitor"}, "excitor": {"rank": 0}}, "excitor.rank must be in"),
+    ({"adapter": {"method": "excitor"}, "excitor": {"depth": 2}}, "unknown key excitor.depth"),
+])
+@pytest.mark.parametrize("cls", [ScenarioConfig, TrainConfig])
+def test_what_does_not_fit_the_method_is_refused_with_its_reason(
+        cls: type, data: dict[str, Any], reason: str) -> None:
+    assert reason in _refusal(cls, data)
+
+
+@pytest.mark.parametrize(("federation", "reason"), [
+    ({"aggregation": "exact"}, "federation.aggregation = 'exact' works on LoRA's A and B "
+     "factors, but adapter.method = 'llama-adapter-v2': set aggregation = 'factors'"),
+    ({"aggregation": "ffa"}, "federation.aggregation = 'ffa' works on LoRA's"),
+    ({"site_ranks": [2, 4, 8], "aggregation": "exact"},
+     "federation.site_ranks gives LoRA ranks, but adapter.method = 'llama-adapter-v2': leave "
+     "site_ranks empty"),
+])
+def test_lora_only_federation_options_are_refused_with_another_method(
+        federation: dict[str, Any], reason: str) -> None:
+    assert reason in _refusal(ScenarioConfig, {"adapter": {"method": "llama-adapter-v2"},
+                                               "federation": federation})
+
+
+def test_every_problem_is_listed_in_one_error() -> None:
+    text = _refusal(ScenarioConfig, {"adapter": {"method": "excitor"}, "lora": {"alpha": 8},
+                                     "llama_adapter_v2": {}, "federation": {"aggregation": "ffa"}})
+    assert text.startswith("test.toml: 3 problems:")
+
+
+def test_a_site_refuses_a_run_of_another_method_or_other_settings() -> None:
+    from fed_llama.config.run_settings import federation_settings, site_scenario
+    from fed_llama.config.site import SiteConfig
+
+    run = build_config(ScenarioConfig, {"adapter": {"method": "excitor"},
+                                        "excitor": {"rank": 4}}, source="t")
+    settings = federation_settings(run)
+    assert "llama_adapter" not in json.loads(settings)  # only the chosen method's settings
+    site = {"name": "cardiology", "source": "icd10:cardiology"}
+    with pytest.raises(ConfigError, match="the run trains excitor, the site agreed to lora"):
+        site_scenario(settings, build_config(SiteConfig, site, source="s"))
+    with pytest.raises(ConfigError, match="the run's excitor.rank is 4, the site agreed to 16"):
+        site_scenario(settings, build_config(SiteConfig, {**site, "method": "excitor"},
+                                             source="s"))
+    agreed = build_config(SiteConfig, {**site, "method": "excitor", "excitor": {"rank": 4}},
+                          source="s")
+    scenario, index = site_scenario(settings, agreed)
+    assert scenario.method_config() == run.method_config() and index == 0
+    assert "[excitor] configures excitor, but method = 'lora'" in _refusal(
+        SiteConfig, {**site, "excitor": {}})
+
+
+def test_an_update_that_does_not_fit_the_method_is_refused_with_its_reason() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fed_llama.adapter.methods import method_of
+    from fed_llama.adapter.methods.excitor.config import ExcitorConfig
+    from fed_llama.crypto.refusal import Refused
+    from fed_llama.server.admission import check_update
+    from fed_llama.training.method import method_state
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = method_of("excitor").attach(LlamaForCausalLM(config), ExcitorConfig(rank=4), 0)
+    current = method_state(model, "excitor")
+    check_update({k: v + 0.01 for k, v in current.items()}, current)  # fits: admitted
+    name = next(k for k in current if k.endswith("key_branch.up"))
+    renamed = {(k + "x" if k == name else k): v for k, v in current.items()}
+    with pytest.raises(Refused) as info:
+        check_update(renamed, current)
+    assert info.value.reason == "wrong-names"
+    reshaped = dict(current, **{name: torch.zeros(5, 32)})
+    with pytest.raises(Refused) as info:
+        check_update(reshaped, current)
+    assert info.value.reason == "wrong-shape" and name in str(info.value)
