@@ -101,7 +101,7 @@ def test_a_site_refuses_a_run_of_another_method_or_other_settings() -> None:
     site = {"name": "cardiology", "source": "icd10:cardiology"}
     with pytest.raises(ConfigError, match="the run trains excitor, the site agreed to lora"):
         site_scenario(settings, build_config(SiteConfig, site, source="s"))
-    with pytest.raises(ConfigError, match="the run's excitor.rank is 4, the site agreed to 16"):
+    with pytest.raises(ConfigError, match=r"the run.s excitor\.rank is 4, the site agreed to 16"):
         site_scenario(settings, build_config(SiteConfig, {**site, "method": "excitor"},
                                              source="s"))
     agreed = build_config(SiteConfig, {**site, "method": "excitor", "excitor": {"rank": 4}},
@@ -135,3 +135,72 @@ def test_an_update_that_does_not_fit_the_method_is_refused_with_its_reason() -> 
     with pytest.raises(Refused) as info:
         check_update(reshaped, current)
     assert info.value.reason == "wrong-shape" and name in str(info.value)
+
+
+def _train_config(backbone: Path, data: Path, method: str, quantization: str = "none"
+                  ) -> TrainConfig:
+    return build_config(TrainConfig, {
+        "backbone": {"name": str(backbone), "quantization": quantization},
+        "data": {"source": str(data)}, "adapter": {"method": method},
+        "train": {"max_steps": 6, "warmup_steps": 1, "lr": 5e-2}}, source="t")
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("method", OTHERS)
+def test_train_save_reload_reproduces_the_heldout_loss(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, method: str,
+        quantization: str) -> None:
+    from fed_llama.data.source import load_site_data
+    from fed_llama.inference.model import load_model
+    from fed_llama.training.job import run_training
+    from fed_llama.training.loss import heldout_loss
+
+    cfg = _train_config(tiny_backbone, write_jsonl(qa_records(30)), method, quantization)
+    out = tmp_path / "adapter"
+    metrics = run_training(cfg, out, progress=False)
+    manifest = read_manifest(out)
+    assert manifest["method"] == method and manifest["adapter"]["method"] == method
+    assert manifest["adapter"]["settings"] == cfg.method_settings()
+    assert manifest["backbone"]["quantization"] == quantization
+    after = metrics["heldout_after"]["loss"]
+    # it trained: the loss moved by well over the 1e-5 the reload must reproduce (Excitor,
+    # whose gates start at 0, moves least in 6 steps on the random model: about 3e-4)
+    assert abs(after - metrics["heldout_before"]["loss"]) > 1e-4
+
+    loaded = load_model(None, out)  # the backbone as the adapter was trained (NF4 too)
+    tok = loaded.backbone.tokenizer
+    data = load_site_data(cfg.data, tok, cfg.train.seed)
+    again = heldout_loss(loaded.model, data.heldout, cfg.train.eval_batch_size,
+                         tok.pad_token_id)
+    assert abs(again.loss - after) < 1e-5
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    if method == "llama-adapter":  # a plain peft folder
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_backbone))
+        plain = PeftModel.from_pretrained(base, str(out)).eval()
+        if quantization == "none":
+            assert abs(heldout_loss(plain, data.heldout, 16, tok.pad_token_id).loss
+                       - after) < 1e-5
+
+
+@pytest.mark.parametrize("method", OTHERS)
+def test_fed_llama_train_eval_generate_with_each_method(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, method: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(qa_records(24))
+    config = tmp_path / "site.toml"
+    config.write_text(f'[backbone]\nname = "{tiny_backbone}"\n[data]\nsource = "{data.name}"\n'
+                      f'[adapter]\nmethod = "{method}"\n'
+                      "[train]\nmax_steps = 2\nwarmup_steps = 1\n")
+    out, metrics = tmp_path / "adapter", tmp_path / "m.json"
+    assert main(["-q", "train", str(config), "--out", str(out), "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["trainable_parameters"] > 0
+    result = tmp_path / "eval.json"
+    assert main(["-q", "eval", "--adapter", str(out), "--data", str(data), "--questions", "2",
+                 "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["examples"] == 24
+    assert main(["-q", "generate", "--adapter", str(out), "What does code I10 describe?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

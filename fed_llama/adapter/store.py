@@ -169,11 +169,12 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
     try:
         if own_format.read_config(adapter_dir) is not None:  # LLaMA-Adapter V2, Excitor
             model = own_format.load_into(model, adapter_dir)
-            for param in model.parameters():
-                param.requires_grad_(False)
-            return model
-        with without_checkpointing_notice():
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        else:
+            with without_checkpointing_notice():
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        for param in model.parameters():  # peft's adaption prompts stay trainable otherwise
+            param.requires_grad_(False)
+        return model
     except AdapterError:
         raise
     except Exception as exc:
