@@ -101,7 +101,7 @@ def test_a_site_refuses_a_run_of_another_method_or_other_settings() -> None:
     site = {"name": "cardiology", "source": "icd10:cardiology"}
     with pytest.raises(ConfigError, match="the run trains excitor, the site agreed to lora"):
         site_scenario(settings, build_config(SiteConfig, site, source="s"))
-    with pytest.raises(ConfigError, match=r"the run.s excitor\.rank is 4, the site agreed to 16"):
+    with pytest.raises(ConfigError, match=r"the run's excitor\.rank is 4, the site agreed to 16"):
         site_scenario(settings, build_config(SiteConfig, {**site, "method": "excitor"},
                                              source="s"))
     agreed = build_config(SiteConfig, {**site, "method": "excitor", "excitor": {"rank": 4}},
@@ -204,3 +204,87 @@ def test_fed_llama_train_eval_generate_with_each_method(  # type: ignore[no-unty
     assert main(["-q", "generate", "--adapter", str(out), "What does code I10 describe?",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def _federation(tmp_path: Path, backbone: Path, write_jsonl, method: str) -> Path:  # type: ignore[no-untyped-def]
+    """A 3-site, 1-round scenario of ``method`` (its section left at the defaults: the tiny
+    model's 2 layers all get the method)."""
+    for i in range(3):
+        write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
+    path = tmp_path / f"{method}.toml"
+    path.write_text(f'[backbone]\nname = "{backbone}"\n[adapter]\nmethod = "{method}"\n'
+                    "[train]\nmax_steps = 3\nwarmup_steps = 1\nbatch_size = 4\nlr = 0.05\n"
+                    "[evaluation]\nquestions = 2\n"
+                    '[federation]\nrounds = 1\nsites = ["site0.jsonl", "site1.jsonl", '
+                    '"site2.jsonl"]\n')
+    return path
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "rounds" / "round-001" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method", OTHERS)
+def test_a_three_site_federation_of_each_method_and_its_checkpoint_reloads(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, method: str) -> None:
+    from fed_llama.inference.model import load_model
+    from fed_llama.launch.simulate import simulate
+
+    scenario = _federation(tmp_path, tiny_backbone, write_jsonl, method)
+    out = tmp_path / "run"
+    assert main(["-q", "simulate", str(scenario), "--out", str(out)]) == 0
+    [row] = json.loads((out / "history.json").read_text())
+    assert row["sites-trained"] == 3 and row["sites-evaluated"] == 3
+    assert row["sites-refused"] == 0 and row["pooled-perplexity"] > 0
+    checkpoint = out / "rounds" / "round-001"
+    manifest = read_manifest(checkpoint)
+    assert manifest["method"] == method and manifest["adapter"]["method"] == method
+    assert manifest["adapter"]["settings"] == build_config(
+        ScenarioConfig, {"adapter": {"method": method}}, source="t").method_settings()
+    saved = _weights(out)
+    # the checkpoint loads as `fed-llama eval/generate` load it, to the very tensors saved
+    loaded = load_model(None, checkpoint)
+    if method == "llama-adapter":
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(loaded.model)
+    else:
+        state = {k: v for k, v in loaded.model.named_parameters() if k in saved}
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k].detach(), saved[k]) for k in saved)
+    gates = [v for k, v in saved.items() if k.endswith(("adaption_gate", "gate"))]
+    assert gates and any(float(g.abs().sum()) > 0 for g in gates)  # the sites trained them
+    if method == "llama-adapter":  # a plain peft folder
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_backbone)),
+                                  str(checkpoint))
+
+    # the run cannot go on as another method: refused before any work, in one line
+    with pytest.raises(ConfigError, match=f"the run in .* trains {method}, the scenario lora: "
+                       "a checkpoint of one adapter method cannot continue as another"):
+        simulate(scenario, out, resume=True, overrides=["adapter.method=lora"])
+    assert [r["round"] for r in json.loads((out / "history.json").read_text())] == [1]
+
+
+def test_the_secure_aggregate_of_a_method_is_its_plain_mean(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    from fed_llama.launch.simulate import simulate
+
+    plain_settings = ["security.envelopes=false", "security.seal_rounds=false",
+                      "evaluation.questions=0"]
+    secagg = [*plain_settings, "secure_aggregation.enabled=true",
+              "secure_aggregation.max_weight=100"]
+    scenario = _federation(tmp_path, tiny_backbone, write_jsonl, "llama-adapter-v2")
+    secure = simulate(scenario, tmp_path / "secure", overrides=secagg)
+    plain = simulate(scenario, tmp_path / "plain", overrides=plain_settings)
+    a, b = _weights(secure.out), _weights(plain.out)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < diff < 1e-4  # masked and quantized (see test_secure_aggregation.py), same mean
+    [row] = secure.history()
+    assert row["sites-trained"] == 3
+    assert read_manifest(secure.out / "rounds" / "round-001")["secure_aggregation"] is True
