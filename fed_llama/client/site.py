@@ -98,8 +98,9 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
                           resume_optimizer=optimizer if keep else None, keep_optimizer=keep)
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
-               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens),
-               "rank": float(rank)}
+               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens)}
+    if scenario.method == "lora":  # the LoRA rank this site trained
+        metrics["rank"] = float(rank)
     if keep:  # how many steps the site's AdamW moments have accumulated, this round included
         metrics["optimizer-steps"] = float(stats.optimizer_state.get("step", 0.0))
     new_state = (adapter_state(loaded.model, adapter) if scenario.method == "lora"
