@@ -206,13 +206,15 @@ def test_fed_llama_train_eval_generate_with_each_method(  # type: ignore[no-unty
     assert capsys.readouterr().out.endswith("\n")
 
 
-def _federation(tmp_path: Path, backbone: Path, write_jsonl, method: str) -> Path:  # type: ignore[no-untyped-def]
+def _federation(tmp_path: Path, backbone: Path, write_jsonl, method: str,  # type: ignore[no-untyped-def]
+                quantization: str = "none") -> Path:
     """A 3-site, 1-round scenario of ``method`` (its section left at the defaults: the tiny
     model's 2 layers all get the method)."""
     for i in range(3):
         write_jsonl(qa_records(16 + 4 * i), name=f"site{i}.jsonl")
     path = tmp_path / f"{method}.toml"
-    path.write_text(f'[backbone]\nname = "{backbone}"\n[adapter]\nmethod = "{method}"\n'
+    path.write_text(f'[backbone]\nname = "{backbone}"\nquantization = "{quantization}"\n'
+                    f'[adapter]\nmethod = "{method}"\n'
                     "[train]\nmax_steps = 3\nwarmup_steps = 1\nbatch_size = 4\nlr = 0.05\n"
                     "[evaluation]\nquestions = 2\n"
                     '[federation]\nrounds = 1\nsites = ["site0.jsonl", "site1.jsonl", '
@@ -226,13 +228,15 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "rounds" / "round-001" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method", OTHERS)
+@pytest.mark.parametrize(("method", "quantization"), [
+    *((m, "none") for m in OTHERS), ("llama-adapter-v2", "nf4")])
 def test_a_three_site_federation_of_each_method_and_its_checkpoint_reloads(  # type: ignore[no-untyped-def]
-        tiny_backbone: Path, write_jsonl, tmp_path: Path, method: str) -> None:
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, method: str,
+        quantization: str) -> None:
     from fed_llama.inference.model import load_model
     from fed_llama.launch.simulate import simulate
 
-    scenario = _federation(tmp_path, tiny_backbone, write_jsonl, method)
+    scenario = _federation(tmp_path, tiny_backbone, write_jsonl, method, quantization)
     out = tmp_path / "run"
     assert main(["-q", "simulate", str(scenario), "--out", str(out)]) == 0
     [row] = json.loads((out / "history.json").read_text())
@@ -243,6 +247,7 @@ def test_a_three_site_federation_of_each_method_and_its_checkpoint_reloads(  # t
     assert manifest["method"] == method and manifest["adapter"]["method"] == method
     assert manifest["adapter"]["settings"] == build_config(
         ScenarioConfig, {"adapter": {"method": method}}, source="t").method_settings()
+    assert manifest["backbone"]["quantization"] == quantization
     saved = _weights(out)
     # the checkpoint loads as `fed-llama eval/generate` load it, to the very tensors saved
     loaded = load_model(None, checkpoint)
@@ -264,7 +269,7 @@ def test_a_three_site_federation_of_each_method_and_its_checkpoint_reloads(  # t
                                   str(checkpoint))
 
     # the run cannot go on as another method: refused before any work, in one line
-    with pytest.raises(ConfigError, match=f"the run in .* trains {method}, the scenario lora: "
+    with pytest.raises(ConfigError, match=f"the run in .* trains {method}, the scenario q?lora: "
                        "a checkpoint of one adapter method cannot continue as another"):
         simulate(scenario, out, resume=True, overrides=["adapter.method=lora"])
     assert [r["round"] for r in json.loads((out / "history.json").read_text())] == [1]
