@@ -108,6 +108,14 @@ def test_a_site_refuses_a_run_of_another_method_or_other_settings() -> None:
                           source="s")
     scenario, index = site_scenario(settings, agreed)
     assert scenario.method_config() == run.method_config() and index == 0
+    nf4 = federation_settings(build_config(ScenarioConfig, {
+        "adapter": {"method": "excitor"}, "excitor": {"rank": 4},
+        "backbone": {"quantization": "nf4"}}, source="t"))
+    with pytest.raises(ConfigError, match=r"the run's backbone\.quantization is 'nf4', the "
+                       r"site agreed to 'none'"):
+        site_scenario(nf4, agreed)
+    assert "LoRA on the NF4 backbone is method = 'qlora'" in _refusal(
+        SiteConfig, {**site, "quantization": "nf4"})
     assert "[excitor] configures excitor, but method = 'lora'" in _refusal(
         SiteConfig, {**site, "excitor": {}})
 

@@ -99,6 +99,10 @@ def _mismatches(scenario: ScenarioConfig, site: SiteConfig) -> list[str]:
             if theirs != ours:
                 out.append(f"the run's lora.{what} is {theirs}, the site agreed to {ours}")
     elif method(scenario) == site.method:  # the same method: its settings must be the same
+        quantization = scenario.backbone.quantization
+        if quantization != site.quantization:
+            out.append(f"the run's backbone.quantization is {quantization!r}, the site agreed "
+                       f"to {site.quantization!r}")
         section = SECTIONS[scenario.method]
         theirs, ours = scenario.method_config(), getattr(site, section)
         for f in dataclasses.fields(theirs):

@@ -72,6 +72,11 @@ class SiteConfig:
     ``target_modules``, ``include_mlp``); a run of another shape is refused (``dropout`` is
     the federation's)."""
 
+    quantization: Literal["none", "nf4"] = "none"
+    """The backbone precision the site agreed to for a method other than LoRA: ``none``
+    (full precision) or ``nf4`` (4-bit NF4); a run on the other is refused. For LoRA,
+    ``method = "qlora"`` says NF4."""
+
     llama_adapter: LlamaAdapterConfig = field(default_factory=LlamaAdapterConfig)
     """V1's settings the site agreed to ([llama_adapter]; ``method = "llama-adapter"``)."""
 
@@ -98,6 +103,9 @@ class SiteConfig:
             out.append("source must name the site's JSONL file or 'icd10:<site>'")
         if not self.backbone.strip():
             out.append("backbone must name the site's copy of the backbone")
+        if self.method in ("lora", "qlora") and self.quantization != "none":
+            out.append(f"quantization = {self.quantization!r} is for the other methods: LoRA on "
+                       "the NF4 backbone is method = 'qlora'")
         return out
 
 
