@@ -52,7 +52,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
 
     state = store.load_round(done, decrypt) if done else initial_state(scenario)
     # each method's folder in its own format: peft's for LoRA and V1, ours for V2 and Excitor
-    peft_cfg = adapter_config(scenario, _layers(source.model_dir), str(source.model_dir))
+    peft_cfg = adapter_config(scenario, source.model_dir)
     sites = scenario.site_names()
     backbone_bytes = _backbone_bytes(source.model_dir)
     rows: dict[int, dict[str, Any]] = {}
@@ -147,13 +147,6 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         store.record(exc.row)
         log.error("%s", exc)
         raise
-
-
-def _layers(model_dir: Path) -> int:
-    """The backbone's decoder layers (its config.json), which V1's peft config names."""
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers)
 
 
 def _backbone_bytes(model_dir: Path) -> int:

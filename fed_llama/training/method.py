@@ -56,14 +56,18 @@ def load_method_state(model: Any, method: str, state: State) -> None:
         own_format.load_trainable_state(model, state)
 
 
-def adapter_config(sections: MethodSections, layers: int, base: str) -> Any:
+def adapter_config(sections: MethodSections, model_dir: Path) -> Any:
     """What ``adapter_config.json`` of the method's folder holds (an object with
-    ``save_pretrained``), for a backbone of ``layers`` decoder layers at ``base``."""
+    ``save_pretrained``), for the backbone in the Hugging Face folder ``model_dir``."""
+    base = str(model_dir)
     if sections.method == "lora":
         cfg = lora.peft_config(sections.lora)
-    elif sections.method == "llama-adapter":
+    elif sections.method == "llama-adapter":  # peft's config names the adapted layers
+        from transformers import AutoConfig
+
         from fed_llama.adapter.methods.llama_adapter.model import peft_config
 
+        layers = int(AutoConfig.from_pretrained(base).num_hidden_layers)
         cfg = peft_config(sections.llama_adapter, layers)
     else:
         return own_format.OwnAdapterConfig(sections.method,
