@@ -49,7 +49,14 @@ def imports(path: Path, *, top_level_only: bool) -> set[str]:
     return found
 
 
+METHOD_CONFIG = re.compile(r"fed_llama\.adapter\.methods\.\w+\.config")
+"""An adapter method's settings (stdlib only): part of the config layer, where the scenario
+and train configs parse them (docs/architecture.md says so)."""
+
+
 def package_of(module: str) -> str:
+    if METHOD_CONFIG.fullmatch(module):
+        return "config"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -74,6 +81,17 @@ def test_imports_only_go_down_the_documented_layers() -> None:
             if a != b and layers[b] >= layers[a]:
                 wrong.append(f"{here} -> {target} (layer {layers[a]} -> {layers[b]})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_method_configs_are_the_config_layers_and_import_nothing_above_it() -> None:
+    layers = documented_layers()
+    configs = [p for p in SOURCES if METHOD_CONFIG.fullmatch(module_name(p))]
+    assert len(configs) == 3  # V1, V2, Excitor: LoRA's LoraSpec is in fed_llama/config
+    for path in configs:
+        for target in imports(path, top_level_only=False):
+            assert layers[package_of(target)] <= layers["config"], (path, target)
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert "fed_llama.adapter.methods.<method>.config" in text
 
 
 def test_the_client_and_the_server_never_import_each_other() -> None:

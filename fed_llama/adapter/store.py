@@ -1,7 +1,9 @@
 """Adapters on disk: peft's format plus a fed-llama manifest.
 
 An adapter folder holds what ``PeftModel.save_pretrained`` writes (``adapter_config.json`` and
-``adapter_model.safetensors``, loadable by plain ``PeftModel.from_pretrained``) and
+``adapter_model.safetensors``, loadable by plain ``PeftModel.from_pretrained``; for the methods
+peft lacks, LLaMA-Adapter V2 and Excitor, the same two files in our own format, see
+:mod:`fed_llama.adapter.methods.own_format`) and
 ``fed_llama_manifest.json``: the backbone's id and sha256, the method, the rank, a data
 summary, metrics, and the sha256 of each file. A folder is written to a temporary folder beside
 its target and renamed into place, so a crash never leaves a half-written adapter.
@@ -144,7 +146,8 @@ def read_manifest(adapter_dir: Path, *, sealed: bool = False) -> dict[str, Any]:
 
 
 def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = None) -> Any:
-    """Wrap ``model`` with the adapter in ``adapter_dir`` (inference mode).
+    """Wrap ``model`` with the adapter in ``adapter_dir`` (inference mode): a peft folder (LoRA,
+    LLaMA-Adapter V1) with peft, one of ours (V2, Excitor) with its documented loader.
 
     The manifest's backbone hash must match ``backbone_sha256`` when both are known: an adapter
     trained on other weights would load without complaint and give wrong answers.
@@ -161,9 +164,19 @@ def load_adapter(model: Any, adapter_dir: Path, backbone_sha256: str | None = No
             f"{manifest['backbone'].get('id')!r} (sha256 {trained_on[:12]}...), not on the one "
             f"loaded (sha256 {backbone_sha256[:12]}...): use --backbone "
             f"{manifest['backbone'].get('id')}")
+    from fed_llama.adapter.methods import own_format
+
     try:
-        with without_checkpointing_notice():
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        if own_format.read_config(adapter_dir) is not None:  # LLaMA-Adapter V2, Excitor
+            model = own_format.load_into(model, adapter_dir)
+        else:
+            with without_checkpointing_notice():
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        for param in model.parameters():  # peft's adaption prompts stay trainable otherwise
+            param.requires_grad_(False)
+        return model
+    except AdapterError:
+        raise
     except Exception as exc:
         raise AdapterError(f"adapter {str(adapter_dir)!r} does not fit this backbone "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

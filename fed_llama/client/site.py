@@ -1,6 +1,6 @@
 """What a site does in a federation round, without Flower: train on, or evaluate, an adapter.
 
-A process keeps one backbone with one LoRA-wrapped model per scenario (loading it is the slow
+A process keeps one backbone with the scenario's adapter method attached (loading it is the slow
 part) and each site's encoded data; every round starts by loading the global adapter's weights,
 so sites served by the same process never see each other's state.
 """
@@ -19,6 +19,7 @@ from fed_llama.data.source import SiteData, encode_site, load_examples
 from fed_llama.training.loop import train_adapter
 from fed_llama.training.lora import adapter_state, load_adapter_state, use_rank
 from fed_llama.training.loss import heldout_loss
+from fed_llama.training.method import load_method_state, method_state
 from fed_llama.training.site_model import loaded_site_model
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,19 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
     rank, lora = scenario.site_rank(site), scenario.lora
-    adapter = use_rank(loaded.model, lora, rank, scenario.train.seed)
-    if rank != lora.r:  # the global adapter re-factorized to this site's rank
-        fill = loaded.fills.setdefault(rank, adapter_state(loaded.model, adapter))
-        state = change_rank(state, scale=lora.alpha / lora.r, rank=rank,
-                            new_scale=lora.alpha / rank, fill=fill)
-    load_adapter_state(loaded.model, state, adapter)
-    ffa = scenario.federation.aggregation == "ffa"
-    for name, param in loaded.model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(f".{adapter}." in name and not (ffa and "lora_A" in name))
+    if scenario.method == "lora":
+        adapter = use_rank(loaded.model, lora, rank, scenario.train.seed)
+        if rank != lora.r:  # the global adapter re-factorized to this site's rank
+            fill = loaded.fills.setdefault(rank, adapter_state(loaded.model, adapter))
+            state = change_rank(state, scale=lora.alpha / lora.r, rank=rank,
+                                new_scale=lora.alpha / rank, fill=fill)
+        load_adapter_state(loaded.model, state, adapter)
+        ffa = scenario.federation.aggregation == "ffa"
+        for name, param in loaded.model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(f".{adapter}." in name and not (ffa and "lora_A" in name))
+    else:  # every other method: one shape, every declared tensor trains
+        load_method_state(loaded.model, scenario.method, state)
     cfg = dataclasses.replace(scenario.train, seed=scenario.train.seed + 1000 * server_round
                               + site)
     proximal = proximal_term(loaded.model, proximal_mu) if proximal_mu > 0 else None
@@ -94,18 +98,21 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
                           resume_optimizer=optimizer if keep else None, keep_optimizer=keep)
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
-               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens),
-               "rank": float(rank)}
+               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens)}
+    if scenario.method == "lora":  # the LoRA rank this site trained
+        metrics["rank"] = float(rank)
     if keep:  # how many steps the site's AdamW moments have accumulated, this round included
         metrics["optimizer-steps"] = float(stats.optimizer_state.get("step", 0.0))
-    new_state = adapter_state(loaded.model, adapter)
+    new_state = (adapter_state(loaded.model, adapter) if scenario.method == "lora"
+                 else method_state(loaded.model, scenario.method))
     attack = scenario.attack
     if scenario.site_names()[site] in attack.poison_sites:  # a simulated hostile site
         log.warning("site %s poisons its round %d update ([attack]: change x %g)",
                     scenario.site_names()[site], server_round, attack.poison_scale)
         new_state = {k: state[k] + attack.poison_scale * (v - state[k])
                      for k, v in new_state.items()}
-    use_rank(loaded.model, lora, lora.r, scenario.train.seed)  # evaluation uses the global rank
+    if scenario.method == "lora":  # evaluation uses the global rank
+        use_rank(loaded.model, lora, lora.r, scenario.train.seed)
     return new_state, metrics, stats.optimizer_state
 
 
@@ -113,8 +120,9 @@ def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, flo
     """Held-out answer loss of the adapter ``state`` on site ``site``."""
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
-    use_rank(loaded.model, scenario.lora, scenario.lora.r, scenario.train.seed)
-    load_adapter_state(loaded.model, state)
+    if scenario.method == "lora":
+        use_rank(loaded.model, scenario.lora, scenario.lora.r, scenario.train.seed)
+    load_method_state(loaded.model, scenario.method, state)
     result = heldout_loss(loaded.model, data.heldout, scenario.train.eval_batch_size,
                           loaded.tokenizer.pad_token_id)
     metrics = {"num-examples": float(result.examples), "heldout-loss": result.loss,

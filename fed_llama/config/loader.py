@@ -2,7 +2,9 @@
 
 A config class is a frozen dataclass whose fields are ``bool``, ``int``, ``float``, ``str``,
 ``tuple[str, ...]``, a ``Literal[...]`` of strings or another config class (a TOML table).
-A class may define ``problems(self) -> list[str]`` for checks across fields. Unknown keys,
+A class may define ``problems(self) -> list[str]`` for checks across fields, and
+``given_problems(self, given: frozenset[str]) -> list[str]`` for checks of which keys the file
+gives (a table that must not be there, even empty). Unknown keys,
 wrong types and failed checks are gathered into one :class:`ConfigError` that lists them all
 (litgpt's ``validate_args`` style), so a user fixes a file in one pass.
 
@@ -130,6 +132,9 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
     check = getattr(obj, "problems", None)
     if callable(check):
         problems.extend(f"{prefix}{p}" for p in check())
+    given = getattr(obj, "given_problems", None)
+    if callable(given):
+        problems.extend(f"{prefix}{p}" for p in given(frozenset(data)))
     return obj
 
 

@@ -3,7 +3,8 @@
 On Flower's Deployment Engine a site has its own machine: it cannot read the aggregator's
 scenario file, and the aggregator does not know where a site keeps its data or keys. The
 ServerApp therefore sends what the federation decides (rounds, aggregation, local training,
-the data encoding, the adapter's method and shape, the security and privacy policy) with every
+the data encoding, the adapter's method and its settings (only the chosen method's section),
+the security and privacy policy) with every
 training and evaluation message, as JSON under :data:`SETTINGS`, with the backbone's hash
 under :data:`BACKBONE_SHA256`. What is the aggregator's own (its key folder, its passphrase
 variable, its paths to the backbone and to data) and the simulation-only ``[attack]`` are left
@@ -18,6 +19,7 @@ import json
 from typing import Any
 
 from fed_llama.common.bounded_json import BadJson, loads
+from fed_llama.config.adapter import SECTIONS, method_label
 from fed_llama.config.loader import build_config
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.site import SiteConfig
@@ -29,8 +31,9 @@ _AGGREGATOR_ONLY = {("backbone", "name"), ("security", "keys"), ("security", "pa
 
 
 def method(scenario: ScenarioConfig) -> str:
-    """``qlora`` for a 4-bit NF4 backbone, else ``lora``."""
-    return "qlora" if scenario.backbone.quantization == "nf4" else "lora"
+    """The run's adapter method as a site config names it: ``qlora`` for LoRA on a 4-bit NF4
+    backbone, else the method's name (``lora``, ``llama-adapter``, ...)."""
+    return method_label(scenario.method, scenario.backbone.quantization)
 
 
 def federation_settings(scenario: ScenarioConfig) -> str:
@@ -41,6 +44,9 @@ def federation_settings(scenario: ScenarioConfig) -> str:
     for table, key in _AGGREGATOR_ONLY:
         data[table].pop(key)
     data["federation"]["sites"] = scenario.site_names()
+    for name, section in SECTIONS.items():  # only the chosen method's settings travel
+        if name not in ("lora", scenario.method):
+            data.pop(section)
     return json.dumps(data, sort_keys=True)
 
 
@@ -86,11 +92,23 @@ def _mismatches(scenario: ScenarioConfig, site: SiteConfig) -> list[str]:
     out = []
     if method(scenario) != site.method:
         out.append(f"the run trains {method(scenario)}, the site agreed to {site.method}")
-    run, own = scenario.lora, site.lora
-    for what, theirs, ours in (("r", run.r, own.r), ("alpha", run.alpha, own.alpha),
-                               ("modules", list(run.modules()), list(own.modules()))):
-        if theirs != ours:
-            out.append(f"the run's lora.{what} is {theirs}, the site agreed to {ours}")
+    if scenario.method == "lora":
+        run, own = scenario.lora, site.lora
+        for what, theirs, ours in (("r", run.r, own.r), ("alpha", run.alpha, own.alpha),
+                                   ("modules", list(run.modules()), list(own.modules()))):
+            if theirs != ours:
+                out.append(f"the run's lora.{what} is {theirs}, the site agreed to {ours}")
+    elif method(scenario) == site.method:  # the same method: its settings must be the same
+        quantization = scenario.backbone.quantization
+        if quantization != site.quantization:
+            out.append(f"the run's backbone.quantization is {quantization!r}, the site agreed "
+                       f"to {site.quantization!r}")
+        section = SECTIONS[scenario.method]
+        theirs, ours = scenario.method_config(), getattr(site, section)
+        for f in dataclasses.fields(theirs):
+            if getattr(theirs, f.name) != getattr(ours, f.name):
+                out.append(f"the run's {section}.{f.name} is {getattr(theirs, f.name)!r}, the "
+                           f"site agreed to {getattr(ours, f.name)!r}")
     if scenario.federation.partition != "sites":
         out.append("a Dirichlet partition needs every site's data in one place: use "
                    "partition = 'sites' for real sites")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fed_llama.config.adapter import MethodSections, lora_only_problems
 from fed_llama.config.security import (
     PrivacyConfig,
     SecureAggregationConfig,
@@ -16,7 +17,6 @@ from fed_llama.config.train import (
     ICD10_PREFIX,
     BackboneConfig,
     DataConfig,
-    LoraSpec,
     OptimConfig,
 )
 
@@ -260,14 +260,13 @@ class RoundTrainConfig(OptimConfig):
 
 
 @dataclass(frozen=True)
-class ScenarioConfig:
-    """A simulated federation: backbone, adapter, local training, data and rounds."""
+class ScenarioConfig(MethodSections):
+    """A simulated federation: backbone, adapter, local training, data and rounds (the adapter
+    method and its settings: [adapter] and the method's section, see
+    :mod:`fed_llama.config.adapter`)."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The frozen backbone every site loads ([backbone])."""
-
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    """The shared adapter's shape ([lora])."""
 
     train: RoundTrainConfig = field(
         default_factory=lambda: RoundTrainConfig(max_steps=30, warmup_steps=3))
@@ -359,6 +358,8 @@ class ScenarioConfig:
         out = [f"federation.sites has two sites named {dupes}: give each a distinct source"
                ] if dupes else []
         fed = self.federation
+        out += self.method_problems() + lora_only_problems(self.method, fed.aggregation,
+                                                           fed.site_ranks)
         unknown = [s for s in (*self.attack.poison_sites, *self.attack.drop_sites)
                    if s not in self.site_names()]
         if unknown:

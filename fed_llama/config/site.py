@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fed_llama.adapter.methods.excitor.config import ExcitorConfig
+from fed_llama.adapter.methods.llama_adapter.config import LlamaAdapterConfig
+from fed_llama.adapter.methods.llama_adapter_v2.config import LlamaAdapterV2Config
+from fed_llama.config.adapter import SECTIONS
 from fed_llama.config.loader import load_config
 from fed_llama.config.train import ICD10_PREFIX, LoraSpec
 
@@ -58,14 +62,38 @@ class SiteConfig:
     setting, else ``~/.cache/fed-llama``). Each round starts a fresh ClientApp process: a cache
     on local disk keeps the conversion to the first round."""
 
-    method: Literal["lora", "qlora"] = "lora"
-    """The method the site agreed to train: ``lora`` (full-precision backbone) or ``qlora``
-    (4-bit NF4 backbone). A run of the other method is refused."""
+    method: Literal["lora", "qlora", "llama-adapter", "llama-adapter-v2", "excitor"] = "lora"
+    """The method the site agreed to train: ``lora`` (full-precision backbone), ``qlora``
+    (LoRA on the 4-bit NF4 backbone), ``llama-adapter`` (V1), ``llama-adapter-v2`` or
+    ``excitor``. A run of another method is refused."""
 
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The adapter shape the site agreed to train ([lora]: ``r``, ``alpha``,
     ``target_modules``, ``include_mlp``); a run of another shape is refused (``dropout`` is
     the federation's)."""
+
+    quantization: Literal["none", "nf4"] = "none"
+    """The backbone precision the site agreed to for a method other than LoRA: ``none``
+    (full precision) or ``nf4`` (4-bit NF4); a run on the other is refused. For LoRA,
+    ``method = "qlora"`` says NF4."""
+
+    llama_adapter: LlamaAdapterConfig = field(default_factory=LlamaAdapterConfig)
+    """V1's settings the site agreed to ([llama_adapter]; ``method = "llama-adapter"``)."""
+
+    llama_adapter_v2: LlamaAdapterV2Config = field(default_factory=LlamaAdapterV2Config)
+    """V2's settings the site agreed to ([llama_adapter_v2]; ``method =
+    "llama-adapter-v2"``)."""
+
+    excitor: ExcitorConfig = field(default_factory=ExcitorConfig)
+    """Excitor's settings the site agreed to ([excitor]; ``method = "excitor"``)."""
+
+    def given_problems(self, given: frozenset[str]) -> list[str]:
+        """A section of a method other than ``method``."""
+        chosen = "lora" if self.method == "qlora" else self.method
+        return [f"[{section}] configures {name}, but method = {self.method!r}: remove "
+                f"[{section}], or set method = {name!r}"
+                for name, section in SECTIONS.items()
+                if name not in ("lora", chosen) and section in given]
 
     def problems(self) -> list[str]:
         out = []
@@ -75,6 +103,9 @@ class SiteConfig:
             out.append("source must name the site's JSONL file or 'icd10:<site>'")
         if not self.backbone.strip():
             out.append("backbone must name the site's copy of the backbone")
+        if self.method in ("lora", "qlora") and self.quantization != "none":
+            out.append(f"quantization = {self.quantization!r} is for the other methods: LoRA on "
+                       "the NF4 backbone is method = 'qlora'")
         return out
 
 

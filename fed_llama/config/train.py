@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-#: The linear layers of a LLaMA block that LoRA can adapt.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+from fed_llama.config.adapter import ATTENTION_MODULES, MLP_MODULES, LoraSpec, MethodSections
+
+__all__ = ["ATTENTION_MODULES", "ICD10_PREFIX", "MLP_MODULES", "BackboneConfig", "DataConfig",
+           "LoraSpec", "OptimConfig", "TrainConfig"]
 
 ICD10_PREFIX = "icd10:"
 
@@ -74,48 +75,6 @@ class DataConfig:
         if self.max_heldout_records < 0:
             out.append(
                 f"max_heldout_records must be 0 (all) or more; got {self.max_heldout_records}")
-        return out
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """The low-rank adapter every site trains (peft's LoRA)."""
-
-    r: int = 8
-    """Rank of the update ``B @ A``."""
-
-    alpha: int = 16
-    """Scaling numerator: the update is ``(alpha / r) * B @ A``."""
-
-    dropout: float = 0.05
-    """Dropout on the adapter's input during training."""
-
-    target_modules: tuple[str, ...] = ATTENTION_MODULES
-    """Which linear layers get an adapter: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
-    up_proj, down_proj."""
-
-    include_mlp: bool = False
-    """Also adapt the MLP projections (gate_proj, up_proj, down_proj)."""
-
-    def modules(self) -> tuple[str, ...]:
-        """The target modules, with the MLP projections when ``include_mlp`` is set."""
-        extra = MLP_MODULES if self.include_mlp else ()
-        return tuple(dict.fromkeys(self.target_modules + extra))
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.r < 1:
-            out.append(f"r must be at least 1; got {self.r}")
-        if self.alpha < 1:
-            out.append(f"alpha must be at least 1; got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"dropout must be in [0, 1); got {self.dropout}")
-        known = ATTENTION_MODULES + MLP_MODULES
-        unknown = [m for m in self.target_modules if m not in known]
-        if unknown:
-            out.append(f"target_modules has unknown layers {unknown}: use any of {list(known)}")
-        if not self.target_modules:
-            out.append("target_modules must name at least one layer, e.g. ['q_proj', 'v_proj']")
         return out
 
 
@@ -186,17 +145,15 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A site's local training run: ``fed-llama train CONFIG.toml``."""
+class TrainConfig(MethodSections):
+    """A site's local training run: ``fed-llama train CONFIG.toml`` (the adapter method and
+    its settings: [adapter] and the method's section, see :mod:`fed_llama.config.adapter`)."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The frozen base model ([backbone])."""
 
     data: DataConfig = field(default_factory=DataConfig)
     """The site's data ([data])."""
-
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    """The adapter ([lora])."""
 
     train: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer and loop ([train])."""

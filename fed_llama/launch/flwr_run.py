@@ -30,6 +30,7 @@ client_app = make_client_app()
 @server_app.main()
 def serve(grid: Grid, context: Context) -> None:
     """Run (or resume) the federation the run config names."""
+    from fed_llama.config.adapter import method_label
     from fed_llama.config.run_config import (
         load_scenario,
         run_folder,
@@ -43,6 +44,7 @@ def serve(grid: Grid, context: Context) -> None:
     scenario, text = load_scenario(path)
     log.info("scenario %s; run folder %s", path, out)
     store = RunStore(out)
-    done = store.start(text, resume=True)
+    done = store.start(text, resume=True, method=method_label(
+        scenario.method, scenario.backbone.quantization))
     scenario = prepare_keys(with_key_folder(scenario, context.run_config), store.out)
     run_federation(grid, scenario, store, done, context)

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from fed_llama.common.notices import DropMessage
+from fed_llama.config.adapter import method_label
 from fed_llama.config.run_config import load_scenario as load_shared_scenario
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.train import ICD10_PREFIX
@@ -79,7 +80,8 @@ def simulate(path: Path, out: Path, *, resume: bool = False,
         if problems:
             raise ConfigError(f"security.keys: {'; '.join(problems)}")
     store = RunStore(out)
-    done = store.start(text, resume)
+    done = store.start(text, resume, method=method_label(scenario.method,
+                                                         scenario.backbone.quantization))
     if scenario.security.envelopes and not scenario.security.keys:
         from fed_llama.server.app import prepare_keys
 

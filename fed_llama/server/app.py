@@ -31,7 +31,8 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     """Run the rounds after ``done`` (the last complete round) to ``federation.rounds``
     (``context``: the ServerApp's, which secure aggregation's workflow needs)."""
     from fed_llama.backbone.load import resolve_backbone
-    from fed_llama.training.lora import peft_config
+    from fed_llama.config.adapter import method_label
+    from fed_llama.training.method import adapter_config
     from fed_llama.training.site_model import initial_state
 
     total = scenario.federation.rounds
@@ -50,8 +51,8 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         encrypt, decrypt = checkpoint_ciphers(guard.key)
 
     state = store.load_round(done, decrypt) if done else initial_state(scenario)
-    peft_cfg = peft_config(scenario.lora)
-    peft_cfg.base_model_name_or_path = str(source.model_dir)
+    # each method's folder in its own format: peft's for LoRA and V1, ours for V2 and Excitor
+    peft_cfg = adapter_config(scenario, source.model_dir)
     sites = scenario.site_names()
     backbone_bytes = _backbone_bytes(source.model_dir)
     rows: dict[int, dict[str, Any]] = {}
@@ -90,8 +91,10 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
 
     def save(real: int, new_state: dict[str, Any]) -> None:
         store.save_round(real, new_state, peft_cfg, {
-            "kind": "global-adapter", "method": "qlora" if scenario.backbone.quantization ==
-            "nf4" else "lora", "aggregation": scenario.federation.aggregation,
+            "kind": "global-adapter",
+            "method": method_label(scenario.method, scenario.backbone.quantization),
+            "adapter": {"method": scenario.method, "settings": scenario.method_settings()},
+            "aggregation": scenario.federation.aggregation,
             "strategy": scenario.federation.strategy,
             "participation": scenario.federation.participation,
             "secure_aggregation": scenario.secure_aggregation.enabled,

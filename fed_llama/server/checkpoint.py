@@ -10,7 +10,9 @@ Layout of ``--out``::
                                  the server optimizer's state after the round (FedAvgM's
                                  momentum, FedAdam/Yogi/Adagrad's moments; ``.hpke`` when
                                  checkpoints are encrypted), which ``--resume`` restores
-    rounds/round-001/            global adapter after round 1 (peft format + manifest; with
+    rounds/round-001/            global adapter after round 1 (its method's format: peft's
+                                 for LoRA and V1, ours for V2 and Excitor; the manifest
+                                 records the method and its settings; with
                                  security.encrypt_checkpoints the weights are
                                  adapter_model.safetensors.hpke, encrypted to the aggregator)
     history.json, history.csv    one row per completed round
@@ -86,8 +88,10 @@ class RunStore:
     def round_dir(self, server_round: int) -> Path:
         return self.rounds_dir / f"round-{server_round:03d}"
 
-    def start(self, scenario_text: str, resume: bool) -> int:
-        """Prepare the folder; return the last complete round (0 for a fresh run)."""
+    def start(self, scenario_text: str, resume: bool, method: str | None = None) -> int:
+        """Prepare the folder; return the last complete round (0 for a fresh run).
+        ``method``: the adapter method the scenario trains (as manifests name it); resuming a
+        run whose checkpoints are of another method is refused."""
         saved = self.out / "scenario.toml"
         fresh = not self.out.exists() or not any(self.out.iterdir())
         if resume and fresh:
@@ -101,6 +105,12 @@ class RunStore:
             return 0
         if not saved.is_file():
             raise ConfigError(f"--resume: {str(self.out)!r} holds no run (no scenario.toml)")
+        trained = self.saved_method()
+        if method is not None and trained is not None and trained != method:
+            raise ConfigError(f"--resume: the run in {str(self.out)!r} trains {trained}, the "
+                              f"scenario {method}: a checkpoint of one adapter method cannot "
+                              f"continue as another; set adapter.method back, or start a new "
+                              "run in another --out")
         if saved.read_text() != scenario_text:
             raise ConfigError(f"--resume: the scenario differs from the one {str(self.out)!r} "
                               "was started with; resume with the same file or start a new run")
@@ -112,6 +122,16 @@ class RunStore:
             if _round_of(extra.name) > done:
                 extra.unlink()
         return done
+
+    def saved_method(self) -> str | None:
+        """The adapter method of the run's latest checkpoint, as its manifest records it
+        (``lora``, ``qlora``, ``llama-adapter``, ...); None before the first checkpoint."""
+        rounds = sorted((_round_of(p.name), p) for p in self.rounds_dir.glob("round-*")
+                        if (p / "fed_llama_manifest.json").is_file())
+        if not rounds:
+            return None
+        method = read_manifest(rounds[-1][1], sealed=True).get("method")
+        return method if isinstance(method, str) else None
 
     def run_id(self) -> str:
         """This run's id (made on first use, kept across --resume): envelopes are bound to it."""

@@ -10,13 +10,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fed_llama.adapter.store import check_output_dir, save_adapter
+from fed_llama.adapter.store import check_output_dir
 from fed_llama.backbone.load import load_backbone
+from fed_llama.config.adapter import method_label
 from fed_llama.config.train import TrainConfig
 from fed_llama.data.source import load_site_data
 from fed_llama.training.loop import train_adapter
-from fed_llama.training.lora import attach_lora, trainable_parameters
+from fed_llama.training.lora import trainable_parameters
 from fed_llama.training.loss import heldout_loss
+from fed_llama.training.method import attach_method, save_method
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ def peak_rss_mb() -> float:
 
 
 def method_name(cfg: TrainConfig) -> str:
-    return "qlora" if cfg.backbone.quantization == "nf4" else "lora"
+    """``qlora`` for LoRA on an NF4 backbone, else the adapter method's name."""
+    return method_label(cfg.method, cfg.backbone.quantization)
 
 
 def run_training(cfg: TrainConfig, out: Path, *, force: bool = False,
@@ -40,9 +43,9 @@ def run_training(cfg: TrainConfig, out: Path, *, force: bool = False,
     data = load_site_data(cfg.data, tok, cfg.train.seed)
     log.info("data: %d training and %d held-out examples (%s)", len(data.train),
              len(data.heldout), cfg.data.source)
-    model = attach_lora(backbone.model, cfg.lora, cfg.train.seed)
+    model = attach_method(backbone.model, cfg, cfg.train.seed)
     bs, pad = cfg.train.eval_batch_size, tok.pad_token_id
-    before = heldout_loss(model, data.heldout, bs, pad)  # B = 0: the adapter is a no-op
+    before = heldout_loss(model, data.heldout, bs, pad)  # at init every method is a no-op
     log.info("held-out before training: loss %.4f, perplexity %.2f", before.loss, before.perplexity)
     stats = train_adapter(model, data.train, cfg.train, pad, progress=progress)
     after = heldout_loss(model, data.heldout, bs, pad)
@@ -61,12 +64,15 @@ def run_training(cfg: TrainConfig, out: Path, *, force: bool = False,
         "kind": "adapter",
         "method": method_name(cfg),
         "backbone": backbone.describe(),
-        "lora": dataclasses.asdict(cfg.lora) | {"target_modules": list(cfg.lora.modules())},
+        "adapter": {"method": cfg.method, "settings": cfg.method_settings()},
         "optim": dataclasses.asdict(cfg.train),
         "data": data.summary,
         "metrics": metrics,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    save_adapter(model, out, manifest, force=force)
+    if cfg.method == "lora":
+        manifest["lora"] = (dataclasses.asdict(cfg.lora)
+                            | {"target_modules": list(cfg.lora.modules())})
+    save_method(model, cfg, out, manifest, base=str(backbone.source.model_dir), force=force)
     log.info("adapter saved to %s", out)
     return metrics
