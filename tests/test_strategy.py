@@ -80,6 +80,24 @@ def test_fedadam_takes_one_adam_step_along_the_lora_aware_mean() -> None:
         assert torch.allclose(new[k].double(), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_a_server_optimizer_keeps_the_adapters_dtype_so_round_two_is_admitted(name: str
+                                                                              ) -> None:
+    # Flower's FedOpt computes in float64; the sites train and reply in float32, and the
+    # admission check refuses an update whose dtype differs from the global adapter's
+    current, sites = _adapters()
+    strategy = _strategy(strategy=name)
+    rows: list[dict[str, float]] = []
+    innermost(strategy).on_train = lambda r, row: rows.append(row)
+    after_one, _ = _round(strategy, current, sites, [10, 30])
+    assert {v.dtype for v in after_one.values()} == {torch.float32}
+    again = [{k: v + 0.01 for k, v in after_one.items()} for _ in range(2)]
+    after_two, _ = _round(strategy, after_one, again, [10, 30], server_round=2)
+    assert [row["sites-trained"] for row in rows] == [2.0, 2.0]
+    assert [row["sites-refused"] for row in rows] == [0.0, 0.0]
+    assert {v.dtype for v in after_two.values()} == {torch.float32}
+
+
 def test_server_optimizers_pair_tensors_by_name_whatever_their_order() -> None:
     # a real adapter's tensors are not in sorted order (layers.10 sorts before layers.2):
     # the aggregate must come back in the order sent, as Flower's optimizers pair by position

@@ -167,17 +167,23 @@ class AdapterFedAvg(FedAvg):
 
 
 class RunRound:
-    """Hands the next class's ``aggregate_train`` the run's round number instead of Flower's
-    (which restarts at 1 on ``--resume``): FedAdam and FedYogi's bias correction depends on
-    it, and a resumed run must take the steps of one never interrupted."""
+    """For a server optimizer: hands its ``aggregate_train`` the run's round number instead
+    of Flower's (which restarts at 1 on ``--resume``): FedAdam and FedYogi's bias correction
+    depends on it, and a resumed run must take the steps of one never interrupted. Its result
+    comes back in the dtypes of the adapter sent (Flower's FedOpt computes in float64, and
+    the sites' float32 updates of the next round must match the global adapter's dtype)."""
 
     book: RoundBook
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        result: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(  # type: ignore[misc]
             self.book.real(server_round), replies)
-        return result
+        if arrays is None:
+            return None, metrics
+        sent = self.book.current
+        new = arrays.to_torch_state_dict()
+        return ArrayRecord({k: new[k].to(sent[k].dtype) for k in sent}), metrics
 
 
 class AdapterFedProx(FedProx, AdapterFedAvg):
