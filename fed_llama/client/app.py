@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fed_llama import wire
 from fed_llama.adapter.state import State
 from fed_llama.client import security
+from fed_llama.client.compression import compression_mod
 from fed_llama.client.federation import membership, named, queried_site
 from fed_llama.client.records import round_number, torch_state
 from fed_llama.common.notices import quiet_flower_actor
@@ -149,7 +150,8 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
 
 def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     """A ClientApp for ``scenario`` (None: read it from the run config)."""
-    app = ClientApp(mods=[quiet_worker, secagg_when_asked, security.envelope_mod(scenario)])
+    app = ClientApp(mods=[quiet_worker, secagg_when_asked, security.envelope_mod(scenario),
+                                  compression_mod(scenario)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

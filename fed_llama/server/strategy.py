@@ -7,8 +7,8 @@ DP-FedAvg mean of :mod:`fed_llama.server.privacy`) and writes each round's histo
 Flower's server optimizers and FedProx take it as their FedAvg: each is a plain class here
 (``class AdapterFedAdam(FedAdam, AdapterFedAvg)``), so FedAdam's step runs unchanged on the
 adapter-aware mean. :func:`build_strategy` picks the class and wraps it in the scenario's
-concerns (:mod:`fed_llama.server.wrapper`): cyclic turns, update envelopes, admission
-checks, evaluation every few rounds.
+concerns (:mod:`fed_llama.server.wrapper`): cyclic turns, admission checks, compressed
+updates, update envelopes, evaluation every few rounds.
 
 Differential privacy stays inside the mean rather than around the strategy: its noise must
 be added to the mean of the clipped changes before a server optimizer (FedAdam's step divides
@@ -41,6 +41,7 @@ from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.admission import Admission, admitted_replies
 from fed_llama.server.aggregation import A_TAG, combine
+from fed_llama.server.compression import CompressedUpdates
 from fed_llama.server.cyclic import CyclicTurns
 from fed_llama.server.envelopes import UpdateEnvelopes
 from fed_llama.server.evaluation import (
@@ -248,6 +249,8 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
     if fed.participation == "cyclic":
         strategy = CyclicTurns(strategy, book, site_nodes or {})
     strategy = Admission(strategy, book, scenario)
+    if fed.update_compression != "none":
+        strategy = CompressedUpdates(strategy, book, fed.update_compression)
     if security is not None:
         strategy = UpdateEnvelopes(strategy, book, security)
     return EvaluateEvery(strategy, book, every=fed.evaluate_every, rounds=fed.rounds,
