@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fed_llama.config.run_settings import federation_settings
@@ -124,8 +124,12 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         from fed_llama.server.cyclic import site_nodes
 
         nodes = site_nodes(grid, sites, scenario.federation.round_timeout)
+    # what a site needs of the federation's settings travels with every message: a site on its
+    # own machine reads no file of the aggregator's (fed_llama.config.run_settings)
+    settings = {SETTINGS: federation_settings(scenario), BACKBONE_SHA256: source.sha256}
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
-                              on_evaluate=on_evaluate, security=guard, site_nodes=nodes)
+                              on_evaluate=on_evaluate, security=guard, site_nodes=nodes,
+                              settings=settings)
     if done and uses_server_state(strategy):
         saved = store.load_optimizer(done, decrypt)
         if saved is None:
@@ -135,14 +139,9 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             restore_state(strategy, saved, list(state))
             log.info("--resume: %s state restored from round %d",
                      scenario.federation.strategy, done)
-    # what a site needs of the federation's settings travels with every message: a site on its
-    # own machine reads no file of the aggregator's (fed_llama.config.run_settings)
-    settings = {SETTINGS: federation_settings(scenario), BACKBONE_SHA256: source.sha256}
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
-                       timeout=scenario.federation.round_timeout,
-                       train_config=ConfigRecord(dict(settings)),
-                       evaluate_config=ConfigRecord(dict(settings)), evaluate_fn=checkpoint)
+                       timeout=scenario.federation.round_timeout, evaluate_fn=checkpoint)
     except RoundFailed as exc:  # no checkpoint, no seal: the row says why, the run fails
         store.record(exc.row)
         log.error("%s", exc)

@@ -55,6 +55,7 @@ from fed_llama.server.privacy import add_noise, epsilon
 from fed_llama.server.round_book import RoundBook
 from fed_llama.server.security import ServerGuard
 from fed_llama.server.weights import bounded_weights
+from fed_llama.server.wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,47 @@ def flower_arguments(scenario: ScenarioConfig, sites: int) -> dict[str, Any]:
     return kwargs
 
 
+class FedLlama(StrategyWrapper):
+    """The outermost layer: adds the federation's settings to every training and evaluation
+    message (what a site on its own machine needs: :mod:`fed_llama.config.run_settings`), and
+    names the stack in Flower's log (the settings stay out of it: Flower prints a strategy's
+    start config in full)."""
+
+    def __init__(self, strategy: Strategy, book: RoundBook, settings: dict[str, str]) -> None:
+        super().__init__(strategy, book)
+        self.settings = settings
+
+    def summary(self) -> None:
+        layers, inner = [], self.strategy
+        while isinstance(inner, StrategyWrapper):
+            layers.append(type(inner).__name__)
+            inner = inner.strategy
+        log.info("fed-llama: %s on %s; settings to the sites: %s", " > ".join(layers),
+                 type(inner).__name__, ", ".join(sorted(self.settings)) or "none")
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        for key, value in self.settings.items():
+            config[key] = value
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        for key, value in self.settings.items():
+            config[key] = value
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+
 def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
                    on_train: RowHook, on_evaluate: RowHook,
                    security: ServerGuard | None = None,
-                   site_nodes: dict[str, int] | None = None) -> Strategy:
+                   site_nodes: dict[str, int] | None = None,
+                   settings: dict[str, str] | None = None) -> Strategy:
     """The strategy named by ``federation.strategy`` on the adapter-aware mean, wrapped in
     the scenario's concerns (``site_nodes``: which node holds each site, for cyclic
-    participation; ``security``: the aggregator's keys, for update envelopes)."""
+    participation; ``security``: the aggregator's keys, for update envelopes; ``settings``:
+    the config entries every message carries to the sites)."""
     fed = scenario.federation
     book = RoundBook(list(site_names), round_offset)
     core = STRATEGIES[fed.strategy](**flower_arguments(scenario, len(site_names)))
@@ -253,5 +288,6 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
         strategy = CompressedUpdates(strategy, book, fed.update_compression)
     if security is not None:
         strategy = UpdateEnvelopes(strategy, book, security)
-    return EvaluateEvery(strategy, book, every=fed.evaluate_every, rounds=fed.rounds,
-                         skipped=on_evaluate)
+    strategy = EvaluateEvery(strategy, book, every=fed.evaluate_every, rounds=fed.rounds,
+                             skipped=on_evaluate)
+    return FedLlama(strategy, book, settings or {})
