@@ -28,7 +28,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
     import torch
 
     from fed_llama.backbone import load_backbone
-    from fed_llama.config import BackboneConfig, DataConfig, LoraSpec, OptimConfig
+    from fed_llama.config import BackboneConfig, DataConfig, LoraConfig, OptimConfig
     from fed_llama.data.batching import collate
     from fed_llama.data.source import load_site_data
     from fed_llama.training.loop import train_adapter
@@ -38,7 +38,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
     data = load_site_data(DataConfig(source=f"icd10:{site}"), bb.tokenizer, seed=0)
     pad = bb.tokenizer.pad_token_id
     if mode.startswith("fed-llama"):
-        model = attach_lora(bb.model, LoraSpec(), seed=0)
+        model = attach_lora(bb.model, LoraConfig(), seed=0)
         cfg = OptimConfig(max_steps=WARMUP, batch_size=batch_size, warmup_steps=0)
         train_adapter(model, data.train, cfg, pad, progress=False)  # warm-up, not timed
         stats = train_adapter(model, data.train, OptimConfig(
@@ -49,7 +49,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
         from peft import get_peft_model
 
         torch.manual_seed(0)
-        model = get_peft_model(bb.model, peft_config(LoraSpec()))
+        model = get_peft_model(bb.model, peft_config(LoraConfig()))
         optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         model.train()
         rng = random.Random(0)

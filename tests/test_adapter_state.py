@@ -54,7 +54,7 @@ def _method_states() -> dict[str, dict[str, torch.Tensor]]:
 
     from fed_llama.adapter.methods import METHODS, method_of
     from fed_llama.adapter.methods.own_format import trainable_state
-    from fed_llama.config.train import LoraSpec
+    from fed_llama.config.train import LoraConfig
     from fed_llama.training.lora import adapter_state, attach_lora
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -64,7 +64,7 @@ def _method_states() -> dict[str, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
         if name == "lora":
-            states[name] = adapter_state(attach_lora(model, LoraSpec(r=4), seed=0))
+            states[name] = adapter_state(attach_lora(model, LoraConfig(r=4), seed=0))
         else:
             spec = method_of(name)
             states[name] = trainable_state(spec.attach(model, spec.config_type(), 0))

@@ -86,7 +86,7 @@ def test_imports_only_go_down_the_documented_layers() -> None:
 def test_the_method_configs_are_the_config_layers_and_import_nothing_above_it() -> None:
     layers = documented_layers()
     configs = [p for p in SOURCES if METHOD_CONFIG.fullmatch(module_name(p))]
-    assert len(configs) == 3  # V1, V2, Excitor: LoRA's LoraSpec is in fed_llama/config
+    assert len(configs) == 3  # V1, V2, Excitor: LoRA's LoraConfig is in fed_llama/config
     for path in configs:
         for target in imports(path, top_level_only=False):
             assert layers[package_of(target)] <= layers["config"], (path, target)

@@ -100,12 +100,12 @@ def test_every_method_still_trains_on_nf4_after_an_evaluation_pass(tiny_backbone
     import torch
 
     from fed_llama.adapter.methods import method_of
-    from fed_llama.config.train import LoraSpec
+    from fed_llama.config.train import LoraConfig
     from fed_llama.training.lora import attach_lora
 
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone), quantization="nf4"))
     if method == "lora":
-        model = attach_lora(bb.model, LoraSpec(r=4), seed=0)
+        model = attach_lora(bb.model, LoraConfig(r=4), seed=0)
         with torch.no_grad():  # B = 0: give A a gradient path, as after one step
             for name, p in model.named_parameters():
                 if "lora_B" in name:

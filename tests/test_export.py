@@ -17,7 +17,7 @@ from fed_llama.adapter import save_adapter
 from fed_llama.backbone.load import load_backbone
 from fed_llama.config.export import ExportConfig, VerifyConfig
 from fed_llama.config.loader import build_config, load_config
-from fed_llama.config.train import BackboneConfig, LoraSpec
+from fed_llama.config.train import BackboneConfig, LoraConfig
 from fed_llama.errors import AdapterError, ConfigError
 from fed_llama.export.build import ExportError
 from fed_llama.export.merge import merge_adapter
@@ -41,7 +41,7 @@ def _trained_like_adapter(backbone: Path, out: Path,
                           seed: int = 1) -> Path:
     """A LoRA adapter with non-zero B (as after training), saved with a manifest."""
     bb = load_backbone(BackboneConfig(name=str(backbone), quantization=quantization))
-    model = attach_lora(bb.model, LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -203,12 +203,12 @@ def test_gate_and_up_are_one_matmul_unless_an_adapter_branch_keeps_them_apart(
     assert "/model/layers.0/mlp/gate_up_proj/MatMul" in matmuls  # fused (and the logits
     assert "/model/layers.0/mlp/gate_proj/MatMul" not in matmuls  # tests above still hold)
 
-    def lora(spec: LoraSpec, out: Path) -> Path:
+    def lora(spec: LoraConfig, out: Path) -> Path:
         bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))  # peft edits it in place
         return save_adapter(attach_lora(bb.model, spec, seed=0), out, {"backbone": bb.describe()})
 
-    mlp = lora(LoraSpec(r=2, include_mlp=True), tmp_path / "mlp")
-    attention = lora(LoraSpec(r=2), tmp_path / "attn")
+    mlp = lora(LoraConfig(r=2, include_mlp=True), tmp_path / "mlp")
+    attention = lora(LoraConfig(r=2), tmp_path / "attn")
     cfg = ExportConfig()
     assert "fuse_mlp_gate_up=true" in builder_options(cfg, attention)
     # a runtime LoRA branch on gate or up needs the projection on its own
@@ -424,7 +424,7 @@ def test_runtime_adapters_switch_per_site_without_re_export(
                                    err_msg=str(name))
 
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
-    rank2 = save_adapter(attach_lora(bb.model, LoraSpec(r=2), seed=0), tmp_path / "r2",
+    rank2 = save_adapter(attach_lora(bb.model, LoraConfig(r=2), seed=0), tmp_path / "r2",
                          {"backbone": bb.describe()})
     with pytest.raises(AdapterError, match=r"does not fit this export.*shape \[64, 2\]"):
         add_adapter(rank2, out, "r2")

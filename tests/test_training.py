@@ -14,7 +14,7 @@ from conftest import qa_records
 
 from fed_llama.adapter import MANIFEST, load_adapter, read_manifest, save_adapter
 from fed_llama.backbone import load_backbone
-from fed_llama.config import BackboneConfig, DataConfig, LoraSpec, OptimConfig, TrainConfig
+from fed_llama.config import BackboneConfig, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from fed_llama.data.batching import collate
 from fed_llama.data.source import load_site_data
 from fed_llama.errors import AdapterError
@@ -33,7 +33,7 @@ def _setup(tiny_backbone: Path, data_path: Path,  # type: ignore[no-untyped-def]
 
 def test_only_the_adapter_is_trainable(tiny_backbone: Path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
     bb, _ = _setup(tiny_backbone, write_jsonl(qa_records(10)))
-    model = attach_lora(bb.model, LoraSpec(r=4), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=4), seed=0)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     # r * (in + out) per adapted projection; q: 64->64, k,v: 64->32, o: 64->64; 2 layers
@@ -61,7 +61,7 @@ def test_warmup_then_cosine_schedule() -> None:
 def test_rounds_share_one_schedule_as_one_run_would(tiny_backbone: Path,  # type: ignore[no-untyped-def]
                                                      write_jsonl) -> None:
     bb, data = _setup(tiny_backbone, write_jsonl(qa_records(16)))
-    model = attach_lora(bb.model, LoraSpec(r=4, dropout=0.0), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=4, dropout=0.0), seed=0)
     pad = bb.tokenizer.pad_token_id
     cfg = OptimConfig(max_steps=4, lr=1e-2, warmup_steps=2, batch_size=4)
     rounds = [train_adapter(model, data.train, cfg, pad, progress=False,
@@ -82,7 +82,7 @@ def test_a_run_continued_with_its_optimizer_state_equals_one_uninterrupted_run( 
 
     def run(halves: bool, carry: bool) -> dict[str, torch.Tensor]:
         model = attach_lora(load_backbone(BackboneConfig(name=str(tiny_backbone))).model,
-                            LoraSpec(r=4, dropout=0.0), seed=0)
+                            LoraConfig(r=4, dropout=0.0), seed=0)
         if not halves:
             train_adapter(model, items, dataclasses.replace(cfg, max_steps=6), pad,
                           progress=False)
@@ -104,7 +104,7 @@ def test_a_run_continued_with_its_optimizer_state_equals_one_uninterrupted_run( 
 def test_an_optimizer_state_for_other_parameters_is_refused(tiny_backbone: Path,  # type: ignore[no-untyped-def]
                                                              write_jsonl) -> None:
     bb, data = _setup(tiny_backbone, write_jsonl(qa_records(8)))
-    model = attach_lora(bb.model, LoraSpec(r=4, dropout=0.0), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=4, dropout=0.0), seed=0)
     cfg, pad = OptimConfig(max_steps=1, batch_size=4), bb.tokenizer.pad_token_id
     saved = train_adapter(model, data.train, cfg, pad, progress=False,
                           keep_optimizer=True).optimizer_state
@@ -119,7 +119,7 @@ def test_an_optimizer_state_for_other_parameters_is_refused(tiny_backbone: Path,
 
 def test_a_few_steps_lower_the_loss(tiny_backbone: Path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
     bb, data = _setup(tiny_backbone, write_jsonl(qa_records(40)))
-    model = attach_lora(bb.model, LoraSpec(r=8, dropout=0.0), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=8, dropout=0.0), seed=0)
     pad = bb.tokenizer.pad_token_id
     before = heldout_loss(model, data.train, 8, pad)
     stats = train_adapter(model, data.train, OptimConfig(max_steps=30, lr=1e-2, warmup_steps=2,
@@ -135,7 +135,7 @@ def test_qlora_gradients_reach_the_adapter_and_lower_the_loss(tiny_backbone: Pat
                                                               write_jsonl) -> None:
     pytest.importorskip("bitsandbytes")
     bb, data = _setup(tiny_backbone, write_jsonl(qa_records(40)), quantization="nf4")
-    model = attach_lora(bb.model, LoraSpec(r=8, dropout=0.0), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=8, dropout=0.0), seed=0)
     pad = bb.tokenizer.pad_token_id
     nll, n = answer_nll(model, collate(data.train[:4], pad))
     (nll / n).backward()
@@ -180,7 +180,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_reproduces_the_loss(  # type:
 def test_an_existing_output_folder_is_never_overwritten_without_force(
         tiny_backbone: Path, tmp_path: Path) -> None:
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
-    model = attach_lora(bb.model, LoraSpec(r=2), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=2), seed=0)
     out = tmp_path / "a"
     save_adapter(model, out, {"note": "first"})
     with pytest.raises(AdapterError, match=r"already exists.*--force"):
@@ -194,7 +194,7 @@ def test_an_existing_output_folder_is_never_overwritten_without_force(
 def test_a_corrupted_or_mismatched_adapter_is_refused(tiny_backbone: Path,
                                                       tmp_path: Path) -> None:
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
-    model = attach_lora(bb.model, LoraSpec(r=2), seed=0)
+    model = attach_lora(bb.model, LoraConfig(r=2), seed=0)
     out = save_adapter(model, tmp_path / "a", {"backbone": {"id": "x", "sha256": "0" * 64}})
     fresh = load_backbone(BackboneConfig(name=str(tiny_backbone)))
     with pytest.raises(AdapterError, match="was trained on backbone 'x'"):
@@ -212,7 +212,7 @@ def test_wrong_shapes_are_refused_with_a_clear_error(tiny_backbone: Path, tmp_pa
     from safetensors.torch import load_file, save_file
 
     bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
-    out = save_adapter(attach_lora(bb.model, LoraSpec(r=2), seed=0), tmp_path / "a", {})
+    out = save_adapter(attach_lora(bb.model, LoraConfig(r=2), seed=0), tmp_path / "a", {})
     (out / MANIFEST).unlink()  # a plain peft folder: no hashes to catch the edit
     tensors = load_file(out / "adapter_model.safetensors")
     save_file({k: torch.zeros(v.shape[0] + 1, v.shape[1]) for k, v in tensors.items()},

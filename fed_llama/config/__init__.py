@@ -4,7 +4,7 @@ from fed_llama.config.loader import build_config, load_config
 from fed_llama.config.train import (
     BackboneConfig,
     DataConfig,
-    LoraSpec,
+    LoraConfig,
     OptimConfig,
     TrainConfig,
 )
@@ -12,7 +12,7 @@ from fed_llama.config.train import (
 __all__ = [
     "BackboneConfig",
     "DataConfig",
-    "LoraSpec",
+    "LoraConfig",
     "OptimConfig",
     "TrainConfig",
     "build_config",

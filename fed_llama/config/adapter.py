@@ -7,7 +7,7 @@ section, parsed into the frozen dataclass its package declares (``fed_llama.adap
 =====================  ======================  ========================================
 ``adapter.method``     section                 dataclass
 =====================  ======================  ========================================
-``lora``               ``[lora]``              :class:`LoraSpec`
+``lora``               ``[lora]``              :class:`LoraConfig`
 ``llama-adapter``      ``[llama_adapter]``     ``LlamaAdapterConfig`` (V1, peft)
 ``llama-adapter-v2``   ``[llama_adapter_v2]``  ``LlamaAdapterV2Config``
 ``excitor``            ``[excitor]``           ``ExcitorConfig``
@@ -36,7 +36,7 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
-class LoraSpec:
+class LoraConfig:
     """The low-rank adapter every site trains (peft's LoRA)."""
 
     r: int = 8
@@ -120,7 +120,7 @@ class MethodSections:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """Which method trains ([adapter])."""
 
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA's shape ([lora]; ``adapter.method = "lora"`` only)."""
 
     llama_adapter: LlamaAdapterConfig = field(default_factory=LlamaAdapterConfig)
@@ -139,7 +139,7 @@ class MethodSections:
         return self.adapter.method
 
     def method_config(self) -> Any:
-        """The chosen method's settings (a LoraSpec for LoRA)."""
+        """The chosen method's settings (a LoraConfig for LoRA)."""
         return getattr(self, SECTIONS[self.adapter.method])
 
     def method_settings(self) -> dict[str, Any]:
@@ -151,11 +151,11 @@ class MethodSections:
         """A non-default [lora] key with another method."""
         if self.adapter.method == "lora":
             return []
-        default = LoraSpec()
+        default = LoraConfig()
         return [f"lora.{f.name} = {getattr(self.lora, f.name)!r} is a LoRA setting, but "
                 f"adapter.method = {self.adapter.method!r}: remove it from [lora], or set "
                 "adapter.method = 'lora'"
-                for f in dataclasses.fields(LoraSpec)
+                for f in dataclasses.fields(LoraConfig)
                 if getattr(self.lora, f.name) != getattr(default, f.name)]
 
     def problems(self) -> list[str]:

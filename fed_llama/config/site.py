@@ -20,7 +20,7 @@ from fed_llama.adapter.methods.llama_adapter.config import LlamaAdapterConfig
 from fed_llama.adapter.methods.llama_adapter_v2.config import LlamaAdapterV2Config
 from fed_llama.config.adapter import SECTIONS
 from fed_llama.config.loader import load_config
-from fed_llama.config.train import ICD10_PREFIX, LoraSpec
+from fed_llama.config.train import ICD10_PREFIX, LoraConfig
 
 SITE_CONFIG = "site-config"
 """The node config key naming a SuperNode's site config file (an absolute path)."""
@@ -67,7 +67,7 @@ class SiteConfig:
     (LoRA on the 4-bit NF4 backbone), ``llama-adapter`` (V1), ``llama-adapter-v2`` or
     ``excitor``. A run of another method is refused."""
 
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapter shape the site agreed to train ([lora]: ``r``, ``alpha``,
     ``target_modules``, ``include_mlp``); a run of another shape is refused (``dropout`` is
     the federation's)."""

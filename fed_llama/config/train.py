@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fed_llama.config.adapter import ATTENTION_MODULES, MLP_MODULES, LoraSpec, MethodSections
+from fed_llama.config.adapter import ATTENTION_MODULES, MLP_MODULES, LoraConfig, MethodSections
 
 __all__ = ["ATTENTION_MODULES", "ICD10_PREFIX", "MLP_MODULES", "BackboneConfig", "DataConfig",
-           "LoraSpec", "OptimConfig", "TrainConfig"]
+           "LoraConfig", "OptimConfig", "TrainConfig"]
 
 ICD10_PREFIX = "icd10:"
 

@@ -8,17 +8,17 @@ import torch
 
 from fed_llama.adapter.peft_import import peft_module as _peft
 from fed_llama.common.notices import without_checkpointing_notice
-from fed_llama.config.train import LoraSpec
+from fed_llama.config.train import LoraConfig
 
 
-def peft_config(spec: LoraSpec) -> Any:
+def peft_config(spec: LoraConfig) -> Any:
     """peft's LoraConfig for ``spec``."""
     return _peft().LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                               target_modules=list(spec.modules()), bias="none",
                               task_type="CAUSAL_LM")
 
 
-def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
+def attach_lora(model: Any, spec: LoraConfig, seed: int) -> Any:
     """Wrap ``model`` in a peft model with a freshly initialized adapter (seeded).
 
     Only the adapter is trainable. On an NF4 backbone the LoRA layers wrap bitsandbytes'
@@ -57,7 +57,7 @@ def load_adapter_state(model: Any, state: dict[str, torch.Tensor],
         raise ValueError(f"adapter weights do not fit the model: unexpected {unexpected[:3]}")
 
 
-def use_rank(model: Any, spec: LoraSpec, rank: int, seed: int) -> str:
+def use_rank(model: Any, spec: LoraConfig, rank: int, seed: int) -> str:
     """Make the adapter of rank ``rank`` the active one (added, seeded, on first use); return
     its name. The global rank ``spec.r`` is peft's ``default`` adapter."""
     import dataclasses
