@@ -71,7 +71,7 @@ def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, A
     from fed_llama.client import site as site_ops
     from fed_llama.evaluation.tasks import evaluate_tasks
     from fed_llama.training import site_model
-    from fed_llama.training.lora import load_adapter_state
+    from fed_llama.training.method import load_method_state
 
     loaded = site_model.loaded_site_model(scenario)
     row: dict[str, Any] = {}
@@ -80,7 +80,7 @@ def measure(scenario: Any, state: dict[str, Any], questions: int) -> dict[str, A
         ev = site_ops.evaluate(scenario, i, state)
         nll += ev["heldout-loss"] * ev["heldout-tokens"]
         tokens += ev["heldout-tokens"]
-        load_adapter_state(loaded.model, state)
+        load_method_state(loaded.model, scenario.method, state)
         loaded.model.eval()
         report = evaluate_tasks(loaded.model, loaded.tokenizer,
                                 site_ops.site_data(scenario, i).heldout_examples,
@@ -134,16 +134,17 @@ def train_fresh(scenario: Any, items: list[Any], steps: int, desc: str, accumula
     (``accumulate``: each step's batch that many times the scenario's)."""
     from fed_llama.training import site_model
     from fed_llama.training.loop import train_adapter
-    from fed_llama.training.lora import adapter_state, load_adapter_state
+    from fed_llama.training.method import load_method_state, method_state
 
     loaded = site_model.loaded_site_model(scenario)
-    load_adapter_state(loaded.model, site_model.initial_state(scenario))
-    for name, param in loaded.model.named_parameters():
-        param.requires_grad_("lora_" in name)
+    load_method_state(loaded.model, scenario.method, site_model.initial_state(scenario))
+    if scenario.method == "lora":  # every LoRA factor trains (a federated run may freeze A)
+        for name, param in loaded.model.named_parameters():
+            param.requires_grad_("lora_" in name)
     cfg = dataclasses.replace(scenario.train, max_steps=steps,
                               grad_accum=scenario.train.grad_accum * accumulate)
     train_adapter(loaded.model, items, cfg, loaded.tokenizer.pad_token_id, desc=desc)
-    return adapter_state(loaded.model)
+    return method_state(loaded.model, scenario.method)
 
 
 def main() -> None:

@@ -1,0 +1,189 @@
+"""The adapter methods side by side: LoRA, QLoRA, LLaMA-Adapter V1, V2, V2 bias-scale-norm and
+LLaMA-Excitor on the same site data, backbone and step budget.
+
+For each method, in three resumable stages (each finished piece is written to the JSON at once
+and skipped on the next run; ``--force STAGE`` measures a stage again):
+
+1. ``sweep``: a fair learning rate. ``fed-llama train`` for ``--sweep-steps`` steps at each of
+   the method's three candidate rates on the site's *training* data only (its
+   ``data.val_fraction`` split is the validation set; the held-out codes are never looked at),
+   keeping the rate with the lowest validation perplexity.
+2. ``site``: ``fed-llama train`` for ``--steps`` steps at that rate on the ICD-10 site (its
+   own process, so peak RSS is the method's): trainable parameters and their share of the
+   backbone, the update's bytes per round (the adapter payload a site signs and encrypts),
+   local tokens/s, peak RSS, held-out answer perplexity before and after (the issue's target:
+   at least 80% lower after 200 steps), and ``fed-llama eval``'s description -> code category
+   accuracy.
+3. ``federation``: ``benchmarks/federated_vs_local.py`` on a short 3-hospital federation of
+   the method (``--fed-rounds`` x ``--fed-steps``) against its local-only and centralized
+   runs with the same steps: pooled held-out perplexity and category accuracy
+   (``federated_beats_local``: the federation's pooled perplexity below every local-only
+   adapter's).
+
+    python benchmarks/methods.py                       # about 2 hours on 2 cores
+    python benchmarks/methods.py --stages site --methods lora excitor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from harness import HERE, add_json_argument, markdown_table, write_results
+
+METHODS: dict[str, list[str]] = {
+    "lora": [],
+    "qlora": ["backbone.quantization='nf4'"],
+    "llama-adapter": ["adapter.method='llama-adapter'"],
+    "llama-adapter-v2": ["adapter.method='llama-adapter-v2'"],
+    "v2-bias-scale-norm": ["adapter.method='llama-adapter-v2'",
+                           "llama_adapter_v2.prompts=false"],
+    "excitor": ["adapter.method='excitor'"],
+}
+"""Each row's ``--set`` overrides of the default train config."""
+
+RATES: dict[str, tuple[float, ...]] = {
+    "lora": (3e-4, 1e-3, 3e-3), "qlora": (3e-4, 1e-3, 3e-3),
+    "llama-adapter": (1e-3, 5e-3, 2e-2), "llama-adapter-v2": (1e-3, 5e-3, 2e-2),
+    "v2-bias-scale-norm": (1e-3, 5e-3, 2e-2), "excitor": (1e-3, 5e-3, 2e-2),
+}
+"""Candidate learning rates: around peft's LoRA default, and around the LLaMA-Adapter
+papers' 9e-3 (scaled for a batch of 8) for the prompt and bias/scale methods."""
+
+BACKBONE_PARAMETERS = 134_515_008
+"""SmolLM2-135M-Instruct's parameters (tied embeddings counted once)."""
+
+
+def fed_llama(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "fed_llama.cli.main", "-q", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+EXTRA: list[str] = []
+"""``--set`` overrides for every run (the command line's)."""
+
+
+def train(out: Path, sets: list[str]) -> dict[str, Any]:
+    """``fed-llama train`` with ``sets``; its metrics."""
+    metrics = out.with_suffix(".json")
+    fed_llama("train", "--out", str(out), "--metrics", str(metrics), "--force",
+              *[x for s in sets + EXTRA for x in ("--set", s)])
+    return dict(json.loads(metrics.read_text()))
+
+
+def sweep(method: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    source = work / "train.jsonl"
+    if not source.is_file():  # the site's training records only; held-out codes left out
+        fed_llama("data", "icd10", "--site", args.site, "--out", str(source),
+                  "--heldout", str(work / "heldout-unused.jsonl"))
+    found = {}
+    for lr in RATES[method]:
+        m = train(work / f"sweep-{method}-{lr:g}", METHODS[method] + [
+            f"data.source='{source}'", f"train.max_steps={args.sweep_steps}",
+            f"train.lr={lr}", f"data.max_heldout_records={args.heldout}"])
+        found[f"{lr:g}"] = round(m["heldout_after"]["perplexity"], 3)
+        print(f"  sweep {method} lr {lr:g}: validation perplexity {found[f'{lr:g}']}",
+              flush=True)
+    best = min(found, key=lambda k: found[k])
+    return {"validation_ppl_by_lr": found, "lr": float(best)}
+
+
+def site(method: str, lr: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    out = work / f"site-{method}"
+    m = train(out, METHODS[method] + [
+        f"data.source='icd10:{args.site}'", f"train.max_steps={args.steps}", f"train.lr={lr}",
+        f"data.max_heldout_records={args.heldout}"])
+    scores = work / f"eval-{method}.json"
+    fed_llama("eval", "--adapter", str(out), "--data", f"icd10:{args.site}", "--max-records",
+              str(args.heldout), "--questions", str(args.questions), "--tasks", "desc2code",
+              "--json", str(scores))
+    category = json.loads(scores.read_text())["tasks"]["desc2code"]["category"]
+    payload = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    params = int(m["trainable_parameters"])
+    return {"trainable": params, "trainable_pct": round(100 * params / BACKBONE_PARAMETERS, 3),
+            "bytes_per_round": payload, "tokens_per_s": m["train"]["tokens_per_second"],
+            "peak_rss_mb": m["peak_rss_mb"],
+            "ppl_before": round(m["heldout_before"]["perplexity"], 2),
+            "ppl_after": round(m["heldout_after"]["perplexity"], 2),
+            "reduction": round(m["perplexity_reduction"], 4),
+            "category": round(category, 3), "steps": m["train"]["steps"]}
+
+
+def federation(method: str, lr: float, args: argparse.Namespace, work: Path
+               ) -> dict[str, Any]:
+    out = work / f"federation-{method}.json"
+    sets = METHODS[method] + EXTRA + [f"train.lr={lr}", f"federation.rounds={args.fed_rounds}",
+                                      f"train.max_steps={args.fed_steps}"]
+    subprocess.run([sys.executable, str(HERE / "federated_vs_local.py"), "--modes", "factors",
+                    "--questions", str(args.questions), "--json", str(out), "--resume",
+                    *[x for s in sets for x in ("--set", s)]], check=True)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    fed, central = rows["federated:factors"], rows["centralized"]
+    local = [r for v, r in rows.items() if v.startswith("local:")]
+    return {"fed_ppl": fed["pooled_ppl"], "fed_category": fed.get("pooled_category"),
+            "central_ppl": central["pooled_ppl"],
+            "best_local_ppl": min(r["pooled_ppl"] for r in local),
+            "federated_beats_local": all(fed["pooled_ppl"] < r["pooled_ppl"] for r in local)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--stages", nargs="+", default=["sweep", "site", "federation"],
+                        choices=["sweep", "site", "federation"])
+    parser.add_argument("--force", nargs="*", default=[], choices=["sweep", "site", "federation"])
+    parser.add_argument("--site", default="cardiology")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--sweep-steps", type=int, default=40)
+    parser.add_argument("--fed-rounds", type=int, default=2)
+    parser.add_argument("--fed-steps", type=int, default=10)
+    parser.add_argument("--heldout", type=int, default=128, help="held-out records evaluated")
+    parser.add_argument("--questions", type=int, default=32, help="questions per task")
+    parser.add_argument("--work", help="keep adapters and partial files here (default: temp)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="an override for every training run (e.g. another backbone)")
+    add_json_argument(parser, "methods.json")
+    args = parser.parse_args()
+    EXTRA.extend(args.overrides)
+    path = Path(args.json)
+    setup = {"overrides": args.overrides, "site": args.site, "steps": args.steps,
+             "sweep_steps": args.sweep_steps,
+             "fed_rounds": args.fed_rounds, "fed_steps": args.fed_steps,
+             "heldout": args.heldout, "questions": args.questions}
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    rows: dict[str, dict[str, Any]] = (saved.get("methods", {})
+                                       if saved.get("setup") == setup else {})
+    with tempfile.TemporaryDirectory(prefix="fed-llama-methods-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for method in args.methods:
+            row = rows.setdefault(method, {"method": method})
+            for stage in args.stages:
+                if stage in row and stage not in args.force:
+                    continue
+                lr = row.get("sweep", {}).get("lr", RATES[method][1])
+                if stage == "sweep":
+                    row["sweep"] = sweep(method, args, work)
+                elif stage == "site":
+                    row["site"] = site(method, lr, args, work)
+                else:
+                    row["federation"] = federation(method, lr, args, work)
+                print(f"  {method} {stage}: {row[stage]}", flush=True)
+                write_results(path, {"setup": setup, "methods": rows})
+    table = [{"method": m, "lr": r.get("sweep", {}).get("lr"), **r.get("site", {}),
+              **r.get("federation", {})} for m, r in rows.items()]
+    print(markdown_table(table, ["method", "lr", "trainable", "trainable_pct",
+                                 "bytes_per_round", "tokens_per_s", "peak_rss_mb", "ppl_before",
+                                 "ppl_after", "reduction", "category", "fed_ppl",
+                                 "best_local_ppl", "central_ppl", "federated_beats_local"]))
+    write_results(path, {"setup": setup, "methods": rows})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
