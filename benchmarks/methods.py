@@ -70,7 +70,7 @@ EXTRA: list[str] = []
 
 def train(out: Path, sets: list[str]) -> dict[str, Any]:
     """``fed-llama train`` with ``sets``; its metrics."""
-    metrics = out.with_suffix(".json")
+    metrics = out.parent / f"{out.name}.json"
     fed_llama("train", "--out", str(out), "--metrics", str(metrics), "--force",
               *[x for s in sets + EXTRA for x in ("--set", s)])
     return dict(json.loads(metrics.read_text()))
@@ -85,6 +85,7 @@ def sweep(method: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for lr in RATES[method]:
         m = train(work / f"sweep-{method}-{lr:g}", METHODS[method] + [
             f"data.source='{source}'", f"train.max_steps={args.sweep_steps}",
+            f"train.warmup_steps={min(10, args.sweep_steps // 4)}",
             f"train.lr={lr}", f"data.max_heldout_records={args.heldout}"])
         found[f"{lr:g}"] = round(m["heldout_after"]["perplexity"], 3)
         print(f"  sweep {method} lr {lr:g}: validation perplexity {found[f'{lr:g}']}",
@@ -97,6 +98,7 @@ def site(method: str, lr: float, args: argparse.Namespace, work: Path) -> dict[s
     out = work / f"site-{method}"
     m = train(out, METHODS[method] + [
         f"data.source='icd10:{args.site}'", f"train.max_steps={args.steps}", f"train.lr={lr}",
+        f"train.warmup_steps={min(10, args.steps // 4)}",
         f"data.max_heldout_records={args.heldout}"])
     scores = work / f"eval-{method}.json"
     fed_llama("eval", "--adapter", str(out), "--data", f"icd10:{args.site}", "--max-records",
