@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, Context, Message, MessageType
+from flwr.app import ArrayRecord, Context, Message
 
 from fed_llama import wire
-from fed_llama.client.federation import membership
+from fed_llama.client.federation import training_membership
 from fed_llama.client.records import torch_state
 from fed_llama.config.scenario import ScenarioConfig
 
@@ -32,17 +32,13 @@ def compression_mod(scenario: ScenarioConfig | None) -> Mod:
 
     def mod(msg: Message, context: Context,
             call_next: Callable[[Message, Context], Message]) -> Message:
-        content = msg.content
-        if (msg.metadata.message_type.partition(".")[0] != MessageType.TRAIN
-                or wire.CONFIG not in content.config_records
-                or wire.ARRAYS not in content.array_records):  # not ours (SecAgg+'s layout)
+        member = training_membership(msg, context, scenario)
+        if member is None:
             return call_next(msg, context)
-        member = membership(content.config_records[wire.CONFIG], context.node_config,
-                            context.run_config, scenario)
         scheme = member.scenario.federation.update_compression
         if scheme == "none":
             return call_next(msg, context)
-        current = torch_state(content.array_records[wire.ARRAYS])
+        current = torch_state(msg.content.array_records[wire.ARRAYS])
         reply = call_next(msg, context)
         if reply.has_error():
             return reply

@@ -22,6 +22,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flwr.app import MessageType
+
+from fed_llama import wire
 from fed_llama.config.run_config import load_scenario, scenario_path, with_key_folder
 from fed_llama.config.run_settings import site_scenario
 from fed_llama.config.scenario import ScenarioConfig
@@ -143,3 +146,17 @@ def queried_site(config: Mapping[str, Any], node_config: Mapping[str, Any],
                               "name for this site")
         return names.index(site.name)
     return partition(node_config, scenario or shared_scenario(run_config))
+
+
+def training_membership(msg: Any, context: Any, scenario: ScenarioConfig | None
+                        ) -> Membership | None:
+    """This node's membership for a training message in fed-llama's layout (its config and
+    arrays records), or None for any other message (an evaluation, a query, a SecAgg+
+    round's legacy layout): what a ClientApp mod that acts on training asks first."""
+    content = msg.content
+    if (msg.metadata.message_type.partition(".")[0] != MessageType.TRAIN
+            or wire.CONFIG not in content.config_records
+            or wire.ARRAYS not in content.array_records):
+        return None
+    return membership(content.config_records[wire.CONFIG], context.node_config,
+                      context.run_config, scenario)

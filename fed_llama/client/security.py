@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fed_llama import wire
 from fed_llama.adapter.state import State, state_digest, state_payload
-from fed_llama.client.federation import membership
+from fed_llama.client.federation import training_membership
 from fed_llama.client.records import round_number, scalars, torch_state
 from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.config.security import SecurityConfig
@@ -98,20 +98,18 @@ def envelope_mod(scenario: ScenarioConfig | None) -> Mod:
 
     def mod(msg: Message, context: Context,
             call_next: Callable[[Message, Context], Message]) -> Message:
-        content = msg.content
-        if (msg.metadata.message_type.partition(".")[0] != MessageType.TRAIN
-                or wire.CONFIG not in content.config_records
-                or wire.ARRAYS not in content.array_records):  # not ours (SecAgg+'s layout)
+        member = training_membership(msg, context, scenario)
+        if member is None:
             return call_next(msg, context)
-        config = content.config_records[wire.CONFIG]
-        member = membership(config, context.node_config, context.run_config, scenario)
+        config = msg.content.config_records[wire.CONFIG]
         sec = member.scenario.security
         if not sec.envelopes:
             return call_next(msg, context)
         key, server = site_keys(sec, member.name, member.key_paths)
         server_round = round_number(config)
         # check the seal before spending any time on training
-        run = check_round(sec, server, config, torch_state(content.array_records[wire.ARRAYS]),
+        run = check_round(sec, server, config,
+                          torch_state(msg.content.array_records[wire.ARRAYS]),
                           server_round)
         reply = call_next(msg, context)
         if reply.has_error():

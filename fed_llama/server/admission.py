@@ -30,7 +30,7 @@ from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.crypto.refusal import Refused
 from fed_llama.server.evaluation import scalars
 from fed_llama.server.round_book import RoundBook
-from fed_llama.server.wrapper import StrategyWrapper
+from fed_llama.server.wrapper import StrategyWrapper, carried_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +129,6 @@ def read_reply(reply: Message, site_names: list[str]) -> Admitted:
     if not 0 <= index < len(site_names):
         raise Refused("unknown-site", f"site index {index} names no site of the scenario")
     return site_names[index], state, metrics
-
-
-def carried_bytes(reply: Message) -> int:
-    """Bytes of the update a reply carries: the envelope, or the plain arrays (0 when it
-    carries neither in a readable form)."""
-    try:
-        content = reply.content
-        if wire.ENVELOPE in content.config_records:
-            sealed = content.config_records[wire.ENVELOPE].get(wire.ENVELOPE_BYTES)
-            return len(sealed) if isinstance(sealed, bytes) else 0
-        if wire.ARRAYS in content.array_records:
-            return sum(len(a.data) for a in content.array_records[wire.ARRAYS].values())
-    except Exception:  # a malformed reply: it is refused on its own account
-        return 0
-    return 0
 
 
 class Admission(StrategyWrapper):

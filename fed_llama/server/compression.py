@@ -18,8 +18,6 @@ from flwr.serverapp.strategy import Strategy
 
 from fed_llama import wire
 from fed_llama.adapter.compression import decompress
-from fed_llama.crypto.refusal import Refused
-from fed_llama.server.admission import carried_bytes
 from fed_llama.server.round_book import RoundBook
 from fed_llama.server.wrapper import StrategyWrapper
 
@@ -31,23 +29,13 @@ class CompressedUpdates(StrategyWrapper):
         super().__init__(strategy, book)
         self.scheme = scheme
 
+    def decode(self, reply: Message) -> None:
+        """Replace the compressed change ``reply`` carries by the adapter it describes."""
+        record = reply.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        state = decompress(record, self.book.current, self.scheme)
+        reply.content[wire.ARRAYS] = ArrayRecord(state)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        passed: list[Message] = []
-        for reply in replies:
-            if reply.has_error():  # the core strategy counts it as failed
-                passed.append(reply)
-                continue
-            node = reply.metadata.src_node_id
-            self.book.bytes_up.setdefault(node, carried_bytes(reply))
-            try:
-                record = reply.content.array_records[wire.ARRAYS].to_torch_state_dict()
-                state = decompress(record, self.book.current, self.scheme)
-            except Exception as exc:  # a record that does not fit, or cannot be read
-                self.book.refuse(node, Refused(
-                    "malformed", f"the compressed update cannot be decoded "
-                    f"({type(exc).__name__}: {str(exc)[:160]})"))
-                continue
-            reply.content[wire.ARRAYS] = ArrayRecord(state)
-            passed.append(reply)
-        return self.strategy.aggregate_train(server_round, passed)
+        decoded = self.each_reply(replies, self.decode, "the compressed update cannot be decoded")
+        return self.strategy.aggregate_train(server_round, decoded)

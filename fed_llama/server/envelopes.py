@@ -18,7 +18,6 @@ from flwr.serverapp.strategy import Strategy
 
 from fed_llama import wire
 from fed_llama.crypto.refusal import Refused
-from fed_llama.server.admission import carried_bytes
 from fed_llama.server.round_book import RoundBook
 from fed_llama.server.security import ServerGuard
 from fed_llama.server.wrapper import StrategyWrapper
@@ -57,23 +56,5 @@ class UpdateEnvelopes(StrategyWrapper):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        opened: list[Message] = []
-        for reply in replies:
-            if reply.has_error():  # the core strategy counts it as failed
-                opened.append(reply)
-                continue
-            node = reply.metadata.src_node_id
-            self.book.bytes_up[node] = carried_bytes(reply)
-            try:
-                try:
-                    self.open(reply)
-                except Refused:
-                    raise
-                except Exception as exc:  # nothing one reply holds may cost the round
-                    raise Refused("malformed", f"the reply cannot be processed "
-                                  f"({type(exc).__name__}: {str(exc)[:120]})") from None
-            except Refused as exc:
-                self.book.refuse(node, exc)
-                continue
-            opened.append(reply)
+        opened = self.each_reply(replies, self.open, "the reply cannot be processed")
         return self.strategy.aggregate_train(server_round, opened)

@@ -21,13 +21,15 @@ them), takes out the replies it refuses and notes them in the shared
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fed_llama import wire
+from fed_llama.crypto.refusal import Refused
 from fed_llama.server.round_book import RoundBook
 
 
@@ -59,6 +61,33 @@ class StrategyWrapper(Strategy):
                            grid: Grid) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
+    def each_reply(self, replies: Iterable[Message], change: Callable[[Message], None],
+                   what: str) -> list[Message]:
+        """The replies after ``change`` rewrote each in place: one that ``change`` refuses
+        (or that makes it fail in any way: ``malformed``, saying it is ``what``) is noted in
+        the round book and left out; a reply carrying an error passes untouched. The bytes
+        of each update are noted as it arrived, before ``change``."""
+        passed: list[Message] = []
+        for reply in replies:
+            if reply.has_error():  # the core strategy counts it as failed
+                passed.append(reply)
+                continue
+            node = reply.metadata.src_node_id
+            self.book.bytes_up.setdefault(node, carried_bytes(reply))
+            try:
+                try:
+                    change(reply)
+                except Refused:
+                    raise
+                except Exception as exc:  # nothing one reply holds may cost the round
+                    raise Refused("malformed", f"{what} ({type(exc).__name__}: "
+                                  f"{str(exc)[:160]})") from None
+            except Refused as exc:
+                self.book.refuse(node, exc)
+                continue
+            passed.append(reply)
+        return passed
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
@@ -70,3 +99,18 @@ def innermost(strategy: Any) -> Any:
     while isinstance(strategy, StrategyWrapper):
         strategy = strategy.strategy
     return strategy
+
+
+def carried_bytes(reply: Message) -> int:
+    """Bytes of the update a reply carries: the envelope, or the plain arrays (0 when it
+    carries neither in a readable form)."""
+    try:
+        content = reply.content
+        if wire.ENVELOPE in content.config_records:
+            sealed = content.config_records[wire.ENVELOPE].get(wire.ENVELOPE_BYTES)
+            return len(sealed) if isinstance(sealed, bytes) else 0
+        if wire.ARRAYS in content.array_records:
+            return sum(len(a.data) for a in content.array_records[wire.ARRAYS].values())
+    except Exception:  # a malformed reply: it is refused on its own account
+        return 0
+    return 0
