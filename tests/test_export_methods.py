@@ -193,3 +193,16 @@ def test_the_plain_route_quantizes_with_matmulnbits_round_to_nearest_only() -> N
                      source="p.toml")
     assert build_config(ExportConfig, {"exporter": "torch", "quant": "int8"},
                         source="p.toml").quant == "int8"
+
+
+def test_build_graph_refuses_a_model_with_branches_on_the_builder_route(tmp_path: Path) -> None:
+    """benchmarks/edge.py calls build_graph directly: the builder would drop the branches."""
+    from fed_llama.export.merge import MergedModel
+    from fed_llama.export.pipeline import build_graph
+
+    merged = MergedModel(model=None, tokenizer=None, backbone=None,  # type: ignore[arg-type]
+                         merged_into="fp32", adapter_manifest={},
+                         branches="gated adaption prompts")
+    with pytest.raises(ConfigError, match=r"gated adaption prompts.*exporter = 'torch'"):
+        build_graph(merged, tmp_path, tmp_path / "onnx", ExportConfig(), [], tmp_path / "c")
+    assert not (tmp_path / "onnx").exists()

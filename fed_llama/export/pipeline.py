@@ -162,6 +162,9 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
     :func:`calibration_set`); int8 builds read the tied embedding from the LM head's 8-bit
     weights (:mod:`fed_llama.export.embedding`). Returns what the manifest records of the
     quantization (the GPTQ report, or the quantizer used)."""
+    if merged.branches and cfg.exporter != "torch":  # the builder would silently drop them
+        raise ConfigError(f"the adapter has {merged.branches}, which the onnxruntime-genai "
+                          "builder cannot put in its graph: set exporter = 'torch'")
     if cfg.exporter == "torch":
         export_plain(merged.model, hf_dir, onnx_dir)
         if cfg.quant == "fp32":
