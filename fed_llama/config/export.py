@@ -76,8 +76,10 @@ class ExportConfig:
     exporter: Literal["builder", "torch"] = "builder"
     """How the ONNX graph is made: ``builder`` (onnxruntime-genai's model builder: fused
     attention, block-wise int8/int4; the fastest graphs measured here) or ``torch`` (plain
-    ``torch.onnx.export`` of the merged model with a KV cache, fp32 only: for a LLaMA-family
-    variant the builder cannot build, or as an independent cross-check of its graph)."""
+    ``torch.onnx.export`` of the merged model with a KV cache: for a LLaMA-family variant the
+    builder cannot build, for adapter methods that do not fold (V1, V2 with prompts, Excitor:
+    their branches are traced into the graph), or as an independent cross-check of the
+    builder's graph; int8/int4 with ``algorithm = 'default'`` only)."""
 
     quant: Literal["fp32", "int8", "int4"] = "int8"
     """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits). The LM
@@ -134,9 +136,12 @@ class ExportConfig:
             out.append("algorithm = 'gptq' calibrates the merged weights but runtime_adapters "
                        "keeps the adapter unmerged: use algorithm = 'k_quant' with runtime "
                        "adapters, or turn runtime_adapters off")
-        if self.exporter == "torch" and self.quant != "fp32":
-            out.append(f"exporter = 'torch' writes fp32 graphs (got quant = {self.quant!r}): use "
-                       "exporter = 'builder' to quantize, or quant = 'fp32'")
+        if self.exporter == "torch" and self.quant != "fp32" and (
+                self.algorithm != "default" or self.mixed_precision):
+            out.append(f"exporter = 'torch' quantizes with onnxruntime's MatMulNBits "
+                       f"round-to-nearest only (got algorithm = {self.algorithm!r}"
+                       f"{', mixed_precision' if self.mixed_precision else ''}): set "
+                       "algorithm = 'default', or use exporter = 'builder'")
         if self.exporter == "torch" and self.runtime_adapters:
             out.append("exporter = 'torch' exports the merged model; runtime_adapters needs the "
                        "builder's LoRA branches: use exporter = 'builder'")

@@ -136,7 +136,10 @@ def device_readme(folder: Path, manifest: dict[str, Any]) -> str:
     lines = [f"# {manifest.get('quant', '?')} ONNX export ({profile} profile)", "",
              f"Made by `fed-llama export` {manifest.get('fed_llama_version', '')} on "
              f"{manifest.get('created', '?')} from adapter `{source.get('path', 'none')}` "
-             f"(method {source.get('method') or 'lora'}) and backbone "
+             f"(method {manifest.get('method') or source.get('method') or 'lora'}"
+             + (f", its {manifest['adapter_branches']} traced into the graph"
+                if manifest.get("adapter_branches") else "")
+             + ") and backbone "
              f"`{manifest.get('backbone', {}).get('id', '?')}`. "
              f"This file is generated from `{MANIFEST}`, which holds the details.", "",
              "## Files to ship", "",

@@ -1,6 +1,8 @@
 """Merge a LoRA/QLoRA adapter into its backbone: ``W' = W + (alpha/r)·B·A`` for every adapted
-layer, written as a plain Hugging Face model folder; or fold a LLaMA-Adapter V2 adapter
-without prompts (its biases, scales and norms) into a LlamaForCausalLM with biases.
+layer, written as a plain Hugging Face model folder; or fold a LLaMA-Adapter V2 adapter's
+biases, scales and norms into a LlamaForCausalLM with biases. What does not fold (V1 and V2
+prompts, the Excitor's key branch) stays in the PyTorch model as a branch, for the plain
+``torch.onnx`` route to trace (:mod:`fed_llama.export.plain`).
 
 A QLoRA adapter was trained against the NF4-quantized backbone, so it is merged into the
 dequantized NF4 weights (what its forward pass saw), not into the original full-precision
@@ -34,6 +36,8 @@ class MergedModel:
     merged_into: str
     """``fp32`` (the backbone's own weights) or ``dequantized-nf4`` (QLoRA)."""
     adapter_manifest: dict[str, Any]
+    branches: str = ""
+    """What of the adapter stays a branch of the model, not folded ('' : nothing)."""
 
 
 def load_base(adapter: Path | None, backbone: str | None = None) -> MergedModel:
@@ -69,6 +73,16 @@ class AdapterSettings:
     def prompts(self) -> bool:
         return self.saved is not None and bool(self.saved.config.get("prompts"))
 
+    @property
+    def branches(self) -> str:
+        """What of the adapter does not fold into the backbone ('' when all of it does)."""
+        if self.method == "excitor":
+            return "an extra-key branch"
+        if self.method == "llama-adapter" or (self.method == "llama-adapter-v2"
+                                              and self.prompts):
+            return "gated adaption prompts"
+        return ""
+
 
 def read_settings(adapter: Path) -> AdapterSettings:
     """Read ``adapter/adapter_config.json``: the method and, for ours, the saved settings."""
@@ -84,15 +98,17 @@ def read_settings(adapter: Path) -> AdapterSettings:
     return AdapterSettings("llama-adapter" if peft_type == "ADAPTION_PROMPT" else "lora", None)
 
 
-def check_foldable(adapter: Path, *, runtime_adapters: bool = False,
+def check_foldable(adapter: Path, *, runtime_adapters: bool = False, exporter: str = "torch",
                    settings: AdapterSettings | None = None) -> AdapterSettings:
-    """Refuse, before any work, an adapter this exporter cannot fold into its backbone;
-    return its settings (read here unless given) for :func:`fold_adapter`.
+    """Refuse, before any work, an adapter the chosen ``exporter`` cannot export; return its
+    settings (read here unless given) for :func:`fold_adapter`.
 
-    LoRA merges (``W + scale·B·A``); LLaMA-Adapter V2 without prompts folds its biases,
-    scales and norms (``W' = diag(s)·W``, ``b' = s ⊙ (b₀ + b)``). Prompts (V1, V2) and the
-    Excitor's key branch need extra branches in the graph, which this exporter does not build
-    yet; runtime-switchable adapters are LoRA's alone.
+    LoRA merges (``W + scale·B·A``); LLaMA-Adapter V2 folds its biases, scales and norms
+    (``W' = diag(s)·W``, ``b' = s ⊙ (b₀ + b)``). Prompts (V1, V2) and the Excitor's key
+    branch do not fold: they stay as branches of the PyTorch model, which the plain
+    ``torch.onnx`` route traces (``exporter = 'torch'``); the onnxruntime-genai builder reads
+    the projections' weights only and would drop them, so it is refused for them.
+    Runtime-switchable adapters are LoRA's alone.
     """
     settings = settings if settings is not None else read_settings(adapter)
     method = settings.method
@@ -101,21 +117,22 @@ def check_foldable(adapter: Path, *, runtime_adapters: bool = False,
     if runtime_adapters:
         raise ConfigError(f"adapter {str(adapter)!r} is a {method} adapter: runtime_adapters "
                           "switches LoRA adapters only; set runtime_adapters = false")
-    if method != "llama-adapter-v2" or settings.prompts:
-        what = "gated adaption prompts" if method != "excitor" else "an extra-key branch"
-        raise ConfigError(f"adapter {str(adapter)!r} ({method}) has {what}, which do not fold "
-                          "into the backbone, and this exporter does not yet build them into "
-                          "the graph: export a LoRA adapter or a LLaMA-Adapter V2 adapter "
-                          "trained with prompts = false")
+    if settings.branches and exporter != "torch":
+        raise ConfigError(f"adapter {str(adapter)!r} ({method}) has {settings.branches}, which "
+                          "do not fold into the backbone and which the onnxruntime-genai "
+                          "builder cannot put in its graph: set exporter = 'torch' (profile "
+                          "edge_export/profiles/fp32-torch.toml, or --set exporter=torch)")
     return settings
 
 
 def fold_adapter(base: MergedModel, adapter: Path,
                  settings: AdapterSettings | None = None) -> MergedModel:
-    """Fold ``adapter`` into ``base``'s weights (in place): no adapter layers are left.
+    """Fold ``adapter`` into ``base``'s weights (in place). What cannot fold (prompts, the
+    Excitor's key branch) stays as the model's branches (``base.branches`` names them).
     ``settings``: what :func:`check_foldable` returned (its config is not read again)."""
-    settings = check_foldable(adapter, settings=settings)
-    if settings.method == "llama-adapter-v2":
+    settings = settings if settings is not None else read_settings(adapter)
+    base.branches = settings.branches
+    if settings.method in ("llama-adapter-v2", "excitor"):
         from fed_llama.adapter.methods.llama_adapter_v2.model import fold
         from fed_llama.adapter.methods.own_format import load_into, saved_settings
 
@@ -124,10 +141,12 @@ def fold_adapter(base: MergedModel, adapter: Path,
             raise AdapterError(f"adapter {str(adapter)!r} was trained on another backbone "
                                f"(sha256 {trained_on[:12]}...): export it with that backbone")
         spec, cfg = saved_settings(adapter, settings.saved)
-        base.model = fold(load_into(base.model, adapter, settings=(spec, cfg)), cfg).eval()
+        model = load_into(base.model, adapter, settings=(spec, cfg))
+        base.model = (fold(model, cfg) if settings.method == "llama-adapter-v2"
+                      else model).eval()
         return base
     model = load_adapter(base.model, adapter, backbone_sha256=base.backbone.source.sha256)
-    base.model = model.merge_and_unload().eval()
+    base.model = (model.merge_and_unload() if settings.method == "lora" else model).eval()
     return base
 
 
@@ -137,15 +156,20 @@ def merge_adapter(adapter: Path | None, backbone: str | None = None,
     (``settings``: as :func:`fold_adapter`).
 
     ``adapter`` None exports the backbone alone. The result has no LoRA layers left, so it
-    cannot be merged twice.
+    cannot be merged twice; it keeps the branches that do not fold (see :func:`fold_adapter`).
     """
     base = load_base(adapter, backbone)
     return fold_adapter(base, adapter, settings) if adapter is not None else base
 
 
 def save_merged(merged: MergedModel, out: Path) -> Path:
-    """Write the merged model as a Hugging Face folder (safetensors, config, tokenizer)."""
+    """Write the merged model as a Hugging Face folder (safetensors, config, tokenizer); a
+    model with branches (which no Hugging Face class loads) gets its config and tokenizer
+    only, what the plain route copies."""
     out.mkdir(parents=True, exist_ok=True)
-    merged.model.save_pretrained(str(out), safe_serialization=True)
+    if merged.branches:
+        merged.model.config.save_pretrained(str(out))
+    else:
+        merged.model.save_pretrained(str(out), safe_serialization=True)
     merged.tokenizer.save_pretrained(str(out))
     return out

@@ -45,7 +45,7 @@ from fed_llama.export.merge import (
     merge_adapter,
     save_merged,
 )
-from fed_llama.export.plain import export_plain
+from fed_llama.export.plain import export_plain, quantize_plain
 from fed_llama.export.runtime import OnnxCausalLM
 from fed_llama.export.switchable import make_overridable, write_onnx_adapter
 from fed_llama.export.verify import (
@@ -88,8 +88,8 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     check_output_dir(out, force)
     check_export_dependencies()
     manifest_in = read_manifest(adapter) if adapter else {}
-    settings = (check_foldable(adapter, runtime_adapters=cfg.runtime_adapters)
-                if adapter is not None else None)
+    settings = (check_foldable(adapter, runtime_adapters=cfg.runtime_adapters,
+                               exporter=cfg.exporter) if adapter is not None else None)
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
     calibration = calibration_set(sources, cfg)  # refuses a source without any, before the work
@@ -131,6 +131,9 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             "profile": dataclasses.asdict(cfg),
             "quant": cfg.quant,
             "source_adapter": _adapter_identity(adapter, manifest_in),
+            "method": settings.method if settings is not None else None,
+            # what of the adapter is a branch in the graph rather than folded into weights
+            "adapter_branches": merged.branches,
             "backbone": merged.backbone.describe(),
             "merged_into": merged.merged_into,
             "quantization": quantization,
@@ -159,9 +162,15 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
     :func:`calibration_set`); int8 builds read the tied embedding from the LM head's 8-bit
     weights (:mod:`fed_llama.export.embedding`). Returns what the manifest records of the
     quantization (the GPTQ report, or the quantizer used)."""
+    if merged.branches and cfg.exporter != "torch":  # the builder would silently drop them
+        raise ConfigError(f"the adapter has {merged.branches}, which the onnxruntime-genai "
+                          "builder cannot put in its graph: set exporter = 'torch'")
     if cfg.exporter == "torch":
         export_plain(merged.model, hf_dir, onnx_dir)
-        return {"algorithm": None, "exporter": "torch.onnx.export"}
+        if cfg.quant == "fp32":
+            return {"algorithm": None, "exporter": "torch.onnx.export"}
+        return quantize_plain(onnx_dir / "model.onnx", 8 if cfg.quant == "int8" else 4,
+                              cfg.block_size, cfg.accuracy_level)
     build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
     if cfg.quant == "int8":
         return {"algorithm": cfg.algorithm, **share_tied_embedding(onnx_dir / "model.onnx")}

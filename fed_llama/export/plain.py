@@ -5,7 +5,12 @@ attention decodes faster and it quantizes. This route traces the PyTorch model i
 TorchScript exporter), so it needs nothing but torch and onnx and follows whatever the model's
 own code does: it is kept for a LLaMA-family variant the builder cannot build, as an
 independent cross-check of the builder's graph, and as the baseline ``benchmarks/edge.py``
-compares the builder against. fp32 only.
+compares the builder against. It is also the route of the adapter methods that do not fold
+into the backbone (V1 and V2 prompts, the Excitor's key branch): the tracer follows their
+branches like any other code, the prompt branch before ``o_proj`` and the Excitor's keys,
+whose modified values are what goes into the cache. int8/int4: onnxruntime's
+``MatMulNBitsQuantizer`` (round-to-nearest blocks) on the traced graph's projections and LM
+head, the adapter's own small matrices left in fp32 (:func:`quantize_plain`).
 
 The graph has the builder's interface (``input_ids``, ``attention_mask``,
 ``past_key_values.N.key/value`` in; ``logits``, ``present.N.key/value`` out; positions follow
@@ -73,6 +78,47 @@ def export_plain(model: Any, hf_dir: Path, out: Path) -> Path:
                       json.dumps(genai_config(config, head_size, kv_heads), indent=2),
                       umask_mode())
     return onnx_file
+
+
+#: Nodes of an adapter's branch, kept fp32 when the graph is quantized (small, and what the
+#: adapter learned): the Excitor's block; the prompt branches' MatMuls read no initializer.
+BRANCH_NODES = ("/key_branch/",)
+
+
+def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: int
+                   ) -> dict[str, Any]:
+    """Quantize the plain graph's projection and LM head MatMuls in place to ``bits``-bit
+    blocks of ``block_size`` (onnxruntime's ``MatMulNBitsQuantizer``, symmetric,
+    round-to-nearest); what the manifest records of it."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from fed_llama.export.build import save_graph
+
+    model = onnx.load(str(onnx_file))
+    keep = [n.name for n in model.graph.node if n.op_type == "MatMul"
+            and any(part in n.name for part in BRANCH_NODES)]
+    log.info("quantizing the plain graph's MatMuls to %d-bit blocks of %d (%d branch nodes "
+             "kept fp32)", bits, block_size, len(keep))
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                          accuracy_level=accuracy_level, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size,
+                                     is_symmetric=True, accuracy_level=accuracy_level,
+                                     nodes_to_exclude=keep, algo_config=config)
+    quantizer.process()
+    quantized = quantizer.model.model
+    count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+    if not count:
+        raise ExportError(f"onnxruntime's MatMulNBitsQuantizer quantized no MatMul of "
+                          f"{onnx_file}: use quant = 'fp32' with exporter = 'torch'")
+    save_graph(quantized, onnx_file)
+    return {"algorithm": "default", "exporter": "torch.onnx.export",
+            "quantizer": "onnxruntime MatMulNBitsQuantizer", "bits": bits,
+            "block_size": block_size, "matrices": count, "fp32-branch-matmuls": len(keep),
+            "embedding": "fp32"}
 
 
 def genai_config(config: Any, head_size: int, kv_heads: int) -> dict[str, Any]:

@@ -1,0 +1,208 @@
+"""Edge export of the adapter methods that do not fold (V1, V2 with prompts, Excitor): the
+plain torch.onnx route traces their branches; the builder route refuses them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import qa_records
+
+from fed_llama.adapter import save_adapter
+from fed_llama.backbone.load import load_backbone
+from fed_llama.config.export import ExportConfig
+from fed_llama.config.loader import build_config
+from fed_llama.config.train import BackboneConfig
+from fed_llama.errors import ConfigError
+from fed_llama.export.merge import merge_adapter
+from fed_llama.export.pipeline import EXPORT_MANIFEST, export_adapter
+from fed_llama.export.runtime import ArrayDecoding, OnnxCausalLM
+
+pytest.importorskip("onnxruntime_genai")
+
+METHODS = {
+    "llama-adapter": ({"layers": 2, "prompt_length": 3}, "gated adaption prompts"),
+    "llama-adapter-v2": ({"prompt_layers": 2, "prompt_length": 3}, "gated adaption prompts"),
+    "excitor": ({"layers": 2, "rank": 4, "prompt_length": 3}, "an extra-key branch"),
+}
+IDS = [5, 17, 33, 99, 120, 7, 250, 11, 42, 3]
+GATE = 0.8
+
+
+def _trained_like(backbone: Path, out: Path, method: str) -> Path:
+    """A ``method`` adapter moved off its initialization, every gate at ``GATE`` (so the
+    branch changes the logits), saved as training saves it."""
+    from fed_llama.adapter.methods import method_of
+    from fed_llama.adapter.methods.own_format import save
+
+    bb = load_backbone(BackboneConfig(name=str(backbone)))
+    spec = method_of(method)
+    cfg = spec.config_type(**METHODS[method][0])
+    model = spec.attach(bb.model, cfg, 0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            if name.endswith(("adaption_gate", "key_branch.gate")):
+                p.fill_(GATE)
+            if name.endswith("key_branch.prompt"):  # std 0.02 at init: extra keys ~1e-4
+                p.copy_(torch.randn(p.shape, generator=gen))
+    manifest = {"backbone": bb.describe(), "method": method}
+    if spec.peft_native:
+        return save_adapter(model, out, manifest)
+    return save(model, method, cfg, out, manifest)
+
+
+@pytest.fixture(scope="module")
+def verify_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in qa_records(6)))
+    return path
+
+
+def _cfg(verify_data: Path, **kw: Any) -> ExportConfig:
+    verify: dict[str, Any] = {"data": [str(verify_data)], "records": 4, "questions": 1,
+                              "max_new_tokens": 4, "prefill_tokens": 16, "decode_tokens": 4}
+    verify.update(kw.pop("verify", {}))
+    return build_config(ExportConfig, {"verify": verify, **kw}, source="test")
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def method_export(request: pytest.FixtureRequest, tiny_backbone: Path, verify_data: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    method = request.param
+    root = tmp_path_factory.mktemp(method)
+    adapter = _trained_like(tiny_backbone, root / "adapter", method)
+    out = root / "fp32"
+    export_adapter(adapter, out, _cfg(verify_data, quant="fp32", exporter="torch"),
+                   backbone=str(tiny_backbone))
+    return method, adapter, out
+
+
+def _reference(adapter: Path, backbone: Path, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        model = merge_adapter(adapter, str(backbone)).model
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_the_onnx_graph_carries_the_branch_with_and_without_the_kv_cache(
+        method_export: tuple[str, Path, Path], tiny_backbone: Path) -> None:
+    _, adapter, out = method_export
+    ref = _reference(adapter, tiny_backbone, IDS)
+    with torch.no_grad():
+        plain = load_backbone(BackboneConfig(name=str(tiny_backbone))).model
+        base = plain(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(ref - base).max() > 1e-2  # the branch matters: a graph without it fails
+
+    lm = OnnxCausalLM(out)
+    np.testing.assert_allclose(lm.sequence_logits(IDS), ref, atol=1e-4)
+    decoding = lm.decoding(len(IDS))  # a prompt, then cached decode steps one token each
+    assert isinstance(decoding, ArrayDecoding)
+    steps = [decoding.step(IDS[:4])] + [decoding.step([token]) for token in IDS[4:]]
+    np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4)
+
+
+def test_the_manifest_records_the_method_the_branch_and_the_gate_passed(
+        method_export: tuple[str, Path, Path]) -> None:
+    method, _, out = method_export
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert manifest["method"] == method
+    assert manifest["adapter_branches"] == METHODS[method][1]
+    assert manifest["quantization"]["exporter"] == "torch.onnx.export"
+    pooled = manifest["verification"]["pooled"]
+    assert pooled["top1-agreement"] == 1.0 and pooled["max-logit-diff"] < 1e-4
+    genai = manifest["runtime"]["onnxruntime-genai"]
+    readme = (out / "README.md").read_text()
+    assert f"method {method}, its {METHODS[method][1]} traced into the graph" in readme
+    assert ("Or plain onnxruntime-genai" in readme) == bool(genai["loads"])
+
+
+def test_generate_onnx_gives_pytorchs_greedy_tokens_without_torch(
+        method_export: tuple[str, Path, Path], tiny_backbone: Path) -> None:
+    _, adapter, out = method_export
+    lm = OnnxCausalLM(out)
+    prompt = lm.encode_chat([{"role": "user", "content": "hello"}])
+    model = merge_adapter(adapter, str(tiny_backbone)).model
+    expected: list[int] = []
+    with torch.no_grad():  # greedy, full forward each step (no cache)
+        for _ in range(8):
+            token = int(model(torch.tensor([prompt + expected])).logits[0, -1].argmax())
+            if token in lm.spec.eos_ids:
+                break
+            expected.append(token)
+    assert list(lm.generate_ids(prompt, max_new_tokens=8)) == expected
+
+    blocked = ("torch", "transformers", "flwr", "peft", "cryptography")
+    script = (
+        "import sys\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from fed_llama.cli.main import main\n"
+        f"sys.exit(main(['generate', '--onnx', {str(out)!r}, 'hello', '--max-new-tokens', "
+        "'8']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == lm.tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_int8_of_the_plain_route_passes_the_int8_profiles_gate(
+        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
+    adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
+    cfg = _cfg(verify_data, quant="int8", exporter="torch", block_size=32,
+               verify={"min_top1_agreement": 0.93})
+    manifest = export_adapter(adapter, tmp_path / "int8", cfg, backbone=str(tiny_backbone))
+    q = manifest["quantization"]
+    assert q["bits"] == 8 and q["matrices"] == 2 * 7 + 1  # 7 projections x 2 layers + LM head
+    assert q["fp32-branch-matmuls"] == (2 * 6 if method == "excitor" else 0)  # 6 per block
+    pooled = manifest["verification"]["pooled"]
+    assert pooled["top1-agreement"] >= 0.93
+    assert pooled["perplexity-onnx"] <= pooled["perplexity-pytorch"] * 1.02
+    lm = OnnxCausalLM(tmp_path / "int8")
+    ref = _reference(adapter, tiny_backbone, IDS)
+    got = lm.sequence_logits(IDS)
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # 8-bit rounding, not a lost branch
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_builder_route_refuses_them_before_any_work(
+        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
+    adapter = _trained_like(tiny_backbone, tmp_path / "a", method)
+    with pytest.raises(ConfigError, match=f"\\({method}\\) has {METHODS[method][1]}.*"
+                                          "set exporter = 'torch'"):
+        export_adapter(adapter, tmp_path / "out", _cfg(verify_data, quant="int8"),
+                       backbone=str(tiny_backbone))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_the_plain_route_quantizes_with_matmulnbits_round_to_nearest_only() -> None:
+    with pytest.raises(ConfigError, match=r"round-to-nearest only.*algorithm = 'gptq'"):
+        build_config(ExportConfig, {"exporter": "torch", "quant": "int4", "algorithm": "gptq"},
+                     source="p.toml")
+    assert build_config(ExportConfig, {"exporter": "torch", "quant": "int8"},
+                        source="p.toml").quant == "int8"
+
+
+def test_build_graph_refuses_a_model_with_branches_on_the_builder_route(tmp_path: Path) -> None:
+    """benchmarks/edge.py calls build_graph directly: the builder would drop the branches."""
+    from fed_llama.export.merge import MergedModel
+    from fed_llama.export.pipeline import build_graph
+
+    merged = MergedModel(model=None, tokenizer=None, backbone=None,  # type: ignore[arg-type]
+                         merged_into="fp32", adapter_manifest={},
+                         branches="gated adaption prompts")
+    with pytest.raises(ConfigError, match=r"gated adaption prompts.*exporter = 'torch'"):
+        build_graph(merged, tmp_path, tmp_path / "onnx", ExportConfig(), [], tmp_path / "c")
+    assert not (tmp_path / "onnx").exists()
