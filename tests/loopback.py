@@ -47,8 +47,9 @@ def flower_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def descendants_named(pid: int, name: str) -> list[int]:
-    """The pids of ``pid``'s descendants whose command line holds ``name``."""
+def descendants_named(pid: int, name: str, since: float = 0) -> list[int]:
+    """The pids of ``pid``'s descendants whose command line holds ``name`` (started at or
+    after the time ``since``, in seconds since the epoch)."""
     import psutil
 
     try:
@@ -58,7 +59,7 @@ def descendants_named(pid: int, name: str) -> list[int]:
     found = []
     for child in children:
         try:
-            if name in " ".join(child.cmdline()):
+            if name in " ".join(child.cmdline()) and child.create_time() >= since:
                 found.append(child.pid)
         except psutil.Error:
             pass
