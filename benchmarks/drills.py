@@ -89,22 +89,24 @@ class Drill:
                                         f"partition-id={i} num-partitions={self.sites}")
 
     def restart(self, i: int, pause: float = 5) -> tuple[int, float]:
-        """Start SuperNode ``i`` again until the SuperLink activates it: Flower 1.41 refuses
-        to activate a node it still holds for online (exit code 305) until the killed one
-        misses its heartbeats, so a site's service manager retries. Returns (attempts,
-        seconds until it was online)."""
-        start, attempts = time.monotonic(), 0
+        """Start SuperNode ``i`` again until the SuperLink activates it (its log says
+        ``SuperNode ID``): Flower 1.41 refuses to activate a node it still holds for online
+        (exit code 305) until the killed one misses its heartbeats, so a site's service
+        manager retries. Returns (attempts, seconds until it was activated)."""
+        log = self.folder / f"supernode{i}.log"
+
+        def activations() -> int:
+            return log.read_text(errors="replace").count("SuperNode ID:") if log.is_file() else 0
+
+        start, attempts, seen = time.monotonic(), 0, activations()
         while True:
             attempts += 1
             proc = self.node(i)
-            end = time.monotonic() + 20
-            while proc.poll() is None and time.monotonic() < end:
-                if self.fed.online_nodes() >= self.sites:
-                    return attempts, round(time.monotonic() - start, 1)
+            while proc.poll() is None and activations() <= seen:
+                if self.left() <= 0:
+                    raise DrillTimeout(f"{self.name}: supernode{i} was never activated again")
                 time.sleep(1)
-            if proc.poll() is None:  # running, not yet online: keep waiting for it
-                self.wait(f"supernode{i} online", lambda: self.fed.online_nodes() >= self.sites,
-                          poll=2)
+            if activations() > seen:
                 return attempts, round(time.monotonic() - start, 1)
             if self.left() <= 0:
                 raise DrillTimeout(f"{self.name}: supernode{i} was never activated again")
@@ -236,8 +238,8 @@ def site_crash(d: Drill, victim: int = 1) -> Outcome:
               "the restarted site trained round 3": f"{name}/train-loss" in r3
               and r3.get("sites-trained") == d.sites}
     note = (f"round 2: {r2.get('sites-trained')} trained, {r2.get('sites-failed')} failed, "
-            f"{r2.get('round-seconds')} s; the killed SuperNode was online again {back} s after "
-            f"its restart ({attempts} start(s)); round 3: {r3.get('sites-trained')} trained")
+            f"{r2.get('round-seconds')} s; the killed SuperNode was activated again {back} s "
+            f"after its restart ({attempts} start(s)); round 3: {r3.get('sites-trained')} trained")
     return checks, [], note, {}
 
 
@@ -297,7 +299,7 @@ def connection_lost(d: Drill, victim: int = 2) -> Outcome:
               "the restarted site trained the last round": ROUNDS in served
               and rows[ROUNDS].get("sites-trained") == d.sites}
     r2 = rows.get(2, {})
-    return checks, [], f"killed as round 1 ended; online again {back} s after the restart " \
+    return checks, [], f"killed as round 1 ended; activated again {back} s after the restart " \
         f"({attempts} start(s)); it trained rounds {served}; round 2: " \
         f"{r2.get('sites-trained')} trained, {r2.get('round-seconds')} s", {}
 
