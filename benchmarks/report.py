@@ -85,11 +85,25 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("edge_target_variants_5repeats", "Edge export: the two target variants, five repeats",
      "The int8 and the GPTQ int4 with an 8-bit LM head variants measured again with five "
      "paired repeats instead of three."),
+    ("drills", "The Deployment Engine under load and faults",
+     "A real SuperLink (TLS, SuperNode authentication) and SuperNodes on loopback, the run "
+     "submitted with `flwr run`, faults injected with process signals (docs/deployment.md, "
+     "\"Fault drills\"). Each drill's `result` is computed from the run folder: history rows "
+     "and checkpoints (`rounds lost`: rounds without both; `rounds applied twice`: a round "
+     "trained again after a restart, or whose seal does not seal the previous round's "
+     "checkpoint), the round-seal chain verified end to end, and the processes' exits. "
+     "`overhead` is per round of the `scale` drill: the round's wall time minus the slowest "
+     "site's training time (messaging, each message's ClientApp process start, evaluation, "
+     "checkpointing); `peak_rss_mb` is the SuperLink's and the ServerApp's peak resident set "
+     "(VmHWM) in the `scale` drill."),
 ]
 SCRIPTS = {"federated_vs_local": "federated_vs_local.py", "category_gap": "category_gap.py",
            "edge": "edge.py", "site_quality": "site_quality.py",
            "train_throughput": "train_throughput.py", "privacy_overhead": "privacy_overhead.py",
-           "poisoning": "poisoning.py"}
+           "poisoning": "poisoning.py", "drills": "drills.py"}
+TABLES = ("rows", "variants", "targets", "overhead")
+"""A results file's keys that become tables (``variants``: one row per variant)."""
+CAPTIONS = {"targets": "Targets:", "overhead": "Flower's overhead per round:"}
 META = {"environment", "machine"}
 """Keys that go into a section's header, not its settings or tables."""
 
@@ -142,14 +156,14 @@ def _columns(rows: list[Mapping[str, Any]]) -> list[str]:
 
 
 def tables(data: Mapping[str, Any]) -> list[str]:
-    """A results file's settings (its scalar and short fields) and its tables: ``rows``,
-    ``variants`` (one row per variant) and ``targets``, every key a column."""
+    """A results file's settings (its scalar and short fields) and its tables
+    (:data:`TABLES`), every key a column."""
     out: list[str] = []
     settings = [f"- {key}: {_value(value)}" for key, value in data.items()
-                if key not in META and key not in ("rows", "variants", "targets")]
+                if key not in META and key not in TABLES]
     if settings:
         out += ["Settings and summary:", "", *settings, ""]
-    for key in ("rows", "variants", "targets"):
+    for key in TABLES:
         if key not in data:
             continue
         value = data[key]
@@ -158,8 +172,8 @@ def tables(data: Mapping[str, Any]) -> list[str]:
         if not rows:
             out += [f"{key}: none", ""]
             continue
-        if key == "targets":
-            out += ["Targets:", ""]
+        if key in CAPTIONS:
+            out += [CAPTIONS[key], ""]
         out += [markdown_table(rows, _columns(rows)), ""]
     return out
 

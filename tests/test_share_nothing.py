@@ -21,21 +21,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import loopback
 import pytest
 from conftest import qa_records
+from loopback import free_port, stop
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+ROOT = loopback.ROOT
 SITES = ("site0", "site1")
 PASSPHRASES = {"site0": "correct horse 0", "site1": "battery staple 1"}
 
@@ -81,18 +79,9 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def flower_env(home: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, FLWR_HOME=str(home / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HOME=str(home),
-               HF_HOME=str(home / "hf"), TMPDIR=str(home / "tmp"), **extra)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = loopback.flower_env(home, HOME=str(home), HF_HOME=str(home / "hf"),
+                              TMPDIR=str(home / "tmp"), **extra)
     (home / "tmp").mkdir(exist_ok=True)
     return env
 
@@ -129,33 +118,6 @@ class Federation:
         assert ls.returncode == 0, ls.stdout + ls.stderr
         runs: list[dict[str, object]] = json.loads(ls.stdout)["runs"]
         return runs
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Stop every process started, each with its session, and any flower-superexec a
-    SuperLink or SuperNode started (it runs in a session of its own, with --parent-pid)."""
-    import psutil
-
-    pids = {str(p.pid) for p in procs}
-    orphans = [p for p in psutil.process_iter(["cmdline"])
-               if any(a in pids for a in (p.info["cmdline"] or [])[-1:])
-               and "flower-superexec" in " ".join(p.info["cmdline"] or [])]
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for orphan in orphans:
-        try:
-            orphan.wait(timeout=10)
-        except psutil.TimeoutExpired:
-            orphan.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def hidden(folders: list[Path], cmd: list[str]) -> list[str]:

@@ -1,0 +1,146 @@
+"""What a drill's verdict rests on: the run folder's history rows and round seals, and the
+processes' exits — never a hard-coded result.
+
+- rounds lost: rounds of ``1..expected`` without a completed history row and checkpoint;
+- rounds applied twice: a round number with two rows, a round that had completed before a
+  restart and was run again after it (its row changed), or a seal whose starting adapter is
+  not the previous round's checkpoint (a round trained on a state it had already changed);
+- the seal chain: every ``seals/round-NNN.json`` signed by the aggregator's key, for this
+  run and its round, chained to the previous seal, and sealing the checkpoint of the round
+  before it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+COLUMNS = ["drill", "sites", "rounds done", "rounds lost", "rounds applied twice",
+           "updates refused", "wall s", "result"]
+"""The drill table's columns (``note`` follows in the JSON and the docs)."""
+
+
+def history(out: Path) -> list[Row]:
+    """The run folder's history rows ([] when there are none yet, or the file is mid-write)."""
+    try:
+        rows = json.loads((out / "history.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+def completed(out: Path, rows: list[Row]) -> list[int]:
+    """The rounds with a history row that did not fail and a checkpoint."""
+    return sorted({int(r["round"]) for r in rows if "failed" not in r
+                   and (out / "rounds" / f"round-{int(r['round']):03d}" /
+                        "adapter_config.json").is_file()})
+
+
+def rounds_lost(done: list[int], expected: int) -> int:
+    return len(set(range(1, expected + 1)) - set(done))
+
+
+def rerun_rounds(before: list[Row], after: list[Row]) -> list[int]:
+    """Rounds complete in ``before`` (a snapshot taken before a restart) whose row in
+    ``after`` differs, or that appear twice in ``after``: rounds trained again."""
+    seen: dict[int, int] = {}
+    for row in after:
+        seen[int(row["round"])] = seen.get(int(row["round"]), 0) + 1
+    twice = {r for r, n in seen.items() if n > 1}
+    now = {int(r["round"]): r for r in after}
+    for row in before:
+        r = int(row["round"])
+        if "failed" not in row and r in now and now[r] != row:
+            twice.add(r)
+    return sorted(twice)
+
+
+def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:
+    """Verify the run's round seals end to end: (ok, what was checked or what broke, the
+    rounds whose seal does not seal the previous round's checkpoint)."""
+    from fed_llama.adapter.state import state_digest
+    from fed_llama.crypto import RoundSeal, verify_round
+    from fed_llama.crypto.keys import ServerPublicKey
+    from fed_llama.crypto.refusal import Refused
+    from fed_llama.server.checkpoint import RunStore
+
+    store = RunStore(out)
+    seals = sorted((out / "seals").glob("round-*.json"))
+    if not seals:
+        return False, "no seals", []
+    server = ServerPublicKey.load(keys / "server.pub.json")
+    run = store.run_id()
+    prev, mismatched = None, []
+    for k, path in enumerate(seals, start=1):
+        if path.name != f"round-{k:03d}.json":
+            return False, f"seal chain has a gap before {path.name}", mismatched
+        try:
+            seal = RoundSeal.parse(path.read_bytes())
+            adapter = seal.adapter_sha256
+            if k > 1:
+                if not (store.round_dir(k - 1) / "adapter_config.json").is_file():
+                    return False, f"{path.name}: no checkpoint of round {k - 1}", mismatched
+                adapter = state_digest(store.load_round(k - 1))
+                if adapter != seal.adapter_sha256:
+                    mismatched.append(k)
+                    adapter = seal.adapter_sha256  # still check signature and chain
+            verify_round(seal, server, run=run, server_round=k, adapter_sha256=adapter,
+                         prev_digest=prev.digest if prev else "0" * 64)
+        except Refused as exc:
+            return False, f"{path.name}: {exc}", mismatched
+        prev = seal
+    if mismatched:
+        return False, f"seals of rounds {mismatched} do not seal the previous checkpoint", \
+            mismatched
+    return True, f"{len(seals)} seals verify, chained, each sealing the previous " \
+        "round's checkpoint", []
+
+
+def overhead(rows: list[Row]) -> list[dict[str, float]]:
+    """Per round: its wall time, the slowest site's training time, and Flower's overhead
+    (the difference: messaging, ClientApp process starts, evaluation, checkpoints)."""
+    out = []
+    for row in rows:
+        train = [v for k, v in row.items() if k.endswith("/train-seconds")
+                 and isinstance(v, int | float)]
+        if "round-seconds" in row and train:
+            wall = float(row["round-seconds"])
+            out.append({"round": int(row["round"]), "round_s": round(wall, 2),
+                        "slowest_train_s": round(max(train), 2),
+                        "overhead_s": round(wall - max(train), 2),
+                        "overhead_share": round((wall - max(train)) / wall, 3) if wall else 0})
+    return out
+
+
+def refused(rows: list[Row]) -> int:
+    return int(sum(float(r.get("sites-refused", 0) or 0) for r in rows))
+
+
+def verdict(checks: Mapping[str, bool]) -> str:
+    """``PASS`` when every check holds, else ``FAIL: <the checks that failed>``."""
+    failed = [name for name, ok in checks.items() if not ok]
+    return "PASS" if checks and not failed else "FAIL: " + ", ".join(failed or ["no checks"])
+
+
+def drill_row(drill: str, sites: int, out: Path, expected: int, wall: float,
+              checks: dict[str, bool], twice: list[int], keys: Path | None = None,
+              note: str = "") -> Row:
+    """The drill's table row, its verdict computed from the run folder and ``checks``."""
+    rows = history(out)
+    done = completed(out, rows)
+    lost = rounds_lost(done, expected)
+    chain_note = ""
+    if keys is not None:
+        ok, chain_note, mismatched = seal_chain(out, keys)
+        checks = {**checks, "seal chain verifies": ok}
+        twice = sorted(set(twice) | set(mismatched))
+    checks = {**checks, "0 rounds lost": lost == 0, "0 rounds applied twice": not twice}
+    result = verdict(checks)
+    return {"drill": drill, "sites": sites, "rounds done": len(done), "rounds lost": lost,
+            "rounds applied twice": len(twice), "updates refused": refused(rows),
+            "wall s": round(wall, 1), "result": result,
+            "note": "; ".join(x for x in (note, chain_note) if x)}

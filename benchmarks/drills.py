@@ -1,0 +1,407 @@
+"""The Deployment Engine under load and faults: a real SuperLink (TLS, SuperNode
+authentication) and N SuperNodes on loopback, the run submitted with ``flwr run`` as an operator
+would, faults injected with process signals.
+
+Drills (tiny random LLaMA; ``--only`` picks some, in this order):
+
+- ``scale``: 16 SuperNodes, 3 rounds; Flower's overhead per round (round wall time minus the
+  slowest site's training) and the SuperLink's and ServerApp's peak RSS.
+- ``site-crash``: 4 sites, ``min_sites = 3``; SIGKILL one SuperNode while it trains round 2
+  and start it again: round 2 completes with the others, nothing of the killed site is
+  admitted, and it trains round 3.
+- ``serverapp-crash``: SIGKILL the ServerApp process while round 2 trains; submit the run again
+  with the same ``out`` (the ServerApp resumes after the last complete round).
+- ``superlink-crash``: SIGKILL the SuperLink while round 2 trains; start it again on its state
+  database, submit the run again with the same ``out``.
+- ``connection-lost``: SIGKILL a SuperNode as round 1 ends and start it again (retrying until
+  Flower activates it again): it trains again, at the latest in the last round.
+- ``connection-stall``: SIGSTOP a SuperNode for 25 s as round 1 ends (a connection that stalls
+  and comes back, within Flower's heartbeat patience), then SIGCONT: it is served round 2.
+
+Each drill's verdict is computed from the run folder (history rows, checkpoints, the round-seal
+chain, see ``drill_evidence.py``) and the processes' exits. Results go to
+``benchmarks/results/drills.json`` after each drill; drills already there are skipped unless
+``--force``. ``python benchmarks/report.py`` puts the table into docs/benchmarks.md.
+
+    python benchmarks/drills.py         # scale: ~25 min on 2 cores; each other drill 4-10 min
+    python benchmarks/drills.py --only site-crash --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import drill_evidence as ev
+from harness import ROOT, add_json_argument, environment, markdown_table, write_results
+
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import build_tiny_backbone, qa_records
+from loopback import Loopback, descendants_named
+
+ROUNDS = 3
+CLIENTAPP, SERVERAPP = "flwr-clientapp", "flwr-serverapp"
+
+
+class DrillTimeout(RuntimeError):
+    """A drill's wait ran past its deadline."""
+
+
+class Drill:
+    """One federation for one drill: its folder, scenario, SuperLink and SuperNodes."""
+
+    def __init__(self, name: str, work: Path, sites: int, deadline: float,
+                 federation: str = "") -> None:
+        self.name, self.sites, self.deadline = name, sites, deadline
+        self.folder = work / name
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.out = self.folder / "run"
+        data = [work / "data" / f"site{i}.jsonl" for i in range(sites)]
+        self.scenario = self.folder / "scenario.toml"
+        self.scenario.write_text(
+            f'[backbone]\nname = "{work / "backbone"}"\n'
+            "[train]\nmax_steps = 2\nwarmup_steps = 1\nbatch_size = 4\n"
+            "[evaluation]\nquestions = 0\n"
+            f"[federation]\nrounds = {ROUNDS}\nsites = {json.dumps([str(p) for p in data])}\n"
+            + federation)
+        self.fed = Loopback(self.folder, work / "keys")
+        self.peak_kb: dict[str, int] = {}
+        self.submissions = 0
+
+    @property
+    def run_config(self) -> str:
+        return f'scenario="{self.scenario}" out="{self.out}"'
+
+    def node(self, i: int) -> subprocess.Popen[bytes]:
+        return self.fed.start_supernode(f"supernode{i}", f"site{i}",
+                                        f"partition-id={i} num-partitions={self.sites}")
+
+    def restart(self, i: int, pause: float = 5) -> tuple[int, float]:
+        """Start SuperNode ``i`` again until the SuperLink activates it (its log says
+        ``SuperNode ID``): Flower 1.41 refuses to activate a node it still holds for online
+        (exit code 305) until the killed one misses its heartbeats, so a site's service
+        manager retries. Returns (attempts, seconds until it was activated)."""
+        log = self.folder / f"supernode{i}.log"
+
+        def activations() -> int:
+            return log.read_text(errors="replace").count("SuperNode ID:") if log.is_file() else 0
+
+        start, attempts, seen = time.monotonic(), 0, activations()
+        while True:
+            attempts += 1
+            proc = self.node(i)
+            while proc.poll() is None and activations() <= seen:
+                if self.left() <= 0:
+                    raise DrillTimeout(f"{self.name}: supernode{i} was never activated again")
+                time.sleep(1)
+            if activations() > seen:
+                return attempts, round(time.monotonic() - start, 1)
+            if self.left() <= 0:
+                raise DrillTimeout(f"{self.name}: supernode{i} was never activated again")
+            time.sleep(pause)
+
+    def up(self) -> None:
+        self.fed.start_superlink()
+        for i in range(self.sites):
+            self.fed.register(f"site{i}")
+        for i in range(self.sites):
+            self.node(i)
+        self.fed.wait_online(self.sites, timeout=max(60, self.left()))
+
+    def submit(self) -> subprocess.Popen[bytes]:
+        """``flwr run --stream`` in the background (its log: ``flwr-run-<n>.log``)."""
+        self.submissions += 1
+        return self.fed.start(f"flwr-run-{self.submissions}",
+                              self.fed.run_command(self.run_config))
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def serverapps(self) -> list[int]:
+        return descendants_named(self.fed.named["superlink"].pid, SERVERAPP)
+
+    def training(self, i: int, server_round: int) -> bool:
+        """SuperNode ``i`` runs a ClientApp started after round ``server_round`` was sealed
+        (the ServerApp seals a round as it sends it, after the previous round's checkpoint)."""
+        seal = self.out / "seals" / f"round-{server_round:03d}.json"
+        if not seal.is_file():
+            return False
+        return bool(descendants_named(self.fed.named[f"supernode{i}"].pid, CLIENTAPP,
+                                      since=seal.stat().st_mtime))
+
+    def sealed(self, server_round: int) -> bool:
+        """Round ``server_round`` was sent: the previous one is complete (checkpoint, row)."""
+        return (self.out / "seals" / f"round-{server_round:03d}.json").is_file() and \
+            server_round - 1 in ev.completed(self.out, self.rows())
+
+    def rows(self) -> list[ev.Row]:
+        return ev.history(self.out)
+
+    def sample(self) -> None:
+        """Keep the peak RSS (VmHWM) of the SuperLink and every ServerApp seen."""
+        link = self.fed.named.get("superlink")
+        pids = {"superlink": [link.pid] if link else [], "serverapp": self.serverapps()}
+        for role, found in pids.items():
+            for pid in found:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kb[role] = max(self.peak_kb.get(role, 0), int(line.split()[1]))
+
+    def wait(self, what: str, ready: Callable[[], bool], poll: float = 0.3) -> None:
+        while not ready():
+            if self.left() <= 0:
+                raise DrillTimeout(f"{self.name}: timed out waiting for {what}")
+            self.sample()
+            time.sleep(poll)
+
+    def finish(self, run: subprocess.Popen[bytes]) -> int:
+        self.wait("the run to end", lambda: run.poll() is not None, poll=1)
+        return int(run.returncode)
+
+    def abandon(self, run: subprocess.Popen[bytes], grace: float) -> str:
+        """After a crash: let ``flwr run`` end by itself for ``grace`` s, else stop it as its
+        user would (Ctrl-C); then ``flwr stop`` any run Flower still lists as running."""
+        end = time.monotonic() + grace
+        while run.poll() is None and time.monotonic() < end:
+            self.sample()
+            time.sleep(1)
+        said = f"flwr run exited {run.returncode}" if run.poll() is not None else \
+            f"flwr run still streaming after {grace:.0f} s: interrupted"
+        if run.poll() is None:
+            run.send_signal(signal.SIGINT)
+            try:
+                run.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait()
+        for r in self.fed.runs():
+            if str(r.get("status", "")).startswith(("running", "starting", "pending")):
+                self.fed.flwr("stop", str(r["run-id"]), "loopback", timeout=60)
+                said += f"; flwr stop {r['run-id']} (was {r['status']})"
+        return said
+
+    def peaks_mb(self) -> dict[str, float]:
+        return {k: round(v / 1024, 1) for k, v in sorted(self.peak_kb.items())}
+
+
+# -- the drills: each returns (checks, rounds run twice, note, extra results) ------------------
+
+Outcome = tuple[dict[str, bool], list[int], str, dict[str, Any]]
+
+
+def scale(d: Drill) -> Outcome:
+    code = d.finish(d.submit())
+    rows = d.rows()
+    per_round = ev.overhead(rows)
+    checks = {"flwr run exit 0": code == 0,
+              f"every round trained by all {d.sites}": len(rows) == ROUNDS and all(
+                  r.get("sites-trained") == d.sites for r in rows)}
+    shown = ", ".join(f"r{o['round']} {o['overhead_s']:.1f}/{o['round_s']:.1f} s "
+                      f"({100 * o['overhead_share']:.0f}%)" for o in per_round)
+    peaks = d.peaks_mb()
+    note = (f"Flower overhead per round (round s minus slowest site's train s): {shown}; "
+            f"peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items()))
+    return checks, [], note, {"overhead": [{"drill": d.name, **o} for o in per_round],
+                              "peak_rss_mb": peaks}
+
+
+def site_crash(d: Drill, victim: int = 1) -> Outcome:
+    run = d.submit()
+    d.wait("the victim to train round 2", lambda: d.training(victim, 2), poll=0.1)
+    d.fed.kill(f"supernode{victim}")
+    time.sleep(3)
+    attempts, back = d.restart(victim)  # the site's machine is back
+    code = d.finish(run)
+    rows = {int(r["round"]): r for r in d.rows()}
+    name = f"site{victim}"
+    r2, r3 = rows.get(2, {}), rows.get(3, {})
+    checks = {"flwr run exit 0": code == 0,
+              "round 2 completed with the others": r2.get("sites-trained") == d.sites - 1,
+              "round 2's row counts 1 failed site": r2.get("sites-failed") == 1,
+              "nothing of the killed site admitted in round 2": f"{name}/train-loss" not in r2,
+              "the restarted site trained round 3": f"{name}/train-loss" in r3
+              and r3.get("sites-trained") == d.sites}
+    note = (f"round 2: {r2.get('sites-trained')} trained, {r2.get('sites-failed')} failed, "
+            f"{r2.get('round-seconds')} s; the killed SuperNode was activated again {back} s "
+            f"after its restart ({attempts} start(s)); round 3: {r3.get('sites-trained')} trained")
+    return checks, [], note, {}
+
+
+def aggregator_crash(d: Drill, target: str) -> Outcome:
+    run = d.submit()
+    d.wait("round 2's training", lambda: any(d.training(i, 2) for i in range(d.sites)),
+           poll=0.1)
+    killed_pid = d.serverapps()
+    before = d.rows()
+    if target == "serverapp":
+        for pid in killed_pid:
+            os.kill(pid, signal.SIGKILL)
+        said = d.abandon(run, grace=90)
+    else:
+        d.fed.kill("superlink")
+        time.sleep(2)
+        d.fed.start_superlink()  # the same state database
+        said = "SuperLink restarted"
+        end = time.monotonic() + 90  # does the old ServerApp outlive it, and finish the run?
+        while time.monotonic() < end and any(Path(f"/proc/{p}").exists() for p in killed_pid):
+            time.sleep(1)
+        alive = [p for p in killed_pid if Path(f"/proc/{p}").exists()]
+        if alive:
+            said += "; the old ServerApp still alive after 90 s: killed"
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        said += "; " + d.abandon(run, grace=5)
+        d.fed.wait_online(d.sites, timeout=max(60, d.left()))
+    done_before = ev.completed(d.out, before)
+    before = [r for r in before if int(r["round"]) in done_before]
+    code = d.finish(d.submit())  # the same out: the ServerApp resumes after the last round
+    after = d.rows()
+    twice = ev.rerun_rounds(before, after)
+    ran = re.search(r"Number of rounds: (\d+)", d.fed.tail(f"flwr-run-{d.submissions}", 10**6))
+    checks = {"resumed run exit 0": code == 0,
+              "every round trained by all sites": len(after) == ROUNDS and all(
+                  r.get("sites-trained") == d.sites for r in after)}
+    statuses = [str(r.get("status")) for r in sorted(d.fed.runs(), key=lambda r: str(
+        r.get("pending-at", "")))]
+    note = (f"killed {target} in round 2 (rounds complete before: {done_before}); {said}; "
+            f"resubmitted: Flower ran {ran.group(1) if ran else '?'} round(s); "
+            f"flwr ls: {', '.join(statuses)}")
+    return checks, twice, note, {}
+
+
+def connection_lost(d: Drill, victim: int = 2) -> Outcome:
+    run = d.submit()
+    d.wait("round 2 to be sent", lambda: d.sealed(2), poll=0.1)
+    d.fed.kill(f"supernode{victim}")
+    time.sleep(2)
+    attempts, back = d.restart(victim)
+    code = d.finish(run)
+    rows = {int(r["round"]): r for r in d.rows()}
+    served = [r for r in sorted(rows) if f"site{victim}/train-loss" in rows[r]]
+    checks = {"flwr run exit 0": code == 0,
+              "the restarted site trained the last round": ROUNDS in served
+              and rows[ROUNDS].get("sites-trained") == d.sites}
+    r2 = rows.get(2, {})
+    return checks, [], f"killed as round 1 ended; activated again {back} s after the restart " \
+        f"({attempts} start(s)); it trained rounds {served}; round 2: " \
+        f"{r2.get('sites-trained')} trained, {r2.get('round-seconds')} s", {}
+
+
+def connection_stall(d: Drill, victim: int = 2, pause: float = 25) -> Outcome:
+    """The connection cut without the process dying: SIGSTOP the SuperNode (and its
+    children) for ``pause`` s, under Flower's heartbeat patience, then SIGCONT."""
+    run = d.submit()
+    d.wait("round 2 to be sent", lambda: d.sealed(2), poll=0.1)
+    pgid = d.fed.named[f"supernode{victim}"].pid
+    os.killpg(pgid, signal.SIGSTOP)
+    time.sleep(pause)
+    os.killpg(pgid, signal.SIGCONT)
+    code = d.finish(run)
+    rows = {int(r["round"]): r for r in d.rows()}
+    r2 = rows.get(2, {})
+    checks = {"flwr run exit 0": code == 0,
+              "the stalled site was served round 2": f"site{victim}/train-loss" in r2
+              and r2.get("sites-trained") == d.sites}
+    return checks, [], f"stopped {pause:.0f} s as round 1 ended; round 2: " \
+        f"{r2.get('sites-trained')} trained, {r2.get('round-seconds')} s", {}
+
+
+CRASH_FED = "min_sites = 3\nround_timeout = 90\n"
+DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
+    "scale": (16, "round_timeout = 900\n", scale),
+    "site-crash": (4, CRASH_FED, site_crash),
+    "serverapp-crash": (4, CRASH_FED, lambda d: aggregator_crash(d, "serverapp")),
+    "superlink-crash": (4, CRASH_FED, lambda d: aggregator_crash(d, "superlink")),
+    "connection-lost": (4, CRASH_FED, connection_lost),
+    "connection-stall": (4, CRASH_FED, connection_stall),
+}
+
+
+def run_drill(name: str, work: Path, timeout: float) -> tuple[ev.Row, dict[str, Any]]:
+    sites, federation, body = DRILLS[name]
+    start = time.monotonic()
+    d = Drill(name, work, sites, start + timeout, federation)
+    extra: dict[str, Any] = {}
+    try:
+        d.up()
+        checks, twice, note, extra = body(d)
+    except Exception as exc:  # a timeout or a process that would not start: the drill fails
+        checks, twice, note = {"drill ran to its end": False}, [], f"{type(exc).__name__}: {exc}"
+        (d.folder / "failure.log").write_text(f"{exc}\n{d.fed.detail()}")
+    finally:
+        d.fed.close()
+    wall = time.monotonic() - start
+    keys = d.out / "keys"
+    row = ev.drill_row(name, sites, d.out, ROUNDS, wall, checks, twice,
+                       keys=keys if keys.is_dir() else None, note=note)
+    return row, extra
+
+
+def prepare(work: Path, sites: int) -> None:
+    """The tiny backbone and every site's data, once per work folder."""
+    if not (work / "backbone" / "config.json").is_file():
+        build_tiny_backbone(work / "backbone")
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    for i in range(sites):
+        path = work / "data" / f"site{i}.jsonl"
+        if not path.is_file():
+            path.write_text("".join(json.dumps(r) + "\n" for r in qa_records(16 + 4 * (i % 3))))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(DRILLS), default=list(DRILLS))
+    parser.add_argument("--force", action="store_true", help="run drills already in --json")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per drill (default: 2400 for scale, 600 for the others)")
+    parser.add_argument("--work", default="/tmp/fed-llama-drills",
+                        help="where the drills' SuperLinks, SuperNodes and runs live")
+    add_json_argument(parser, "drills.json")
+    args = parser.parse_args()
+    path, work = Path(args.json), Path(args.work)
+    saved: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    rows: dict[str, ev.Row] = {r["drill"]: r for r in saved.get("rows", [])}
+    overhead = [o for o in saved.get("overhead", [])]
+    prepare(work, max(s for s, _, _ in DRILLS.values()))
+    for name in args.only:
+        if name in rows and not args.force:
+            print(f"{name}: in {path.name} already (--force runs it again)")
+            continue
+        timeout = args.timeout or (2400 if name == "scale" else 600)
+        print(f"{name}: running (at most {timeout:.0f} s)", flush=True)
+        row, extra = run_drill(name, work, timeout)
+        rows[name] = row
+        if "overhead" in extra:
+            overhead = [o for o in overhead if o["drill"] != name] + extra["overhead"]
+        if "peak_rss_mb" in extra:
+            saved["peak_rss_mb"] = extra["peak_rss_mb"]
+        print(f"{name}: {row['result']} ({row['wall s']} s) {row['note']}", flush=True)
+        ordered = [rows[n] for n in DRILLS if n in rows]
+        write_results(path, {"rounds": ROUNDS, "model": "tiny random LLaMA (tests/conftest.py)",
+                             **({"peak_rss_mb": saved["peak_rss_mb"]}
+                                if "peak_rss_mb" in saved else {}),
+                             "rows": ordered, "overhead": overhead}, environment())
+    ordered = [rows[n] for n in DRILLS if n in rows]
+    print(markdown_table(ordered, ev.COLUMNS))
+    return 0 if all(r["result"] == "PASS" for r in ordered) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

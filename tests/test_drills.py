@@ -1,0 +1,86 @@
+"""The fault drills' verdicts come from evidence: history rows, checkpoints, the round-seal chain
+and the processes' exits (``benchmarks/drill_evidence.py``), never from a hard-coded result.
+One cheap drill runs end to end on a real SuperLink and four SuperNodes (marked deployment and
+slow: it takes minutes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_benchmark
+
+sys.modules.setdefault("drill_evidence", load_benchmark("drill_evidence"))
+ev = sys.modules["drill_evidence"]
+
+
+def row(r: int, **extra: object) -> dict[str, object]:
+    return {"round": r, "sites-trained": 4.0, "sites-refused": 0.0, **extra}
+
+
+def test_a_round_without_a_completed_row_and_checkpoint_is_lost(tmp_path: Path) -> None:
+    for r in (1, 3):
+        (tmp_path / "rounds" / f"round-{r:03d}").mkdir(parents=True)
+        (tmp_path / "rounds" / f"round-{r:03d}" / "adapter_config.json").write_text("{}")
+    rows = [row(1), row(2), row(3, failed="round 3: 1 of 4 site(s) trained")]
+    done = ev.completed(tmp_path, rows)
+    assert done == [1]  # round 2 has no checkpoint, round 3 failed
+    assert ev.rounds_lost(done, 3) == 2
+
+
+def test_a_completed_round_run_again_after_a_restart_counts_as_applied_twice() -> None:
+    before = [row(1, **{"round-seconds": 10.0})]
+    assert ev.rerun_rounds(before, [row(1, **{"round-seconds": 10.0}), row(2)]) == []
+    assert ev.rerun_rounds(before, [row(1, **{"round-seconds": 12.5}), row(2)]) == [1]
+    assert ev.rerun_rounds([], [row(1), row(2), row(2)]) == [2]
+    # a round that had failed before the restart may run again
+    assert ev.rerun_rounds([row(1, failed="x")], [row(1)]) == []
+
+
+def test_the_verdict_names_every_check_that_failed() -> None:
+    assert ev.verdict({"flwr run exit 0": True, "0 rounds lost": True}) == "PASS"
+    assert ev.verdict({"flwr run exit 0": False, "0 rounds lost": True, "x": False}) == \
+        "FAIL: flwr run exit 0, x"
+    assert ev.verdict({}).startswith("FAIL")
+
+
+def test_flowers_overhead_is_the_round_minus_its_slowest_site() -> None:
+    rows = [row(1, **{"round-seconds": 20.0, "site0/train-seconds": 4.0,
+                      "site1/train-seconds": 5.0}),
+            row(2)]  # no timings: no overhead row
+    assert ev.overhead(rows) == [{"round": 1, "round_s": 20.0, "slowest_train_s": 5.0,
+                                  "overhead_s": 15.0, "overhead_share": 0.75}]
+
+
+def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path: Path) -> None:
+    (tmp_path / "history.json").write_text(json.dumps([row(1)]))
+    (tmp_path / "rounds" / "round-001").mkdir(parents=True)
+    (tmp_path / "rounds" / "round-001" / "adapter_config.json").write_text("{}")
+    out = ev.drill_row("site-crash", 4, tmp_path, 2, 12.34, {"flwr run exit 0": True}, [])
+    assert (out["rounds done"], out["rounds lost"], out["rounds applied twice"]) == (1, 1, 0)
+    assert out["result"] == "FAIL: 0 rounds lost"
+    assert list(out)[:len(ev.COLUMNS)] == ev.COLUMNS
+
+
+@pytest.mark.deployment
+@pytest.mark.slow  # three rounds on four SuperNodes: about 3 minutes on 2 cores
+def test_a_supernode_whose_connection_stalls_is_served_the_round_in_progress(
+        tmp_path: Path) -> None:
+    """The ``connection-stall`` drill end to end: a SuperLink with TLS and SuperNode auth, four
+    SuperNodes, ``flwr run``; one SuperNode stops for 25 s as round 2 is sent, then goes on."""
+    drills = load_benchmark("drills")
+    drills.prepare(tmp_path, 4)
+    result, _ = drills.run_drill("connection-stall", tmp_path, timeout=500)
+    assert result["result"] == "PASS", result
+    assert (result["rounds done"], result["rounds lost"], result["rounds applied twice"]) == (
+        drills.ROUNDS, 0, 0)
+    out = tmp_path / "connection-stall" / "run"
+    ok, said, _ = ev.seal_chain(out, out / "keys")
+    assert ok, said
+    # a seal swapped for another round's breaks the chain
+    shutil.copy(out / "seals" / "round-001.json", out / "seals" / "round-002.json")
+    ok, said, _ = ev.seal_chain(out, out / "keys")
+    assert not ok and "round-002.json" in said, said
