@@ -100,6 +100,29 @@ def test_a_site_that_never_replies_counts_as_failed() -> None:
 
 
 @pytest.mark.usefixtures("flower_task")
+def test_a_node_lost_mid_round_counts_once_with_the_superlinks_reason() -> None:
+    # Flower's SuperLink answers for a node it lost with an error reply from itself (node 1),
+    # not from the node: that is the failure of the node that sent nothing, counted once
+    scenario = build_config(ScenarioConfig, {"federation": {
+        "sites": ["icd10:cardiology", "icd10:oncology"], "min_sites": 1},
+        "security": {"envelopes": False, "seal_rounds": False}}, source="test")
+    rows: dict[int, dict[str, float]] = {}
+    strategy = build_strategy(scenario, scenario.site_names(), round_offset=0,
+                              on_train=lambda r, row: rows.__setitem__(r, row),
+                              on_evaluate=lambda *_: None)
+    sent = list(strategy.configure_train(1, ArrayRecord(CURRENT), ConfigRecord(),
+                                         FakeGrid(2)))  # type: ignore[arg-type]
+    state = {k: v + 0.01 for k, v in CURRENT.items()}
+    good = Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
+        {"num-examples": 8, "site": 0, "train-loss": 1.0})}), reply_to=sent[0])
+    lost = Message(Error(code=2, reason="Node Unavailable"), reply_to=sent[1])
+    lost.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it: its own id
+    arrays, _ = strategy.aggregate_train(1, [good, lost])
+    assert arrays is not None
+    assert (rows[1]["sites-trained"], rows[1]["sites-failed"]) == (1, 1)
+
+
+@pytest.mark.usefixtures("flower_task")
 def test_updates_the_aggregator_refuses_are_named_by_their_reason() -> None:
     with pytest.raises(RoundFailed, match=r"0 of 2 .* 2 needed \(federation.min_sites = 2\); "
                        r"update\(s\) refused by the aggregator: malformed x2"):

@@ -112,20 +112,34 @@ def split_replies(replies: Iterable[Message], sent: list[int], real_round: int,
                   refused: Iterable[int] = ()) -> tuple[list[Message], RoundOutcome]:
     """The replies without errors, and the round's outcome so far (each failure logged with
     the site's reason); ``refused``: nodes whose replies came and were refused on the way
-    (not missing)."""
+    (not missing).
+
+    When a node dies mid-round, Flower's SuperLink answers for it with an error reply whose
+    source is the SuperLink, not the node: such an error (from no node the round was sent to)
+    is the failure of one node that sent nothing, so a dead site counts once, with Flower's
+    reason."""
     outcome = RoundOutcome(real_round, list(sent))
     good: list[Message] = []
     seen: set[int] = set(refused)
+    unattributed: list[str] = []
     for reply in replies:
         node = reply.metadata.src_node_id
-        seen.add(node)
         if reply.has_error():
-            outcome.failed[node] = reply_reason(reply.error.reason or "")
-            log.warning("round %d: node %s failed: %s", real_round, node,
-                        outcome.failed[node])
+            reason = reply_reason(reply.error.reason or "")
+            if node in sent:
+                seen.add(node)
+                outcome.failed[node] = reason
+                log.warning("round %d: node %s failed: %s", real_round, node, reason)
+            else:  # the SuperLink's reply for a node it lost
+                unattributed.append(reason)
         else:
+            seen.add(node)
             good.append(reply)
-    outcome.missing = [node for node in sent if node not in seen]
+    missing = [node for node in sent if node not in seen]
+    for node, reason in zip(missing, unattributed, strict=False):
+        outcome.failed[node] = reason
+        log.warning("round %d: node %s failed: %s", real_round, node, reason)
+    outcome.missing = [node for node in missing if node not in outcome.failed]
     for node in outcome.missing:
         log.warning("round %d: node %s sent no reply", real_round, node)
     return good, outcome
