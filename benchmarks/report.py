@@ -96,11 +96,18 @@ SECTIONS: list[tuple[str, str, str]] = [
      "site's training time (messaging, each message's ClientApp process start, evaluation, "
      "checkpointing); `peak_rss_mb` is the SuperLink's and the ServerApp's peak resident set "
      "(VmHWM) in the `scale` drill."),
+    ("compression", "Compressed updates",
+     "The main job's federation (3 hospitals, 3 rounds, envelopes on) once per "
+     "`federation.update_compression` through `fed-llama simulate`, with the overrides shown "
+     "(fewer local steps than the main job, no task questions): bytes each site sent per round "
+     "(the envelope) and pooled held-out perplexity after each round; ratios are to `none` in "
+     "the same run of the script, one run per variant."),
 ]
 SCRIPTS = {"federated_vs_local": "federated_vs_local.py", "category_gap": "category_gap.py",
            "edge": "edge.py", "site_quality": "site_quality.py",
            "train_throughput": "train_throughput.py", "privacy_overhead": "privacy_overhead.py",
-           "poisoning": "poisoning.py", "drills": "drills.py"}
+           "poisoning": "poisoning.py", "drills": "drills.py",
+           "compression": "compression.py"}
 TABLES = ("rows", "variants", "targets", "overhead")
 """A results file's keys that become tables (``variants``: one row per variant)."""
 CAPTIONS = {"targets": "Targets:", "overhead": "Flower's overhead per round:"}
