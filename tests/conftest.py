@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -115,3 +116,21 @@ class FakeGrid:
 
     def get_node_ids(self) -> list[int]:
         return [11 * (i + 1) for i in range(self.n)]
+
+
+def run_without_torch(*cli: str) -> subprocess.CompletedProcess[str]:
+    """``fed-llama CLI...`` in a fresh interpreter in which torch, transformers, flwr, peft and
+    cryptography cannot be imported (what an edge device has)."""
+    blocked = ("torch", "transformers", "flwr", "peft", "cryptography")
+    script = (
+        "import sys\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from fed_llama.cli.main import main\n"
+        f"sys.exit(main({list(cli)!r}))\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pytest
 import torch
-from conftest import qa_records
+from conftest import qa_records, run_without_torch
 
 from fed_llama.adapter import save_adapter
 from fed_llama.backbone.load import load_backbone
@@ -372,20 +370,8 @@ def test_the_chat_template_renders_as_transformers_does(tiny_backbone: Path) -> 
 
 
 def test_onnx_generate_never_imports_torch(fp32_export: Path) -> None:
-    blocked = ("torch", "transformers", "flwr", "peft", "cryptography")
-    script = (
-        "import sys\n"
-        f"BLOCKED = {blocked!r}\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from fed_llama.cli.main import main\n"
-        f"sys.exit(main(['generate', '--onnx', {str(fp32_export)!r}, 'hello',\n"
-        "                '--max-new-tokens', '6', '--temperature', '0.7', '--top-p', '0.9']))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = run_without_torch('generate', '--onnx', str(fp32_export), 'hello',
+                             '--max-new-tokens', '6', '--temperature', '0.7', '--top-p', '0.9')
     assert proc.returncode == 0, proc.stderr
     assert "blocked" not in proc.stderr
     assert proc.stdout.endswith("\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_without_torch
 from test_export import _cfg, _method_adapter, _trained_like_adapter
 
 from fed_llama.cli.main import main
@@ -149,20 +150,7 @@ def test_a_copy_of_the_listed_files_runs_without_torch_and_with_plain_genai(
     for name in readme_files((int8_export / README).read_text()):
         (device / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(int8_export / name, device / name)
-    blocked = ("torch", "transformers", "flwr", "peft", "cryptography")
-    script = (
-        "import sys\n"
-        f"BLOCKED = {blocked!r}\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from fed_llama.cli.main import main\n"
-        f"sys.exit(main(['generate', '--onnx', {str(device)!r}, 'hello',\n"
-        "                '--max-new-tokens', '4']))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = run_without_torch('generate', '--onnx', str(device), 'hello', '--max-new-tokens', '4')
     assert proc.returncode == 0, proc.stderr
 
     import onnxruntime_genai as og

@@ -4,15 +4,13 @@ plain torch.onnx route traces their branches; the builder route refuses them."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import qa_records
+from conftest import qa_records, run_without_torch
 
 from fed_llama.adapter import save_adapter
 from fed_llama.backbone.load import load_backbone
@@ -139,20 +137,7 @@ def test_generate_onnx_gives_pytorchs_greedy_tokens_without_torch(
             expected.append(token)
     assert list(lm.generate_ids(prompt, max_new_tokens=8)) == expected
 
-    blocked = ("torch", "transformers", "flwr", "peft", "cryptography")
-    script = (
-        "import sys\n"
-        f"BLOCKED = {blocked!r}\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from fed_llama.cli.main import main\n"
-        f"sys.exit(main(['generate', '--onnx', {str(out)!r}, 'hello', '--max-new-tokens', "
-        "'8']))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = run_without_torch('generate', '--onnx', str(out), 'hello', '--max-new-tokens', '8')
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == lm.tokenizer.decode(expected, skip_special_tokens=True).strip()
 
