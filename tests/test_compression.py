@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from fed_llama import wire
 from fed_llama.adapter.compression import (
     BLOCK,
+    LEVELS,
     SCALE_SUFFIX,
     compress,
     decompress,
@@ -52,6 +53,32 @@ def test_each_value_is_within_half_a_step_of_its_block_and_the_bytes_shrink(
     assert float((decoded - change).abs().max()) < float(change.abs().max()) / levels
     sent = codes.numel() * codes.element_size() + scales.numel() * 2
     assert sent / (4 * 1000) == pytest.approx(ratio, abs=0.01)
+
+
+@pytest.mark.parametrize("magnitude", [1e-2, 1e-3, 1e-4, 1e-5])
+def test_small_changes_decode_as_closely_as_large_ones_and_int8_beats_int4(
+        magnitude: float) -> None:
+    # a round's change is often below float16's smallest normal times 127 (7.8e-3): each
+    # block's scale is stored as float16 and the codes must use the scale as stored
+    change = magnitude * torch.randn(4096, generator=G)
+    error = {}
+    for scheme, levels in LEVELS.items():
+        codes, scales = quantize(change, scheme)
+        decoded = dequantize(codes, scales, (4096,), scheme)
+        error[scheme] = float((decoded - change).abs().max() / change.abs().max())
+        # at most half a step of the block's largest value, and a little for float16's
+        # coarser subnormal scales (about 6e-8 apart) on the smallest changes
+        assert error[scheme] < 0.5 / levels * 1.1 + 6e-8 / magnitude
+    assert error["int8"] < error["int4"] / 5
+
+
+def test_a_record_with_scales_that_are_not_finite_or_negative_is_refused() -> None:
+    record, _ = compress(SITES[0], CURRENT, "int8")
+    for bad in (float("nan"), float("inf"), -1.0):
+        scales = record[A + SCALE_SUFFIX].clone()
+        scales[0] = bad
+        with pytest.raises(ValueError, match="scales must be finite"):
+            decompress({**record, A + SCALE_SUFFIX: scales}, CURRENT, "int8")
 
 
 def test_error_feedback_keeps_the_sum_of_what_was_sent_close_to_the_sum_of_the_changes(

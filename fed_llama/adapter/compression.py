@@ -2,10 +2,10 @@
 
 A site sends ``state - global`` (its change) rather than its adapter: the change is small and
 evenly spread, so a few bits per value keep it. Each tensor's change is cut, flattened, into
-blocks of :data:`BLOCK` values; each block is scaled by its largest magnitude (a float16 scale)
-and rounded to ``bits``-bit signed integers: ``int8`` codes in [-127, 127], ``int4`` codes in
-[-7, 7] packed two to a byte. Per value that is 8 + 16/128 or 4 + 16/128 bits instead of 32:
-25.4% or 12.9% of the float32 bytes.
+blocks of :data:`BLOCK` values; each block is scaled by its largest magnitude (a float16 scale,
+rounded up, the codes computed with the scale as stored) and rounded to ``bits``-bit signed
+integers: ``int8`` codes in [-127, 127], ``int4`` codes in [-7, 7] packed two to a byte. Per
+value that is 8 + 16/128 or 4 + 16/128 bits instead of 32: 25.4% or 12.9% of the float32 bytes.
 
 What rounding leaves out is not lost: the site keeps it (error feedback) and adds it to its
 next round's change, so over the rounds the sum of what it sent follows the sum of its
@@ -46,13 +46,27 @@ def quantize(change: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Ten
     """``change`` as (codes, float16 scales) under ``scheme`` (``int8`` or ``int4``)."""
     levels = LEVELS[scheme]
     blocks = _blocks(change.detach().float().flatten())
-    scales = (blocks.abs().amax(dim=1) / levels).to(torch.float16)
-    safe = scales.float().clamp_min(torch.finfo(torch.float16).tiny)
+    scales = _scale_up(blocks.abs().amax(dim=1) / levels)
+    # codes are computed with the scale as stored: the decoder multiplies by exactly it
+    stored = scales.float()
+    safe = torch.where(stored > 0, stored, torch.ones_like(stored))
     codes = torch.round(blocks / safe[:, None]).clamp(-levels, levels).to(torch.int8)
     codes = codes.flatten()[:change.numel()]
     if scheme == "int4":
         codes = _pack(codes)
     return codes, scales
+
+
+def _scale_up(wanted: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 values at least ``wanted`` (non-negative float32), so that no
+    block's largest value needs a code beyond the scheme's largest. Below float16's smallest
+    normal (6.1e-5) its subnormals keep about 5e-8 steps: a small block's scale is then coarse
+    but still at least what it needs (and what its codes are computed with)."""
+    wanted = wanted.clamp(max=float(torch.finfo(torch.float16).max))
+    half = wanted.to(torch.float16)
+    low = half.float() < wanted  # rounded down: take the next float16 up (positive values)
+    bits = half.view(torch.int16) + low.to(torch.int16)
+    return bits.view(torch.float16)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...], scheme: str
@@ -118,6 +132,8 @@ def decompress(record: Mapping[str, object], current: State, scheme: str) -> Sta
         if not (isinstance(scales, torch.Tensor) and scales.dtype == torch.float16
                 and scales.dim() == 1 and scales.numel() == want_scales):
             raise ValueError(f"{name}: expected {want_scales} float16 scales")
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise ValueError(f"{name}: scales must be finite and not negative")
         change = dequantize(codes, scales, tuple(base.shape), scheme)
         out[name] = (base.float() + change).to(base.dtype)
     return out
