@@ -5,9 +5,8 @@ processes' exits — never a hard-coded result.
 - rounds applied twice: a round number with two rows, a round that had completed before a
   restart and was run again after it (its row changed), or a seal whose starting adapter is
   not the previous round's checkpoint (a round trained on a state it had already changed);
-- the seal chain: every ``seals/round-NNN.json`` signed by the aggregator's key, for this
-  run and its round, chained to the previous seal, and sealing the checkpoint of the round
-  before it.
+- the seal chain and the checkpoints: ``fed-llama audit``'s checks
+  (:mod:`fed_llama.server.audit`).
 """
 
 from __future__ import annotations
@@ -60,44 +59,18 @@ def rerun_rounds(before: list[Row], after: list[Row]) -> list[int]:
 
 
 def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:
-    """Verify the run's round seals end to end: (ok, what was checked or what broke, the
-    rounds whose seal does not seal the previous round's checkpoint)."""
-    from fed_llama.adapter.state import state_digest
-    from fed_llama.crypto import RoundSeal, verify_round
+    """Verify the run's round seals end to end with ``fed-llama audit``'s checks: (ok, what
+    was checked or what broke, the rounds whose seal does not seal the previous round's
+    checkpoint)."""
     from fed_llama.crypto.keys import ServerPublicKey
-    from fed_llama.crypto.refusal import Refused
-    from fed_llama.server.checkpoint import RunStore
+    from fed_llama.server.audit import audit_run
 
-    store = RunStore(out)
-    seals = sorted((out / "seals").glob("round-*.json"))
-    if not seals:
+    audit = audit_run(out, ServerPublicKey.load(keys / "server.pub.json"))
+    if not audit.seals and audit.ok:
         return False, "no seals", []
-    server = ServerPublicKey.load(keys / "server.pub.json")
-    run = store.run_id()
-    prev, mismatched = None, []
-    for k, path in enumerate(seals, start=1):
-        if path.name != f"round-{k:03d}.json":
-            return False, f"seal chain has a gap before {path.name}", mismatched
-        try:
-            seal = RoundSeal.parse(path.read_bytes())
-            adapter = seal.adapter_sha256
-            if k > 1:
-                if not (store.round_dir(k - 1) / "adapter_config.json").is_file():
-                    return False, f"{path.name}: no checkpoint of round {k - 1}", mismatched
-                adapter = state_digest(store.load_round(k - 1))
-                if adapter != seal.adapter_sha256:
-                    mismatched.append(k)
-                    adapter = seal.adapter_sha256  # still check signature and chain
-            verify_round(seal, server, run=run, server_round=k, adapter_sha256=adapter,
-                         prev_digest=prev.digest if prev else "0" * 64)
-        except Refused as exc:
-            return False, f"{path.name}: {exc}", mismatched
-        prev = seal
-    if mismatched:
-        return False, f"seals of rounds {mismatched} do not seal the previous checkpoint", \
-            mismatched
-    return True, f"{len(seals)} seals verify, chained, each sealing the previous " \
-        "round's checkpoint", []
+    said = "; ".join(audit.problems) if audit.problems else \
+        f"{audit.seals} seals verify, chained, each sealing the previous round's checkpoint"
+    return audit.ok, said, audit.unsealed_checkpoints
 
 
 def overhead(rows: list[Row]) -> list[dict[str, float]]:

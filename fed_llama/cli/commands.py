@@ -215,6 +215,40 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fed_llama.adapter.store import SEALED_WEIGHTS
+    from fed_llama.crypto.keyring import KeyFolder, passphrase_from_env
+    from fed_llama.crypto.keys import ServerKey, ServerPublicKey
+    from fed_llama.server.audit import audit_run
+
+    out = Path(args.run)
+    if not (out / "history.json").is_file() and not (out / "seals").is_dir():
+        raise ConfigError(f"{out} is not a federation run's folder (no history.json, no "
+                          "seals/): give the --out of fed-llama simulate or the ServerApp's")
+    folder = KeyFolder(Path(args.keys) if args.keys else out / "keys")
+    public = decrypt = None
+    if folder.server_public.is_file():
+        public = ServerPublicKey.load(folder.server_public)
+    elif args.keys:
+        raise ConfigError(f"--keys {args.keys}: no server.pub.json there; give the folder "
+                          "`fed-llama keys server` made")
+    if public is not None and folder.server_key.is_file() and \
+            any(out.glob(f"rounds/round-*/{SEALED_WEIGHTS}")):
+        from fed_llama.crypto.at_rest import checkpoint_ciphers
+
+        key = ServerKey.load(folder.server_key, passphrase_from_env(args.passphrase_env))
+        decrypt = checkpoint_ciphers(key)[1]
+    audit = audit_run(out, public, decrypt)
+    for line in audit.checked:
+        print(f"ok       {line}")
+    for line in audit.problems:
+        print(f"PROBLEM  {line}")
+    rounds = len(audit.completed)
+    print(f"{out}: {'PASS' if audit.ok else 'FAIL'}: {rounds} completed round(s), "
+          f"{audit.seals} seal(s) verified, {len(audit.problems)} problem(s)")
+    return 0 if audit.ok else 1
+
+
 def cmd_backbone_info(args: argparse.Namespace) -> int:
     from fed_llama.backbone.load import resolve_backbone
 

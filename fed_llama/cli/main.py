@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a scenario value, e.g. --set federation.rounds=2")
     sim.set_defaults(func=commands.cmd_simulate)
 
+    aud = sub.add_parser("audit", help="check a federation run's folder: every round once, "
+                         "checkpoints intact, the round seals signed and chained")
+    aud.add_argument("run", help="the run folder (fed-llama simulate's --out, or the "
+                     "ServerApp's)")
+    aud.add_argument("--keys", help="the aggregator's key folder (fed-llama keys; default: "
+                     "RUN/keys): server.pub.json checks the seals, server.key also compares "
+                     "encrypted checkpoints")
+    aud.add_argument("--passphrase-env", default="", metavar="VAR",
+                     help="the variable holding server.key's passphrase, if it has one")
+    aud.set_defaults(func=commands.cmd_audit)
+
     bb = sub.add_parser("backbone", help="prepare or inspect a backbone")
     bb_sub = bb.add_subparsers(dest="backbone_command", metavar="ACTION", required=True)
     info = bb_sub.add_parser("info", help="resolve (and convert once) a backbone; print its id")
