@@ -7,7 +7,7 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
 1. ``sweep``: a fair learning rate. ``fed-llama train`` for ``--sweep-steps`` steps at each of
    the method's three candidate rates on the site's *training* data only (its
    ``data.val_fraction`` split is the validation set; the held-out codes are never looked at),
-   keeping the rate with the lowest validation perplexity.
+   keeping the rate with the lowest validation perplexity (QLoRA takes LoRA's: ``SAME_RATE``).
 2. ``site``: ``fed-llama train`` for ``--steps`` steps at that rate on the ICD-10 site (its
    own process, so peak RSS is the method's): trainable parameters and their share of the
    backbone, the update's bytes per round (the adapter payload a site signs and encrypts),
@@ -54,6 +54,10 @@ RATES: dict[str, tuple[float, ...]] = {
 }
 """Candidate learning rates: around peft's LoRA default, and around the LLaMA-Adapter
 papers' 9e-3 (scaled for a batch of 8) for the prompt and bias/scale methods."""
+
+SAME_RATE = {"qlora": "lora"}
+"""Methods whose sweep is another's: QLoRA is LoRA on the NF4 backbone (peft's and the QLoRA
+paper's practice: the same adapter, the same rate)."""
 
 BACKBONE_PARAMETERS = 134_515_008
 """SmolLM2-135M-Instruct's parameters (tied embeddings counted once)."""
@@ -169,7 +173,12 @@ def main() -> None:
                 if stage in row and stage not in args.force:
                     continue
                 lr = row.get("sweep", {}).get("lr", RATES[method][1])
-                if stage == "sweep":
+                if stage == "sweep" and method in SAME_RATE:
+                    if "sweep" not in rows.get(SAME_RATE[method], {}):
+                        continue  # its rate comes from the other method's sweep
+                    row["sweep"] = {"lr": rows[SAME_RATE[method]]["sweep"]["lr"],
+                                    "from": SAME_RATE[method]}
+                elif stage == "sweep":
                     row["sweep"] = sweep(method, args, work)
                 elif stage == "site":
                     row["site"] = site(method, lr, args, work)
