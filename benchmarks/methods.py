@@ -185,15 +185,38 @@ def main() -> None:
                 else:
                     row["federation"] = federation(method, lr, args, work)
                 print(f"  {method} {stage}: {row[stage]}", flush=True)
-                write_results(path, {"setup": setup, "methods": rows})
-    table = [{"method": m, "lr": r.get("sweep", {}).get("lr"), **r.get("site", {}),
-              **r.get("federation", {})} for m, r in rows.items()]
-    print(markdown_table(table, ["method", "lr", "trainable", "trainable_pct",
-                                 "bytes_per_round", "tokens_per_s", "peak_rss_mb", "ppl_before",
-                                 "ppl_after", "reduction", "category", "fed_ppl",
-                                 "best_local_ppl", "central_ppl", "federated_beats_local"]))
-    write_results(path, {"setup": setup, "methods": rows})
+                write_results(path, results(setup, rows))
+    print(markdown_table(flat_rows(rows), COLUMNS))
+    write_results(path, results(setup, rows))
     print(f"written to {path}")
+
+
+COLUMNS = ["method", "lr", "trainable", "trainable_pct", "bytes_per_round", "tokens_per_s",
+           "peak_rss_mb", "ppl_before", "ppl_after", "reduction", "target_80pct", "category",
+           "fed_ppl", "fed_category", "best_local_ppl", "central_ppl", "federated_beats_local"]
+"""The table's columns (a stage not run leaves its columns out of that row)."""
+
+
+def flat_rows(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per method: its rate, site and federation figures."""
+    table = []
+    for m, r in rows.items():
+        row = {"method": m, "lr": r.get("sweep", {}).get("lr"), **r.get("site", {}),
+               **r.get("federation", {})}
+        if "reduction" in row:
+            row["target_80pct"] = row["reduction"] >= 0.8
+        table.append({k: row[k] for k in COLUMNS if k in row})
+    return table
+
+
+def results(setup: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON: the setup, the table (``rows``), the sweep's validation perplexities
+    (``sweep``) and each method's stages as measured (``methods``: what a resumed run skips)."""
+    sweep = [{"method": m, "lr": r["sweep"]["lr"],
+              **({"rate of": r["sweep"]["from"]} if "from" in r["sweep"] else
+                 {f"val_ppl@{k}": v for k, v in r["sweep"]["validation_ppl_by_lr"].items()})}
+             for m, r in rows.items() if "sweep" in r]
+    return {"setup": setup, "rows": flat_rows(rows), "sweep": sweep, "methods": rows}
 
 
 if __name__ == "__main__":

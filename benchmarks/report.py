@@ -96,6 +96,16 @@ SECTIONS: list[tuple[str, str, str]] = [
      "site's training time (messaging, each message's ClientApp process start, evaluation, "
      "checkpointing); `peak_rss_mb` is the SuperLink's and the ServerApp's peak resident set "
      "(VmHWM) in the `scale` drill."),
+    ("methods", "The adapter methods side by side",
+     "LoRA, QLoRA (LoRA on the NF4 backbone), LLaMA-Adapter V1, V2, V2's bias-scale-norm "
+     "recipe (no prompts) and LLaMA-Excitor on one ICD-10 site, the same backbone and the same "
+     "step budget, each `fed-llama train` in its own process at the learning rate its sweep "
+     "chose (the lowest validation perplexity after the sweep's steps on the site's training "
+     "data; QLoRA takes LoRA's). `bytes_per_round` is the adapter payload a site signs and "
+     "encrypts, `trainable_pct` its share of the backbone's parameters, `reduction` the held-out "
+     "answer perplexity's fall after the steps (`target_80pct`: the adapter-methods issue's "
+     "target), `category` `fed-llama eval`'s description -> code category accuracy on the "
+     "held-out sample. Federation columns appear for methods whose `federation` stage ran."),
     ("compression", "Compressed updates",
      "The main job's federation (3 hospitals, 3 rounds, envelopes on) once per "
      "`federation.update_compression` through `fed-llama simulate`, with the overrides shown "
@@ -107,12 +117,15 @@ SCRIPTS = {"federated_vs_local": "federated_vs_local.py", "category_gap": "categ
            "edge": "edge.py", "site_quality": "site_quality.py",
            "train_throughput": "train_throughput.py", "privacy_overhead": "privacy_overhead.py",
            "poisoning": "poisoning.py", "drills": "drills.py",
-           "compression": "compression.py"}
-TABLES = ("rows", "variants", "targets", "overhead")
+           "compression": "compression.py", "methods": "methods.py"}
+TABLES = ("rows", "variants", "targets", "overhead", "sweep")
 """A results file's keys that become tables (``variants``: one row per variant)."""
-CAPTIONS = {"targets": "Targets:", "overhead": "Flower's overhead per round:"}
+CAPTIONS = {"targets": "Targets:", "overhead": "Flower's overhead per round:",
+            "sweep": "Learning-rate sweep (validation perplexity at each candidate rate):"}
 META = {"environment", "machine"}
 """Keys that go into a section's header, not its settings or tables."""
+RESUME_STATE = {"methods"}
+"""Keys a script keeps to resume from (what its tables are made of), not shown."""
 
 
 def load_results(results: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -167,7 +180,7 @@ def tables(data: Mapping[str, Any]) -> list[str]:
     (:data:`TABLES`), every key a column."""
     out: list[str] = []
     settings = [f"- {key}: {_value(value)}" for key, value in data.items()
-                if key not in META and key not in TABLES]
+                if key not in META and key not in TABLES and key not in RESUME_STATE]
     if settings:
         out += ["Settings and summary:", "", *settings, ""]
     for key in TABLES:

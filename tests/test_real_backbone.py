@@ -59,3 +59,27 @@ def test_lora_on_cardiology_lowers_heldout_loss_and_reloads_exactly(tmp_path: Pa
     data = load_site_data(cfg.data, tok, seed=0)
     again = heldout_loss(plain, data.heldout, 16, tok.pad_token_id)
     assert again.loss == pytest.approx(metrics["heldout_after"]["loss"], abs=1e-4)
+
+
+def test_every_adapter_method_starts_from_the_real_backbones_logits_exactly() -> None:
+    import copy
+
+    import torch
+
+    from fed_llama.adapter.methods import method_of
+    from fed_llama.adapter.methods.excitor.config import ExcitorConfig
+    from fed_llama.adapter.methods.llama_adapter.config import LlamaAdapterConfig
+    from fed_llama.adapter.methods.llama_adapter_v2.config import LlamaAdapterV2Config
+    from fed_llama.backbone import load_backbone
+
+    bb = load_backbone(BackboneConfig())
+    ids = bb.tokenizer("Essential (primary) hypertension is coded", return_tensors="pt")
+    with torch.no_grad():
+        frozen = bb.model(**ids).logits
+    for name, cfg in [("llama-adapter", LlamaAdapterConfig()),
+                      ("llama-adapter-v2", LlamaAdapterV2Config()),
+                      ("llama-adapter-v2", LlamaAdapterV2Config(prompts=False)),
+                      ("excitor", ExcitorConfig())]:
+        model = method_of(name).attach(copy.deepcopy(bb.model), cfg, 0).eval()
+        with torch.no_grad():
+            assert torch.equal(model(**ids).logits, frozen), (name, cfg)

@@ -357,3 +357,40 @@ def test_the_warm_up_is_checked_against_the_schedule_it_warms(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"train.warmup_steps must be in \[0, 2\) .*"
                        r"lr_schedule = 'per-round'\); got 2"):
         load_scenario(path, ["federation.lr_schedule='per-round'"])
+
+
+def test_a_run_folder_that_cannot_be_written_stops_the_run_in_one_line_and_resumes(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from fed_llama.server.checkpoint import RunStore
+
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=2)
+    out = tmp_path / "run"
+    save_round = RunStore.save_round
+
+    def read_only_from_round_2(self, server_round, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if server_round == 2:  # the disk turns read-only as round 2 is checkpointed
+            raise OSError(errno.EROFS, "Read-only file system",
+                          str(self.round_dir(server_round)))
+        return save_round(self, server_round, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "save_round", read_only_from_round_2)
+    args = ["-q", "simulate", str(scenario), "--out", str(out),
+            "--set", "evaluation.questions=0"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fed-llama: error: the run folder") and "Read-only file system" in \
+        error and "rounds 1-1 are intact" in error and "--resume" in error
+    assert read_manifest(out / "rounds" / "round-001")["round"] == 1  # intact
+    assert not (out / "rounds" / "round-002").exists()
+    # writable again (in a process of its own, as an operator would run it: a simulation
+    # whose ServerApp raised leaves Flower's engine unusable in this one)
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "fed_llama.cli.main", *args, "--resume"], check=True,
+                   stdout=subprocess.DEVNULL)
+    assert [row["round"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+    assert main(["audit", str(out)]) == 0  # no round lost or applied twice, seals chained

@@ -92,6 +92,10 @@ def _write_adapter_dir(write: Callable[[Path], None], out: Path, manifest: dict[
                     files={name: file_sha256(tmp / name) for name in names})
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
         replace_dir(tmp, out)
+    except OSError as exc:  # a full disk's write() names no file: name the folder
+        if exc.filename is None:
+            exc.filename = str(out)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -27,8 +27,10 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             fh.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a full disk's write() names no file
         raise
 
 

@@ -15,7 +15,12 @@ from fed_llama.config.scenario import (
     ScenarioConfig,
 )
 from fed_llama.crypto.keyring import KeyFolder
-from fed_llama.server.checkpoint import EVALUATED, RunStore, pooled_task_scores
+from fed_llama.server.checkpoint import (
+    EVALUATED,
+    RunFolderError,
+    RunStore,
+    pooled_task_scores,
+)
 from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
 from fed_llama.server.outcome import RoundFailed
 from fed_llama.server.report import plot_history
@@ -108,9 +113,12 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
 
         if context is None:
             raise ValueError("secure aggregation needs the ServerApp's context")
-        run_secure_rounds(grid, context, SecAggFedAvg(
-            scenario, state, round_offset=done, on_train=on_train, on_evaluate=on_evaluate,
-            checkpoint=save), total - done)
+        try:
+            run_secure_rounds(grid, context, SecAggFedAvg(
+                scenario, state, round_offset=done, on_train=on_train,
+                on_evaluate=on_evaluate, checkpoint=save), total - done)
+        except OSError as exc:
+            _unwritable(exc, store)
         return
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -146,6 +154,18 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         store.record(exc.row)
         log.error("%s", exc)
         raise
+    except OSError as exc:
+        _unwritable(exc, store)
+
+
+def _unwritable(exc: OSError, store: RunStore) -> None:
+    """Re-raise a failed write into the run folder as one line (every file there is written
+    through a temporary file and a rename: what was there stays intact); anything else as is."""
+    if not RunFolderError.concerns(exc, store):
+        raise exc
+    error = RunFolderError.unwritable(exc, store)
+    log.error("%s", error)
+    raise error from None
 
 
 def _backbone_bytes(model_dir: Path) -> int:

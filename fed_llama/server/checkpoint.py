@@ -41,7 +41,7 @@ from fed_llama.adapter.state import State
 from fed_llama.adapter.store import SEALED_WEIGHTS, read_manifest, save_adapter_state
 from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.common.files import write_bytes_atomic, write_text_atomic
-from fed_llama.errors import ConfigError
+from fed_llama.errors import ConfigError, FedLlamaError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,30 @@ def _round_of(name: str) -> int:
     """The round number of a ``round-NNN[...]`` file or folder name (-1: not one)."""
     m = re.match(r"round-(\d{1,9})(?:\.|$)", name)
     return int(m.group(1)) if m else -1
+
+
+class RunFolderError(FedLlamaError):
+    """The run folder could not be written (read-only, full, gone): what and how to go on."""
+
+    @classmethod
+    def unwritable(cls, exc: OSError, store: RunStore) -> RunFolderError:
+        done = store.completed_rounds()
+        kept = f"rounds 1-{done} are intact in it" if done else "no round had completed"
+        return cls(f"the run folder {store.out} cannot be written ({exc.strerror or exc}: "
+                   f"{exc.filename}); {kept}. Make it writable or free space, then continue "
+                   "the run (fed-llama simulate --resume with the same --out, or the same "
+                   "flwr run again)")
+
+    @staticmethod
+    def concerns(exc: OSError, store: RunStore) -> bool:
+        """Whether ``exc`` is a write into ``store``'s folder that failed."""
+        name = exc.filename
+        if not isinstance(name, str | Path):
+            return False
+        try:
+            return Path(name).resolve().is_relative_to(store.out.resolve())
+        except (OSError, ValueError):
+            return False
 
 
 class RunStore:
