@@ -68,8 +68,7 @@ def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:
     audit = audit_run(out, ServerPublicKey.load(keys / "server.pub.json"))
     if not audit.seals and audit.ok:
         return False, "no seals", []
-    said = "; ".join(audit.problems) if audit.problems else \
-        f"{audit.seals} seals verify, chained, each sealing the previous round's checkpoint"
+    said = "; ".join(audit.problems or [c for c in audit.checked if "seal" in c])
     return audit.ok, said, audit.unsealed_checkpoints
 
 

@@ -168,14 +168,16 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for method in args.methods:
+            if method in SAME_RATE and "sweep" not in rows.get(SAME_RATE[method], {}):
+                print(f"  {method}: skipped until {SAME_RATE[method]}'s sweep has run (its "
+                      "rate)", flush=True)
+                continue
             row = rows.setdefault(method, {"method": method})
             for stage in args.stages:
                 if stage in row and stage not in args.force:
                     continue
                 lr = row.get("sweep", {}).get("lr", RATES[method][1])
                 if stage == "sweep" and method in SAME_RATE:
-                    if "sweep" not in rows.get(SAME_RATE[method], {}):
-                        continue  # its rate comes from the other method's sweep
                     row["sweep"] = {"lr": rows[SAME_RATE[method]]["sweep"]["lr"],
                                     "from": SAME_RATE[method]}
                 elif stage == "sweep":

@@ -140,3 +140,66 @@ def test_the_command_prints_each_check_and_exits_1_on_a_problem(
     assert "PROBLEM  the seal chain has a gap before round-003.json" in capsys.readouterr().out
     assert main(["audit", str(tmp_path / "nowhere")]) == 2
     assert "is not a federation run's folder" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_a_problem_even_with_its_hash_updated(
+        tmp_path: Path) -> None:
+    from fed_llama.common.files import file_sha256
+
+    out = run_folder(tmp_path)
+    folder = out / "rounds" / "round-002"
+    (folder / "adapter_model.safetensors").write_bytes(b"garbage")
+    manifest = json.loads((folder / "fed_llama_manifest.json").read_text())
+    manifest["files"]["adapter_model.safetensors"] = file_sha256(
+        folder / "adapter_model.safetensors")
+    (folder / "fed_llama_manifest.json").write_text(json.dumps(manifest))
+    problems = audit_run(out, public(out)).problems
+    assert any("round 2's checkpoint cannot be loaded" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(("removed", "found"), [
+    (["round-003.json", "round-004.json"], "rounds 3-3 completed without a seal"),
+    (["round-001.json", "round-002.json", "round-003.json", "round-004.json"],
+     "no round seals, though the run's scenario seals rounds"),
+])
+def test_seals_removed_from_the_end_or_all_of_them_are_a_problem(
+        tmp_path: Path, removed: list[str], found: str) -> None:
+    out = run_folder(tmp_path)
+    (out / "scenario.toml").write_text("[federation]\nrounds = 3\n")  # seal_rounds by default
+    for name in removed:
+        (out / "seals" / name).unlink()
+    problems = audit_run(out, public(out)).problems
+    assert any(found in p for p in problems), problems
+
+
+def test_no_seals_pass_when_the_scenario_turned_them_off(tmp_path: Path) -> None:
+    out = run_folder(tmp_path)
+    (out / "scenario.toml").write_text("[security]\nseal_rounds = false\n")
+    shutil.rmtree(out / "seals")
+    audit = audit_run(out, public(out))
+    assert audit.ok and "no round seals (security.seal_rounds is off)" in audit.checked
+
+
+def test_a_history_row_without_its_checkpoint_and_garbled_files_are_problems_not_errors(
+        tmp_path: Path) -> None:
+    out = run_folder(tmp_path)
+    shutil.rmtree(out / "rounds" / "round-003")
+    (out / "seals" / "round-002.json").unlink()
+    (out / "seals" / "round-002.json").mkdir()  # not a file
+    problems = audit_run(out, public(out)).problems
+    assert any("rounds [3] have a history row but no checkpoint" in p for p in problems)
+    assert any(p.startswith("round-002.json:") for p in problems), problems
+    (out / "history.json").write_text("{not json")
+    problems = audit_run(out, public(out)).problems
+    assert len(problems) == 1 and "history.json cannot be read" in problems[0]
+
+
+def test_the_command_names_the_key_it_trusts_and_warns_when_it_lies_in_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_folder(tmp_path)
+    shutil.copytree(out / "keys", tmp_path / "trusted")
+    assert main(["audit", str(out)]) == 0
+    assert "warning  the key is inside the run folder" in capsys.readouterr().out
+    assert main(["audit", str(out), "--keys", str(tmp_path / "trusted")]) == 0
+    said = capsys.readouterr().out
+    assert "fingerprint" in said and "warning" not in said

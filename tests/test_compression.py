@@ -81,6 +81,16 @@ def test_a_record_with_scales_that_are_not_finite_or_negative_is_refused() -> No
             decompress({**record, A + SCALE_SUFFIX: scales}, CURRENT, "int8")
 
 
+@pytest.mark.parametrize("scheme", list(LEVELS))
+def test_a_diverged_sites_inf_change_is_refused_not_rounded_to_a_finite_one(scheme: str
+                                                                          ) -> None:
+    diverged = {A: SITES[0][A].clone(), B: SITES[0][B]}
+    diverged[A][0, 0] = float("inf")
+    record, _ = compress(diverged, CURRENT, scheme)
+    with pytest.raises(ValueError, match="scales must be finite"):
+        decompress(record, CURRENT, scheme)
+
+
 def test_error_feedback_keeps_the_sum_of_what_was_sent_close_to_the_sum_of_the_changes(
         ) -> None:
     # the same small change every round: without feedback int4 rounds the small values

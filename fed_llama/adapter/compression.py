@@ -58,11 +58,15 @@ def quantize(change: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def _scale_up(wanted: torch.Tensor) -> torch.Tensor:
-    """The smallest float16 values at least ``wanted`` (non-negative float32), so that no
-    block's largest value needs a code beyond the scheme's largest. Below float16's smallest
+    """The smallest float16 values at least ``wanted`` (non-negative float32; at most
+    float16's largest finite value), so that no block's largest value needs a code beyond the
+    scheme's largest. Below float16's smallest
     normal (6.1e-5) its subnormals keep about 5e-8 steps: a small block's scale is then coarse
     but still at least what it needs (and what its codes are computed with)."""
-    wanted = wanted.clamp(max=float(torch.finfo(torch.float16).max))
+    # a block beyond float16's range keeps its largest scale (the codes clamp, error feedback
+    # keeps the rest); inf and NaN stay as they are, and decompress refuses them
+    top = float(torch.finfo(torch.float16).max)
+    wanted = torch.where(torch.isfinite(wanted), wanted.clamp(max=top), wanted)
     half = wanted.to(torch.float16)
     low = half.float() < wanted  # rounded down: take the next float16 up (positive values)
     bits = half.view(torch.int16) + low.to(torch.int16)

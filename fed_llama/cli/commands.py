@@ -238,6 +238,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
         key = ServerKey.load(folder.server_key, passphrase_from_env(args.passphrase_env))
         decrypt = checkpoint_ciphers(key)[1]
+    if public is not None:
+        import hashlib
+
+        where = folder.server_public.resolve()
+        print(f"key      {where} (fingerprint "
+              f"{hashlib.sha256(where.read_bytes()).hexdigest()[:16]})")
+        if where.is_relative_to(out.resolve()):
+            print("warning  the key is inside the run folder: whoever can rewrite the folder "
+                  "can re-sign it; give --keys the aggregator's key from a copy you trust")
     audit = audit_run(out, public, decrypt)
     for line in audit.checked:
         print(f"ok       {line}")

@@ -70,7 +70,7 @@ MAX_HISTORY_BYTES = 64 << 20
 """Largest ``history.json`` read (thousands of rounds of per-site rows)."""
 
 
-def _round_of(name: str) -> int:
+def round_of(name: str) -> int:
     """The round number of a ``round-NNN[...]`` file or folder name (-1: not one)."""
     m = re.match(r"round-(\d{1,9})(?:\.|$)", name)
     return int(m.group(1)) if m else -1
@@ -140,17 +140,17 @@ class RunStore:
                               "was started with; resume with the same file or start a new run")
         done = self.completed_rounds()
         for extra in self.rounds_dir.glob("round-*"):  # a checkpoint whose round did not finish
-            if _round_of(extra.name) > done:
+            if round_of(extra.name) > done:
                 shutil.rmtree(extra)
         for extra in self.optimizer_dir.glob("round-*"):
-            if _round_of(extra.name) > done:
+            if round_of(extra.name) > done:
                 extra.unlink()
         return done
 
     def saved_method(self) -> str | None:
         """The adapter method of the run's latest checkpoint, as its manifest records it
         (``lora``, ``qlora``, ``llama-adapter``, ...); None before the first checkpoint."""
-        rounds = sorted((_round_of(p.name), p) for p in self.rounds_dir.glob("round-*")
+        rounds = sorted((round_of(p.name), p) for p in self.rounds_dir.glob("round-*")
                         if (p / "fed_llama_manifest.json").is_file())
         if not rounds:
             return None

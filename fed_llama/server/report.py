@@ -106,6 +106,12 @@ def _round_ticks(ax: Any, rounds: list[int]) -> None:
 
 def _save(fig: Any, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            exc.filename = str(path)  # a full disk's write() names no file
+        raise
     return path
