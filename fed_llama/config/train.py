@@ -118,6 +118,11 @@ class OptimConfig:
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
 
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input in the forward pass and recompute the rest in the
+    backward pass: less memory for activations, at the cost of a second forward pass through
+    each layer (the gradients are the same)."""
+
     def problems(self) -> list[str]:
         out = []
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size,

@@ -107,6 +107,17 @@ def _restore_optimizer(optim: torch.optim.Optimizer, model: Any,
             **{m: saved[f"{m}/{name}"].detach().clone().to(param.dtype) for m in MOMENTS}}
 
 
+def checkpoint_activations(model: Any) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant: the frozen embeddings need no
+    gradient, and dropout draws the same masks again)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support activation checkpointing: "
+                         "set train.activation_checkpointing = false")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: int, *,
                   proximal: Any = None, progress: bool = True, desc: str = "train",
                   schedule: tuple[int, int] | None = None,
@@ -130,6 +141,8 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
     params = trainable_parameters(model)
     if not params:
         raise RuntimeError("the model has no trainable parameters: attach an adapter first")
+    if cfg.activation_checkpointing:
+        checkpoint_activations(model)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_optimizer:
         _restore_optimizer(optim, model, resume_optimizer)
