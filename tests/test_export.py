@@ -96,7 +96,8 @@ def test_merge_is_w_plus_scale_b_a_and_merging_twice_adds_once(adapter: Path,
     wrapped = PeftModel.from_pretrained(
         load_backbone(BackboneConfig(name=str(tiny_backbone))).model, str(adapter))
     wrapped.merge_adapter()
-    wrapped.merge_adapter()  # a second merge must not add B·A again
+    with pytest.warns(UserWarning, match="already merged"):  # peft says so, and adds nothing
+        wrapped.merge_adapter()  # a second merge must not add B·A again
     model: Any = wrapped.base_model.model
     layer = model.model.layers[1].self_attn.q_proj
     torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
