@@ -79,7 +79,7 @@ def audit_run(out: Path, server: ServerPublicKey | None, decrypt: Decrypt | None
     recorded = sorted({int(r["round"]) for r in rows if "failed" not in r})
     audit.completed = [r for r in recorded
                        if (store.round_dir(r) / "adapter_config.json").is_file()]
-    unsaved = sorted(set(recorded) - set(audit.completed))
+    unsaved = sorted(set(recorded) - set(audit.completed))[:10]
     if unsaved:
         audit.problems.append(f"rounds {unsaved} have a history row but no checkpoint (the "
                               "run stopped between the two, or it was removed): resume the "
@@ -88,7 +88,7 @@ def audit_run(out: Path, server: ServerPublicKey | None, decrypt: Decrypt | None
     if missing:
         audit.problems.append(f"rounds {missing} have no completed history row and checkpoint "
                               "(lost)")
-    elif not unsaved:
+    elif not unsaved and not twice:
         last = audit.completed[-1] if audit.completed else 0
         audit.checked.append(f"rounds 1-{last} each completed once" if last
                              else "no completed round yet")
