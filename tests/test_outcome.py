@@ -37,10 +37,8 @@ def test_a_sites_reason_is_its_exception_message_in_one_line() -> None:
     assert len(reply_reason("<class 'E'>:<'" + "x" * 5000 + "'>")) == 300
 
 
-def _round(replies: list[int | str], **federation: Any
-           ) -> tuple[dict[int, dict[str, float]], Any]:
-    """One training round of two sites; each reply an update (its example count) or a
-    ClientApp's error (its reason, as Flower words it)."""
+def _sent(**federation: Any) -> tuple[Any, dict[int, dict[str, float]], list[Message]]:
+    """A strategy of two sites, the history rows it records, and its round-1 messages."""
     scenario = build_config(ScenarioConfig, {"federation": {
         "sites": ["icd10:cardiology", "icd10:oncology"], **federation},
         "security": {"envelopes": False, "seal_rounds": False}}, source="test")
@@ -50,15 +48,24 @@ def _round(replies: list[int | str], **federation: Any
                               on_evaluate=lambda *_: None)
     sent = list(strategy.configure_train(1, ArrayRecord(CURRENT), ConfigRecord(),
                                          FakeGrid(2)))  # type: ignore[arg-type]
-    out = []
-    for i, (msg, reason) in enumerate(zip(sent, replies, strict=False)):
-        if isinstance(reason, int):
-            state = {k: v + 0.01 for k, v in CURRENT.items()}
-            out.append(Message(RecordDict({"arrays": ArrayRecord(state), "metrics":
-                                           MetricRecord({"num-examples": reason, "site": i,
-                                                         "train-loss": 1.0})}), reply_to=msg))
-        else:
-            out.append(Message(Error(code=2, reason=reason), reply_to=msg))
+    return strategy, rows, sent
+
+
+def _update(msg: Message, examples: int, site: int) -> Message:
+    """Site ``site``'s reply to ``msg``: the global adapter moved by 0.01."""
+    state = {k: v + 0.01 for k, v in CURRENT.items()}
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
+        {"num-examples": examples, "site": site, "train-loss": 1.0})}), reply_to=msg)
+
+
+def _round(replies: list[int | str], **federation: Any
+           ) -> tuple[dict[int, dict[str, float]], Any]:
+    """One training round of two sites; each reply an update (its example count) or a
+    ClientApp's error (its reason, as Flower words it)."""
+    strategy, rows, sent = _sent(**federation)
+    out = [_update(msg, reason, i) if isinstance(reason, int)
+           else Message(Error(code=2, reason=reason), reply_to=msg)
+           for i, (msg, reason) in enumerate(zip(sent, replies, strict=False))]
     return rows, strategy.aggregate_train(1, out)
 
 
@@ -103,18 +110,8 @@ def test_a_site_that_never_replies_counts_as_failed() -> None:
 def test_a_node_lost_mid_round_counts_once_with_the_superlinks_reason() -> None:
     # Flower's SuperLink answers for a node it lost with an error reply from itself (node 1),
     # not from the node: that is the failure of the node that sent nothing, counted once
-    scenario = build_config(ScenarioConfig, {"federation": {
-        "sites": ["icd10:cardiology", "icd10:oncology"], "min_sites": 1},
-        "security": {"envelopes": False, "seal_rounds": False}}, source="test")
-    rows: dict[int, dict[str, float]] = {}
-    strategy = build_strategy(scenario, scenario.site_names(), round_offset=0,
-                              on_train=lambda r, row: rows.__setitem__(r, row),
-                              on_evaluate=lambda *_: None)
-    sent = list(strategy.configure_train(1, ArrayRecord(CURRENT), ConfigRecord(),
-                                         FakeGrid(2)))  # type: ignore[arg-type]
-    state = {k: v + 0.01 for k, v in CURRENT.items()}
-    good = Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
-        {"num-examples": 8, "site": 0, "train-loss": 1.0})}), reply_to=sent[0])
+    strategy, rows, sent = _sent(min_sites=1)
+    good = _update(sent[0], 8, 0)
     lost = Message(Error(code=2, reason="Node Unavailable"), reply_to=sent[1])
     lost.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it: its own id
     arrays, _ = strategy.aggregate_train(1, [good, lost])
