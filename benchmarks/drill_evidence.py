@@ -33,10 +33,12 @@ def history(out: Path) -> list[Row]:
 
 
 def completed(out: Path, rows: list[Row]) -> list[int]:
-    """The rounds with a history row that did not fail and a checkpoint."""
-    return sorted({int(r["round"]) for r in rows if "failed" not in r
-                   and (out / "rounds" / f"round-{int(r['round']):03d}" /
-                        "adapter_config.json").is_file()})
+    """The rounds with a history row that did not fail and a checkpoint (as ``fed-llama
+    audit`` counts them)."""
+    from fed_llama.server.audit import completed_rounds
+    from fed_llama.server.checkpoint import RunStore
+
+    return completed_rounds(RunStore(out), rows)
 
 
 def rounds_lost(done: list[int], expected: int) -> int:

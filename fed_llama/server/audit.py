@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fed_llama.adapter.state import State, state_digest
 from fed_llama.adapter.store import SEALED_WEIGHTS, read_manifest
@@ -77,8 +78,7 @@ def audit_run(out: Path, server: ServerPublicKey | None, decrypt: Decrypt | None
     if twice:
         audit.problems.append(f"rounds {twice} have more than one history row (applied twice)")
     recorded = sorted({int(r["round"]) for r in rows if "failed" not in r})
-    audit.completed = [r for r in recorded
-                       if (store.round_dir(r) / "adapter_config.json").is_file()]
+    audit.completed = completed_rounds(store, rows)
     unsaved = sorted(set(recorded) - set(audit.completed))[:10]
     if unsaved:
         audit.problems.append(f"rounds {unsaved} have a history row but no checkpoint (the "
@@ -103,6 +103,12 @@ def audit_run(out: Path, server: ServerPublicKey | None, decrypt: Decrypt | None
         audit.checked.append(f"{len(audit.completed)} checkpoints match their manifests' hashes")
     _check_seals(store, audit, server, decrypt)
     return audit
+
+
+def completed_rounds(store: RunStore, rows: list[dict[str, Any]]) -> list[int]:
+    """The rounds of ``rows`` (history rows) that counted and have their checkpoint."""
+    return sorted({int(r["round"]) for r in rows if "failed" not in r
+                   and (store.round_dir(int(r["round"])) / "adapter_config.json").is_file()})
 
 
 def _missing(completed: list[int], shown: int = 10) -> list[int]:
