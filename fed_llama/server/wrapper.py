@@ -75,15 +75,13 @@ class StrategyWrapper(Strategy):
             node = reply.metadata.src_node_id
             self.book.bytes_up.setdefault(node, carried_bytes(reply))
             try:
-                try:
-                    change(reply)
-                except Refused:
-                    raise
-                except Exception as exc:  # nothing one reply holds may cost the round
-                    raise Refused("malformed", f"{what} ({type(exc).__name__}: "
-                                  f"{str(exc)[:160]})") from None
+                change(reply)
             except Refused as exc:
                 self.book.refuse(node, exc)
+                continue
+            except Exception as exc:  # nothing one reply holds may cost the round
+                self.book.refuse(node, Refused("malformed", f"{what} ({type(exc).__name__}: "
+                                               f"{str(exc)[:160]})"))
                 continue
             passed.append(reply)
         return passed
