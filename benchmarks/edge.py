@@ -12,8 +12,10 @@ and measured on the same held-out records of every site of the adapter:
 - this machine's memory bandwidth (fp32 matrix-vector, measured here first), the decode speed
   it would allow if every weight byte were read once per token, and each variant's fraction.
 
-``onnx-torch-fp32`` is the plain route (``exporter = "torch"``: ``torch.onnx.export`` of the
-merged model with a KV cache, run by the same runtime), beside the builder's fp32 graph; the
+``onnx-torch-*`` is the plain route (``exporter = "torch"``: ``torch.onnx.export`` of the
+merged model with a KV cache, run by the same runtime; int8 round-to-nearest, int4 GPTQ),
+beside the builder's graphs; the only route for adapter methods whose prompts or key branch do
+not fold (pass one adapter per method to ``--adapter``: each gets its own PyTorch row); the
 int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
 8-bit LM head and sensitive layers, and GPTQ (``algorithm = "gptq"``: calibrated on 64 training
 records per site, none of them among the held-out records measured here).
@@ -26,6 +28,8 @@ eager and int4 at least 8x.
 
     python benchmarks/edge.py                       # about 20 minutes on 2 cores
     python benchmarks/edge.py --adapter runs/cardiology --variants fp32 int8
+    python benchmarks/edge.py --adapter runs/v1 runs/excitor --variants torch-fp32 torch-int8 \
+        --json benchmarks/results/edge_methods.json
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from harness import ROOT, add_json_argument, cpu, markdown_table, write_results
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"quant": "fp32"},
     "torch-fp32": {"quant": "fp32", "exporter": "torch"},
+    "torch-int8": {"quant": "int8", "exporter": "torch"},
+    "torch-int4-gptq": {"quant": "int4", "exporter": "torch", "algorithm": "gptq"},
     "int8": {"quant": "int8"},
     "int4-default": {"quant": "int4", "algorithm": "default"},
     "int4-rtn": {"quant": "int4", "algorithm": "rtn"},
@@ -84,7 +90,7 @@ def machine_facts() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
-TABLE = {"variant": "{}", "size_mb": "{:.0f}", "prefill-ms": "{:.0f}",
+TABLE = {"method": "{}", "variant": "{}", "size_mb": "{:.0f}", "prefill-ms": "{:.0f}",
          "decode-tokens-per-s": "{:.1f}", "decode_x_pytorch": "{:.2f}x",
          "in_place_gain": "{:.2f}x", "perplexity": "{:.3f}", "ppl_vs_pytorch": "{:+.1%}",
          "top1": "{:.3f}", "category": "{:.3f}", "desc_f1": "{:.3f}", "bound_fraction": "{:.2f}"}
@@ -97,7 +103,10 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", default=str(ROOT / "runs/hospitals-3/rounds/round-003"))
+    parser.add_argument("--adapter", nargs="+",
+                        default=[str(ROOT / "runs/hospitals-3/rounds/round-003")],
+                        help="one or more adapters (of any method): each gets its own PyTorch "
+                             "row and variant rows")
     parser.add_argument("--backbone", help="backbone (default: the adapter's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--records", type=int, default=32, help="held-out records per site")
@@ -107,6 +116,44 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from fed_llama.config.export import ExportConfig
+    from fed_llama.config.loader import build_config
+    from fed_llama.errors import FedLlamaError
+    from fed_llama.export.merge import check_foldable
+
+    adapters = [Path(a) for a in args.adapter]
+    methods = {}
+    for adapter in adapters:  # every refusal before any work
+        if not (adapter / "adapter_config.json").is_file():
+            raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main "
+                             "job first (it writes runs/hospitals-3) or pass --adapter")
+        for name in args.variants:
+            cfg = build_config(ExportConfig, VARIANTS[name], source=name)
+            try:
+                methods[adapter] = check_foldable(adapter, exporter=cfg.exporter).method
+            except FedLlamaError as exc:
+                raise SystemExit(f"edge.py: error: variant {name}: {exc} (the torch-* "
+                                 "variants export every method)") from None
+    bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
+    rows = []
+    for adapter in adapters:
+        found = measure(adapter, args, bandwidth)
+        if len(adapters) > 1:
+            found = [{"method": methods[adapter], **r} for r in found]
+        rows += found
+    _print(rows, bandwidth, facts)
+    result = {("adapter" if len(adapters) == 1 else "adapters"):
+              str(adapters[0]) if len(adapters) == 1 else [str(a) for a in adapters],
+              "machine": facts, "records_per_site": args.records,
+              "questions_per_task_per_site": args.questions,
+              "memory_bandwidth_gbs": round(bandwidth, 1), "rows": rows}
+    write_results(args.json, result)
+    print(f"written to {args.json}")
+
+
+def measure(adapter: Path, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+    """PyTorch eager fp32 with ``adapter`` (merged, its branches kept) and every variant of
+    ``args.variants``, on the held-out records of the adapter's sites."""
     from fed_llama.config.export import ExportConfig
     from fed_llama.config.loader import build_config
     from fed_llama.data.tokenize import encode_all
@@ -126,11 +173,6 @@ def main() -> None:
         verification_sources,
     )
 
-    adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main job "
-                         "first (it writes runs/hospitals-3) or pass --adapter")
-    bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
     merged = merge_adapter(adapter, args.backbone)
     verify = {"records": args.records, "questions": args.questions}
     probe = build_config(ExportConfig, {"verify": verify}, source="edge.py")
@@ -203,20 +245,16 @@ def main() -> None:
                 **task_scores(lambda qs, lm=lm: score_answers(qs, onnx_answers(lm, qs, 24))),
                 "bound_tokens_per_s": round(bandwidth * 1e9 / size, 1),
                 "build_s": round(build_s, 1)})
-            print(f"  {name}: done", flush=True)
+            print(f"  {adapter.name} {name}: done", flush=True)
     base = rows[0]
-    fp32_size = next((r["size_mb"] for r in rows if r["variant"] == "onnx-fp32"), None)
+    fp32_size = next((r["size_mb"] for r in rows
+                      if r["variant"] in ("onnx-fp32", "onnx-torch-fp32")), None)
     for r in rows:
         r["ppl_vs_pytorch"] = round(r["perplexity"] / base["perplexity"] - 1, 4)
         r["bound_fraction"] = round(r["decode-tokens-per-s"] / r["bound_tokens_per_s"], 2)
         if fp32_size:
             r["size_vs_onnx_fp32"] = round(r["size_mb"] / fp32_size, 3)
-    _print(rows, bandwidth, facts)
-    result = {"adapter": str(adapter), "machine": facts, "sources": sources,
-              "records_per_site": args.records, "questions_per_task_per_site": args.questions,
-              "memory_bandwidth_gbs": round(bandwidth, 1), "rows": rows}
-    write_results(args.json, result)
-    print(f"written to {args.json}")
+    return rows
 
 
 def _pytorch_ppl(reference: dict[str, list[np.ndarray]], data: dict[str, Any]) -> float:
@@ -233,7 +271,7 @@ def _print(rows: list[dict[str, Any]], bandwidth: float, facts: dict[str, Any]) 
     print(f"{facts['cpu']}, {facts['cores']} cores, {' '.join(facts['isa']) or 'no AVX2'}; "
           f"onnxruntime {facts['onnxruntime']}, torch {facts['torch']}")
     print(f"memory bandwidth {bandwidth:.1f} GB/s (fp32 matrix-vector)")
-    print(markdown_table(rows, list(TABLE), TABLE))
+    print(markdown_table(rows, [c for c in TABLE if any(c in r for r in rows)], TABLE))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("edge_target_variants_5repeats", "Edge export: the two target variants, five repeats",
      "The int8 and the GPTQ int4 with an 8-bit LM head variants measured again with five "
      "paired repeats instead of three."),
+    ("edge_methods", "Edge export: every adapter method",
+     "One site adapter per method (LoRA, LLaMA-Adapter V1, V2 with prompts, V2's "
+     "bias-scale-norm recipe, Excitor; `fed-llama train` on the same site) exported through "
+     "the plain `torch.onnx` route (`exporter = \"torch\"`, the one that keeps the prompt and "
+     "extra-key branches) in fp32 and int8, each against PyTorch eager fp32 of the same "
+     "adapter (branches kept, V2's foldable parts folded) in the same run: the columns of "
+     "the section above, one block of rows per method."),
     ("drills", "The Deployment Engine under load and faults",
      "A real SuperLink (TLS, SuperNode authentication) and SuperNodes on loopback, the run "
      "submitted with `flwr run`, faults injected with process signals (docs/deployment.md, "

@@ -172,12 +172,41 @@ def test_the_builder_route_refuses_them_before_any_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
-def test_the_plain_route_quantizes_with_matmulnbits_round_to_nearest_only() -> None:
-    with pytest.raises(ConfigError, match=r"round-to-nearest only.*algorithm = 'gptq'"):
-        build_config(ExportConfig, {"exporter": "torch", "quant": "int4", "algorithm": "gptq"},
-                     source="p.toml")
-    assert build_config(ExportConfig, {"exporter": "torch", "quant": "int8"},
-                        source="p.toml").quant == "int8"
+def test_the_plain_route_quantizes_round_to_nearest_or_gptq_only() -> None:
+    for algorithm in ("k_quant", "rtn"):
+        with pytest.raises(ConfigError, match=r"round-to-nearest or GPTQ only.*'default' or "
+                                              r"'gptq'"):
+            build_config(ExportConfig, {"exporter": "torch", "quant": "int4",
+                                        "algorithm": algorithm}, source="p.toml")
+    for quant, algorithm in (("int8", "default"), ("int4", "default"), ("int4", "gptq")):
+        cfg = build_config(ExportConfig, {"exporter": "torch", "quant": quant,
+                                          "algorithm": algorithm}, source="p.toml")
+        assert (cfg.quant, cfg.algorithm) == (quant, algorithm)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_rounding(
+        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
+    import onnx
+
+    adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
+    cfg = _cfg(verify_data, quant="int4", exporter="torch", algorithm="gptq", block_size=32,
+               verify={"min_top1_agreement": 0.0, "max_perplexity_increase": 10.0})
+    manifest = export_adapter(adapter, tmp_path / "int4", cfg, backbone=str(tiny_backbone))
+    q = manifest["quantization"]
+    assert q["algorithm"] == "gptq" and q["bits"] == 4 and q["symmetric"] is False
+    assert q["matrices"] == 2 * 7  # every projection of both layers; the LM head as rounded
+    # GPTQ's layer outputs on the calibration data move less than round-to-nearest's
+    assert q["output_error_gptq"] < q["output_error_builder"]
+    graph = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    # the prompts' own pass through k_proj (V1, V2) has constant inputs: left fp32, exact
+    k_nodes = {n.op_type for n in graph.graph.node
+               if "layers.1/self_attn/" in n.name and "k_proj" in n.name
+               and n.op_type.startswith("MatMul")}
+    assert k_nodes == ({"MatMulNBits"} if method == "excitor" else {"MatMulNBits", "MatMul"})
+    ref = _reference(adapter, tiny_backbone, IDS)
+    got = OnnxCausalLM(tmp_path / "int4").sequence_logits(IDS)
+    assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()  # 4-bit rounding, not a lost branch
 
 
 def test_build_graph_refuses_a_model_with_branches_on_the_builder_route(tmp_path: Path) -> None:

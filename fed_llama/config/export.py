@@ -79,7 +79,7 @@ class ExportConfig:
     ``torch.onnx.export`` of the merged model with a KV cache: for a LLaMA-family variant the
     builder cannot build, for adapter methods that do not fold (V1, V2 with prompts, Excitor:
     their branches are traced into the graph), or as an independent cross-check of the
-    builder's graph; int8/int4 with ``algorithm = 'default'`` only)."""
+    builder's graph; int8/int4 with ``algorithm = 'default'`` or int4 ``'gptq'``)."""
 
     quant: Literal["fp32", "int8", "int4"] = "int8"
     """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits). The LM
@@ -95,7 +95,8 @@ class ExportConfig:
     ``rtn`` (the builder's RTN quantizer) or ``k_quant`` (llama.cpp-style search of scales),
     which need no data; or ``gptq`` (int4 only): the decoder's projections quantized by GPTQ,
     calibrated on the training records of the verification sources (see
-    ``calibration_records``), the LM head as ``k_quant``."""
+    ``calibration_records``), the LM head as ``k_quant`` (round-to-nearest with
+    ``exporter = 'torch'``)."""
 
     calibration_records: int = 64
     """``gptq``: calibration records per verification source, drawn from its training split
@@ -137,11 +138,11 @@ class ExportConfig:
                        "keeps the adapter unmerged: use algorithm = 'k_quant' with runtime "
                        "adapters, or turn runtime_adapters off")
         if self.exporter == "torch" and self.quant != "fp32" and (
-                self.algorithm != "default" or self.mixed_precision):
+                self.algorithm not in ("default", "gptq") or self.mixed_precision):
             out.append(f"exporter = 'torch' quantizes with onnxruntime's MatMulNBits "
-                       f"round-to-nearest only (got algorithm = {self.algorithm!r}"
+                       f"round-to-nearest or GPTQ only (got algorithm = {self.algorithm!r}"
                        f"{', mixed_precision' if self.mixed_precision else ''}): set "
-                       "algorithm = 'default', or use exporter = 'builder'")
+                       "algorithm = 'default' or 'gptq', or use exporter = 'builder'")
         if self.exporter == "torch" and self.runtime_adapters:
             out.append("exporter = 'torch' exports the merged model; runtime_adapters needs the "
                        "builder's LoRA branches: use exporter = 'builder'")

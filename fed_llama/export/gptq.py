@@ -6,10 +6,13 @@ columns not yet quantized, weighted by the inverse Hessian ``H = 2·XᵀX`` of t
 ``X`` on calibration data, so the layer's *outputs* on that data move as little as possible.
 
 Here the calibration inputs are recorded with forward hooks on the PyTorch merged model (one
-pass over the calibration records), every decoder projection is quantized (q, k and v together,
-as the ONNX graph packs them into one ``qkv_proj``; gate and up together where it fuses them
-into ``gate_up_proj``), and the codes, scales and zero points are
-written over the 4-bit ``MatMulNBits`` weights of the graph the onnxruntime-genai builder made.
+pass over the calibration records), every decoder projection is quantized (q, k and v together
+where the builder's graph packs them into one ``qkv_proj``; gate and up together where it fuses
+them into ``gate_up_proj``), and the codes, scales and zero points are written over the 4-bit
+``MatMulNBits`` weights of the graph: the onnxruntime-genai builder's, or the plain
+``torch.onnx`` route's quantized asymmetrically (one projection per node; a 4-bit node of a
+weight found twice gets the same codes; the prompts' own pass through ``k_proj``/``v_proj`` in
+LLaMA-Adapter graphs has constant inputs and stays fp32).
 The grid is exactly MatMulNBits' (asymmetric, one fp32 scale and a 4-bit zero point per block of
 ``block_size`` input weights), so nothing is re-rounded on the way in. The tied embedding /
 LM head and projections kept in 8-bit (``mixed_precision``) are left as the builder made them.
@@ -18,6 +21,7 @@ LM head and projections kept in 8-bit (``mixed_precision``) are left as the buil
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,12 +40,21 @@ log = logging.getLogger(__name__)
 #: either ``gate_up_proj`` (the builder fused them) or ``gate_proj`` and ``up_proj``.
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn/q_proj": ("self_attn.q_proj",),
+    "attn/k_proj": ("self_attn.k_proj",),
+    "attn/v_proj": ("self_attn.v_proj",),
     "attn/o_proj": ("self_attn.o_proj",),
     "mlp/gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp/gate_proj": ("mlp.gate_proj",),
     "mlp/up_proj": ("mlp.up_proj",),
     "mlp/down_proj": ("mlp.down_proj",),
 }
+#: A 4-bit projection node of either graph: the builder's ``/model/layers.3/attn/qkv_proj/``,
+#: the plain route's ``/model/model/layers.3/self_attn/q_proj/`` (``.../self_attn/model/q_proj``
+#: under peft's LLaMA-Adapter, ``.../self_attn/k_proj_1`` where a method's prompts go through
+#: the projection a second time).
+NODE = re.compile(
+    r"layers\.(\d+)/(attn|self_attn|mlp)/(?:model/)?([a-z_]+_proj)(?:_\d+)?/MatMul_Q4$")
 #: Fractions of a block's range tried for its grid (the one with the least error is kept).
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
 
@@ -138,6 +151,27 @@ def gptq(weight: Any, hessian: Any, *, bits: int = 4, block_size: int = 32,
                      zeros=zeros.numpy().astype(np.uint8), block_size=block_size)
 
 
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a Hugging Face LLaMA, also under an adapter method's wrapper
+    (peft's ``base_model.model.model.layers``)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise GptqError(f"{type(model).__name__} has no decoder layers to calibrate: use "
+                    "algorithm = 'default'")
+
+
+def projection(layer: Any, name: str) -> Any:
+    """``layer``'s projection ``name`` (``self_attn.q_proj``), also where peft's LLaMA-Adapter
+    wraps the attention (``self_attn.model.q_proj``)."""
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return layer.get_submodule(name.replace("self_attn.", "self_attn.model.", 1))
+
+
 def collect_hessians(model: Any, sequences: Sequence[Sequence[int]], keys: set[str],
                      progress: Callable[[Any], Any] = iter) -> dict[str, Any]:
     """``2·XᵀX / n`` of the input ``X`` of the projections named in ``keys`` (``"<layer>/<group>"``
@@ -157,10 +191,10 @@ def collect_hessians(model: Any, sequences: Sequence[Sequence[int]], keys: set[s
             counts[key] = counts.get(key, 0) + x.shape[0]
         return record
 
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         for group, modules in GROUPS.items():
             if f"{i}/{group}" in keys:
-                hooks.append(layer.get_submodule(modules[0]).register_forward_pre_hook(
+                hooks.append(projection(layer, modules[0]).register_forward_pre_hook(
                     hook(f"{i}/{group}")))
     try:
         with torch.no_grad():
@@ -215,20 +249,25 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
     from onnx import numpy_helper
     from tqdm.auto import tqdm
 
-    for layer in model.model.layers:
+    layers = decoder_layers(model)
+    for layer in layers:
         for group, modules in GROUPS.items():
-            k = layer.get_submodule(modules[0]).in_features
+            k = projection(layer, modules[0]).in_features
             if k % block_size:
                 raise GptqError(f"algorithm = 'gptq' needs block_size to divide every input size "
                                 f"({group} has {k}); block_size = {block_size} does not: "
                                 "use 16, 32 or 64, or k_quant")
     graph = onnx.load(str(onnx_file))
     inits = {t.name: t for t in graph.graph.initializer}
-    nodes = {n.name: n for n in graph.graph.node if n.op_type == "MatMulNBits"}
-    # the 4-bit projections; those kept in 8-bit (mixed precision) are left as built
-    four_bit = {f"{i}/{group}": nodes[name]
-                for i in range(len(model.model.layers)) for group in GROUPS
-                if (name := f"/model/layers.{i}/{group}/MatMul_Q4") in nodes}
+    # the 4-bit projections, by "<layer>/<group>"; those kept in 8-bit (mixed precision) are
+    # left as built
+    four_bit: dict[str, list[Any]] = {}
+    for node in graph.graph.node:
+        found = NODE.search(node.name) if node.op_type == "MatMulNBits" else None
+        if found:
+            key = f"{found[1]}/{'mlp' if found[2] == 'mlp' else 'attn'}/{found[3]}"
+            if key.split("/", 1)[1] in GROUPS and int(found[1]) < len(layers):
+                four_bit.setdefault(key, []).append(node)
     log.info("GPTQ: recording the inputs of %d projections on %d calibration records",
              len(four_bit), len(sequences))
     hessians = collect_hessians(model, sequences, set(four_bit),
@@ -242,28 +281,30 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
     before, after, changed = [], [], 0
     for key in bar:
         layer, group = key.split("/", 1)
-        node = four_bit[key]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits") != 4 or attrs.get("block_size") != block_size or len(node.input) < 4:
-            raise GptqError(f"{node.name} is not a 4-bit, block-{block_size} MatMulNBits with "
-                            f"zero points ({attrs}): rebuild without calibration")
-        b_name, s_name, z_name = node.input[1:4]
-        mods = [model.model.layers[int(layer)].get_submodule(m) for m in GROUPS[group]]
+        mods = [projection(layers[int(layer)], m) for m in GROUPS[group]]
         weight = torch.cat([m.weight.detach().float() for m in mods], dim=0)
-        if tuple(weight.shape) != (attrs["N"], attrs["K"]):
-            raise GptqError(f"{node.name} is {attrs['N']}x{attrs['K']} but the PyTorch "
-                            f"weights are {tuple(weight.shape)}: the graph was not built from "
-                            "this model")
+        for node in four_bit[key]:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if (attrs.get("bits") != 4 or attrs.get("block_size") != block_size
+                    or len(node.input) < 4):
+                raise GptqError(f"{node.name} is not a 4-bit, block-{block_size} MatMulNBits "
+                                f"with zero points ({attrs}): rebuild without calibration")
+            if tuple(weight.shape) != (attrs["N"], attrs["K"]):
+                raise GptqError(f"{node.name} is {attrs['N']}x{attrs['K']} but the PyTorch "
+                                f"weights are {tuple(weight.shape)}: the graph was not built "
+                                "from this model")
         h = hessians[key].numpy()
+        b_name, s_name, z_name = four_bit[key][0].input[1:4]
         built = unpack(numpy_helper.to_array(inits[b_name]),
                        numpy_helper.to_array(inits[s_name]), numpy_helper.to_array(inits[z_name]))
         q = gptq(weight, hessians[key], block_size=block_size, damp=damp)
         w = weight.numpy()
         before.append(output_error(w, built, h))
         after.append(output_error(w, q, h))
-        for name, array in zip((b_name, s_name, z_name), pack(q), strict=True):
-            inits[name].CopyFrom(numpy_helper.from_array(
-                array.reshape(tuple(inits[name].dims)), name))
+        for node in four_bit[key]:  # one weight, one set of codes (a prompt path's node too)
+            for name, array in zip(node.input[1:4], pack(q), strict=True):
+                inits[name].CopyFrom(numpy_helper.from_array(
+                    array.reshape(tuple(inits[name].dims)), name))
         changed += 1
         per_layer[int(layer)] -= 1
         if not per_layer[int(layer)]:

@@ -165,20 +165,26 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
     if merged.branches and cfg.exporter != "torch":  # the builder would silently drop them
         raise ConfigError(f"the adapter has {merged.branches}, which the onnxruntime-genai "
                           "builder cannot put in its graph: set exporter = 'torch'")
+    gptq = cfg.algorithm == "gptq"
     if cfg.exporter == "torch":
         export_plain(merged.model, hf_dir, onnx_dir)
         if cfg.quant == "fp32":
             return {"algorithm": None, "exporter": "torch.onnx.export"}
-        return quantize_plain(onnx_dir / "model.onnx", 8 if cfg.quant == "int8" else 4,
-                              cfg.block_size, cfg.accuracy_level)
-    build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
-    if cfg.quant == "int8":
-        return {"algorithm": cfg.algorithm, **share_tied_embedding(onnx_dir / "model.onnx")}
-    if cfg.algorithm != "gptq":
-        return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
+        # GPTQ writes MatMulNBits' asymmetric grid (a zero point per block)
+        found = quantize_plain(onnx_dir / "model.onnx", 8 if cfg.quant == "int8" else 4,
+                               cfg.block_size, cfg.accuracy_level, symmetric=not gptq)
+        if not gptq:
+            return found
+    else:
+        build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
+        if cfg.quant == "int8":
+            return {"algorithm": cfg.algorithm, **share_tied_embedding(onnx_dir / "model.onnx")}
+        if not gptq:
+            return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
+        found = {}
     items, _ = encode_all(merged.tokenizer, calibration, cfg.verify.max_length)
-    return calibrate_graph(merged.model, [item.input_ids for item in items],
-                           onnx_dir / "model.onnx", block_size=cfg.block_size)
+    return {**found, **calibrate_graph(merged.model, [item.input_ids for item in items],
+                                       onnx_dir / "model.onnx", block_size=cfg.block_size)}
 
 
 def _adapter_identity(adapter: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -85,11 +85,12 @@ def export_plain(model: Any, hf_dir: Path, out: Path) -> Path:
 BRANCH_NODES = ("/key_branch/",)
 
 
-def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: int
-                   ) -> dict[str, Any]:
+def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: int,
+                   symmetric: bool = True) -> dict[str, Any]:
     """Quantize the plain graph's projection and LM head MatMuls in place to ``bits``-bit
-    blocks of ``block_size`` (onnxruntime's ``MatMulNBitsQuantizer``, symmetric,
-    round-to-nearest); what the manifest records of it."""
+    blocks of ``block_size`` (onnxruntime's ``MatMulNBitsQuantizer``, round-to-nearest;
+    ``symmetric`` False keeps a zero point per block, the grid GPTQ then rewrites); what the
+    manifest records of it."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -103,10 +104,10 @@ def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: 
             and any(part in n.name for part in BRANCH_NODES)]
     log.info("quantizing the plain graph's MatMuls to %d-bit blocks of %d (%d branch nodes "
              "kept fp32)", bits, block_size, len(keep))
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                           accuracy_level=accuracy_level, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size,
-                                     is_symmetric=True, accuracy_level=accuracy_level,
+                                     is_symmetric=symmetric, accuracy_level=accuracy_level,
                                      nodes_to_exclude=keep, algo_config=config)
     quantizer.process()
     quantized = quantizer.model.model
@@ -117,6 +118,7 @@ def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: 
     save_graph(quantized, onnx_file)
     return {"algorithm": "default", "exporter": "torch.onnx.export",
             "quantizer": "onnxruntime MatMulNBitsQuantizer", "bits": bits,
+            "symmetric": symmetric,
             "block_size": block_size, "matrices": count, "fp32-branch-matmuls": len(keep),
             "embedding": "fp32"}
 
