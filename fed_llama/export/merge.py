@@ -120,8 +120,9 @@ def check_foldable(adapter: Path, *, runtime_adapters: bool = False, exporter: s
     if settings.branches and exporter != "torch":
         raise ConfigError(f"adapter {str(adapter)!r} ({method}) has {settings.branches}, which "
                           "do not fold into the backbone and which the onnxruntime-genai "
-                          "builder cannot put in its graph: set exporter = 'torch' (profile "
-                          "edge_export/profiles/fp32-torch.toml, or --set exporter=torch)")
+                          "builder cannot put in its graph: set exporter = 'torch' (profiles "
+                          "edge_export/profiles/fp32-torch.toml, int8-torch.toml, "
+                          "int4-gptq-torch.toml, or --set exporter=torch)")
     return settings
 
 
