@@ -4,6 +4,7 @@ plain torch.onnx route traces their branches; the builder route refuses them."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,11 @@ def test_the_plain_route_quantizes_round_to_nearest_or_gptq_only() -> None:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_rounding(
-        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
+        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     import onnx
 
+    caplog.set_level(logging.INFO)
     adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
     cfg = _cfg(verify_data, quant="int4", exporter="torch", algorithm="gptq", block_size=32,
                verify={"min_top1_agreement": 0.0, "max_perplexity_increase": 10.0})
@@ -198,6 +201,9 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
     assert q["matrices"] == 2 * 7  # every projection of both layers; the LM head as rounded
     # GPTQ's layer outputs on the calibration data move less than round-to-nearest's
     assert q["output_error_gptq"] < q["output_error_builder"]
+    # onnxruntime's quantizer logs two INFO lines per graph node: not shown
+    assert not [r for r in caplog.records if "to quantize" in r.getMessage()]
+    assert any("GPTQ: 14 matrices" in r.getMessage() for r in caplog.records)
     graph = onnx.load(str(tmp_path / "int4" / "model.onnx"))
     # the prompts' own pass through k_proj (V1, V2) has constant inputs: left fp32, exact
     k_nodes = {n.op_type for n in graph.graph.node

@@ -20,6 +20,12 @@ BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"
 here (QLoRA on CPU), and a LoRA run never calls it at all."""
 
 
+ORT_QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+"""onnxruntime's MatMulNBits quantizer logs two INFO lines for every node of the graph it walks
+("skip to quantize", "start to quantize": thousands for a real model), which say nothing a
+fed-llama user can act on; its warnings still show."""
+
+
 FLOWER_ACTOR_NOTICE = "Manually terminating"
 """Flower's simulation logs this at WARNING in each Ray worker when it stops the worker's
 ClientApp actor at the end of a run: the routine end of every simulation, not a problem."""
@@ -54,6 +60,19 @@ def quiet_bitsandbytes() -> None:
     imported (importing peft imports it whenever it is installed, even for plain LoRA). Safe
     to call more than once: the filter is added once."""
     drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
+
+
+@contextlib.contextmanager
+def below_info(logger_name: str) -> Iterator[None]:
+    """Inside: the logger ``logger_name`` shows warnings and errors only; its level is restored
+    on the way out."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -318,6 +318,6 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
               "calibration_tokens": sum(len(s) for s in sequences),
               "output_error_builder": float(np.mean(before)) if before else None,
               "output_error_gptq": float(np.mean(after)) if after else None}
-    log.info("GPTQ: %d matrices; mean relative output error %.4g (builder) -> %.4g",
+    log.info("GPTQ: %d matrices; mean relative output error %.4g (as built) -> %.4g",
              changed, report["output_error_builder"] or 0.0, report["output_error_gptq"] or 0.0)
     return report

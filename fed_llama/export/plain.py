@@ -97,6 +97,7 @@ def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: 
         MatMulNBitsQuantizer,
     )
 
+    from fed_llama.common.notices import ORT_QUANTIZER_LOGGER, below_info
     from fed_llama.export.build import save_graph
 
     model = onnx.load(str(onnx_file))
@@ -109,7 +110,8 @@ def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: 
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size,
                                      is_symmetric=symmetric, accuracy_level=accuracy_level,
                                      nodes_to_exclude=keep, algo_config=config)
-    quantizer.process()
+    with below_info(ORT_QUANTIZER_LOGGER):
+        quantizer.process()
     quantized = quantizer.model.model
     count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     if not count:
