@@ -16,9 +16,10 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
    accuracy.
 3. ``federation``: ``benchmarks/federated_vs_local.py`` on a short 3-hospital federation of
    the method (``--fed-rounds`` x ``--fed-steps``) against its local-only and centralized
-   runs with the same steps: pooled held-out perplexity and category accuracy
-   (``federated_beats_local``: the federation's pooled perplexity below every local-only
-   adapter's).
+   runs with the same steps: pooled held-out perplexity and category accuracy (on
+   ``--fed-questions`` per task per site; ``federated_beats_local``: the federation's pooled
+   perplexity below every local-only adapter's). Changing only its settings keeps the other
+   stages' figures.
 
     python benchmarks/methods.py                       # about 2 hours on 2 cores
     python benchmarks/methods.py --stages site --methods lora excitor
@@ -126,7 +127,8 @@ def federation(method: str, lr: float, args: argparse.Namespace, work: Path
     sets = METHODS[method] + EXTRA + [f"train.lr={lr}", f"federation.rounds={args.fed_rounds}",
                                       f"train.max_steps={args.fed_steps}"]
     subprocess.run([sys.executable, str(HERE / "federated_vs_local.py"), "--modes", "factors",
-                    "--questions", str(args.questions), "--json", str(out), "--resume",
+                    "--skip", "base", "--questions", str(args.fed_questions),
+                    "--json", str(out), "--resume",
                     *[x for s in sets for x in ("--set", s)]], check=True)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     fed, central = rows["federated:factors"], rows["centralized"]
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--fed-steps", type=int, default=10)
     parser.add_argument("--heldout", type=int, default=128, help="held-out records evaluated")
     parser.add_argument("--questions", type=int, default=32, help="questions per task")
+    parser.add_argument("--fed-questions", type=int, default=8,
+                        help="questions per task per site in the federation stage (its 5 "
+                             "models x 3 sites answer them)")
     parser.add_argument("--work", help="keep adapters and partial files here (default: temp)")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="an override for every training run (e.g. another backbone)")
@@ -160,10 +165,10 @@ def main() -> None:
     setup = {"overrides": args.overrides, "site": args.site, "steps": args.steps,
              "sweep_steps": args.sweep_steps,
              "fed_rounds": args.fed_rounds, "fed_steps": args.fed_steps,
+             "fed_questions": args.fed_questions,
              "heldout": args.heldout, "questions": args.questions}
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    rows: dict[str, dict[str, Any]] = (saved.get("methods", {})
-                                       if saved.get("setup") == setup else {})
+    rows = resumable(saved, setup)
     with tempfile.TemporaryDirectory(prefix="fed-llama-methods-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -191,6 +196,27 @@ def main() -> None:
     print(markdown_table(flat_rows(rows), COLUMNS))
     write_results(path, results(setup, rows))
     print(f"written to {path}")
+
+
+FEDERATION_SETTINGS = ("fed_rounds", "fed_steps", "fed_questions")
+"""The settings only the ``federation`` stage depends on."""
+
+
+def resumable(saved: dict[str, Any], setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The measured stages of ``saved`` that ``setup`` can keep: none when a setting of the
+    sweep and site stages changed; every stage but ``federation`` when only its settings did."""
+    before = saved.get("setup", {})
+
+    def part(d: dict[str, Any], fed: bool) -> dict[str, Any]:
+        return {k: d.get(k) for k in setup if (k in FEDERATION_SETTINGS) == fed}
+
+    if part(before, False) != part(setup, False):
+        return {}
+    rows: dict[str, dict[str, Any]] = saved.get("methods", {})
+    if part(before, True) != part(setup, True):
+        for row in rows.values():
+            row.pop("federation", None)
+    return rows
 
 
 COLUMNS = ["method", "lr", "trainable", "trainable_pct", "bytes_per_round", "tokens_per_s",

@@ -68,3 +68,25 @@ def test_saved_results_carry_the_targets_of_their_rows(name: str) -> None:
     """Every committed result file's targets are what its own rows give."""
     saved = json.loads((BENCHMARKS / "results" / name).read_text())
     assert saved["targets"] == targets(saved["rows"])
+
+
+def test_the_methods_benchmark_keeps_the_stages_whose_settings_did_not_change() -> None:
+    resumable = load_benchmark("methods").resumable
+    setup = {"site": "cardiology", "steps": 200, "fed_rounds": 2, "fed_questions": 8}
+
+    def saved(**changed: Any) -> dict[str, Any]:
+        return {"setup": {**setup, **changed},
+                "methods": {"v1": {"sweep": {"lr": 0.02}, "site": {"reduction": 0.95},
+                                   "federation": {"fed_ppl": 9.0}}}}
+
+    assert resumable(saved(), setup)["v1"]["federation"] == {"fed_ppl": 9.0}
+    # a federation setting changed: its stage is measured again, the others are kept
+    assert resumable(saved(fed_questions=32), setup) == {
+        "v1": {"sweep": {"lr": 0.02}, "site": {"reduction": 0.95}}}
+    # a file written before the federation stage had a setting of its own
+    old = saved()
+    del old["setup"]["fed_questions"]
+    assert "federation" not in resumable(old, setup)["v1"]
+    # a site setting changed: nothing is kept
+    assert resumable(saved(steps=100), setup) == {}
+    assert resumable({}, setup) == {}
