@@ -19,7 +19,8 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
    runs with the same steps: pooled held-out perplexity and category accuracy (on
    ``--fed-questions`` per task per site; ``federated_beats_local``: the federation's pooled
    perplexity below every local-only adapter's). Changing only its settings keeps the other
-   stages' figures.
+   stages' figures. With ``--work`` the federation's run folders stay there
+   (``runs-<method>/factors``: its last round is the method's federated adapter).
 
     python benchmarks/methods.py                       # about 2 hours on 2 cores
     python benchmarks/methods.py --stages site --methods lora excitor
@@ -128,7 +129,7 @@ def federation(method: str, lr: float, args: argparse.Namespace, work: Path
                                       f"train.max_steps={args.fed_steps}"]
     subprocess.run([sys.executable, str(HERE / "federated_vs_local.py"), "--modes", "factors",
                     "--skip", "base", "--questions", str(args.fed_questions),
-                    "--json", str(out), "--resume",
+                    "--json", str(out), "--resume", "--runs", str(work / f"runs-{method}"),
                     *[x for s in sets for x in ("--set", s)]], check=True)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     fed, central = rows["federated:factors"], rows["centralized"]
