@@ -26,7 +26,7 @@ Targets (edge issue): ONNX fp32 logits within 1e-3; int8 perplexity within 2% of
 and int4 within 15%; int4 at most 20% of the fp32 ONNX size; int8 decode at least 7x PyTorch
 eager and int4 at least 8x.
 
-    python benchmarks/edge.py                       # about 20 minutes on 2 cores
+    python benchmarks/edge.py                       # about 40 minutes on 2 cores
     python benchmarks/edge.py --adapter runs/cardiology --variants fp32 int8
     python benchmarks/edge.py --adapter runs/v1 runs/excitor --variants torch-fp32 torch-int8 \
         --json benchmarks/results/edge_methods.json
@@ -135,25 +135,29 @@ def main() -> None:
                 raise SystemExit(f"edge.py: error: variant {name}: {exc} (the torch-* "
                                  "variants export every method)") from None
     bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
-    rows = []
+    rows, sources = [], {}
     for adapter in adapters:
-        found = measure(adapter, args, bandwidth)
+        found, sources[str(adapter)] = measure(adapter, args, bandwidth)
         if len(adapters) > 1:
             found = [{"method": methods[adapter], **r} for r in found]
         rows += found
     _print(rows, bandwidth, facts)
-    result = {("adapter" if len(adapters) == 1 else "adapters"):
-              str(adapters[0]) if len(adapters) == 1 else [str(a) for a in adapters],
-              "machine": facts, "records_per_site": args.records,
+    one = len(adapters) == 1
+    result = {("adapter" if one else "adapters"):
+              str(adapters[0]) if one else [str(a) for a in adapters],
+              "machine": facts, "sources": next(iter(sources.values())) if one else sources,
+              "records_per_site": args.records,
               "questions_per_task_per_site": args.questions,
               "memory_bandwidth_gbs": round(bandwidth, 1), "rows": rows}
     write_results(args.json, result)
     print(f"written to {args.json}")
 
 
-def measure(adapter: Path, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+def measure(adapter: Path, args: argparse.Namespace, bandwidth: float
+            ) -> tuple[list[dict[str, Any]], list[str]]:
     """PyTorch eager fp32 with ``adapter`` (merged, its branches kept) and every variant of
-    ``args.variants``, on the held-out records of the adapter's sites."""
+    ``args.variants``, on the held-out records of the adapter's sites; the rows and the
+    sites (verification sources) measured."""
     from fed_llama.config.export import ExportConfig
     from fed_llama.config.loader import build_config
     from fed_llama.data.tokenize import encode_all
@@ -247,14 +251,14 @@ def measure(adapter: Path, args: argparse.Namespace, bandwidth: float) -> list[d
                 "build_s": round(build_s, 1)})
             print(f"  {adapter.name} {name}: done", flush=True)
     base = rows[0]
-    fp32_size = next((r["size_mb"] for r in rows
-                      if r["variant"] in ("onnx-fp32", "onnx-torch-fp32")), None)
+    sizes = {r["variant"]: r["size_mb"] for r in rows}
+    fp32_size = sizes.get("onnx-fp32", sizes.get("onnx-torch-fp32"))
     for r in rows:
         r["ppl_vs_pytorch"] = round(r["perplexity"] / base["perplexity"] - 1, 4)
         r["bound_fraction"] = round(r["decode-tokens-per-s"] / r["bound_tokens_per_s"], 2)
         if fp32_size:
             r["size_vs_onnx_fp32"] = round(r["size_mb"] / fp32_size, 3)
-    return rows
+    return rows, sources
 
 
 def _pytorch_ppl(reference: dict[str, list[np.ndarray]], data: dict[str, Any]) -> float:

@@ -179,6 +179,12 @@ def test_the_plain_route_quantizes_round_to_nearest_or_gptq_only() -> None:
                                               r"'gptq'"):
             build_config(ExportConfig, {"exporter": "torch", "quant": "int4",
                                         "algorithm": algorithm}, source="p.toml")
+    with pytest.raises(ConfigError, match=r"no mixed precision.*remove it"):
+        build_config(ExportConfig, {"exporter": "torch", "quant": "int4", "algorithm": "gptq",
+                                    "mixed_precision": ["last_matmul"]}, source="p.toml")
+    with pytest.raises(ConfigError, match=r"'gptq' is calibrated int4"):
+        build_config(ExportConfig, {"exporter": "torch", "quant": "int8", "algorithm": "gptq"},
+                     source="p.toml")
     for quant, algorithm in (("int8", "default"), ("int4", "default"), ("int4", "gptq")):
         cfg = build_config(ExportConfig, {"exporter": "torch", "quant": quant,
                                           "algorithm": algorithm}, source="p.toml")
@@ -198,14 +204,16 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
     manifest = export_adapter(adapter, tmp_path / "int4", cfg, backbone=str(tiny_backbone))
     q = manifest["quantization"]
     assert q["algorithm"] == "gptq" and q["bits"] == 4 and q["symmetric"] is False
-    assert q["matrices"] == 2 * 7  # every projection of both layers; the LM head as rounded
+    assert q["matrices"] == 2 * 7 + 1  # 4-bit: 7 projections x 2 layers + LM head
+    assert q["calibrated"] == 2 * 7  # GPTQ: every projection; the LM head as rounded
     # GPTQ's layer outputs on the calibration data move less than round-to-nearest's
     assert q["output_error_gptq"] < q["output_error_builder"]
     # onnxruntime's quantizer logs two INFO lines per graph node: not shown
     assert not [r for r in caplog.records if "to quantize" in r.getMessage()]
     assert any("GPTQ: 14 matrices" in r.getMessage() for r in caplog.records)
     graph = onnx.load(str(tmp_path / "int4" / "model.onnx"))
-    # the prompts' own pass through k_proj (V1, V2) has constant inputs: left fp32, exact
+    # the branch's second use of k_proj (the prompts, V1 and V2) is traced as an Identity of
+    # the weight, which onnxruntime's quantizer leaves fp32
     k_nodes = {n.op_type for n in graph.graph.node
                if "layers.1/self_attn/" in n.name and "k_proj" in n.name
                and n.op_type.startswith("MatMul")}

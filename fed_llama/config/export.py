@@ -138,11 +138,13 @@ class ExportConfig:
                        "keeps the adapter unmerged: use algorithm = 'k_quant' with runtime "
                        "adapters, or turn runtime_adapters off")
         if self.exporter == "torch" and self.quant != "fp32" and (
-                self.algorithm not in ("default", "gptq") or self.mixed_precision):
+                self.algorithm not in ("default", "gptq")):
             out.append(f"exporter = 'torch' quantizes with onnxruntime's MatMulNBits "
-                       f"round-to-nearest or GPTQ only (got algorithm = {self.algorithm!r}"
-                       f"{', mixed_precision' if self.mixed_precision else ''}): set "
-                       "algorithm = 'default' or 'gptq', or use exporter = 'builder'")
+                       f"round-to-nearest or GPTQ only (got algorithm = {self.algorithm!r}): "
+                       "set algorithm = 'default' or 'gptq', or use exporter = 'builder'")
+        if self.exporter == "torch" and self.mixed_precision:
+            out.append(f"exporter = 'torch' has no mixed precision (got mixed_precision = "
+                       f"{list(self.mixed_precision)}): remove it, or use exporter = 'builder'")
         if self.exporter == "torch" and self.runtime_adapters:
             out.append("exporter = 'torch' exports the merged model; runtime_adapters needs the "
                        "builder's LoRA branches: use exporter = 'builder'")

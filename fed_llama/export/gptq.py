@@ -10,9 +10,10 @@ pass over the calibration records), every decoder projection is quantized (q, k 
 where the builder's graph packs them into one ``qkv_proj``; gate and up together where it fuses
 them into ``gate_up_proj``), and the codes, scales and zero points are written over the 4-bit
 ``MatMulNBits`` weights of the graph: the onnxruntime-genai builder's, or the plain
-``torch.onnx`` route's quantized asymmetrically (one projection per node; a 4-bit node of a
-weight found twice gets the same codes; the prompts' own pass through ``k_proj``/``v_proj`` in
-LLaMA-Adapter graphs has constant inputs and stays fp32).
+``torch.onnx`` route's quantized asymmetrically (one projection per node). In LLaMA-Adapter
+graphs the branch's second use of a projection (the prompts through ``k_proj``/``v_proj``,
+V1's ``o_proj`` on the branch output) is traced as an ``Identity`` of the weight, which
+onnxruntime's quantizer leaves fp32; only the token path is calibrated (and recorded).
 The grid is exactly MatMulNBits' (asymmetric, one fp32 scale and a 4-bit zero point per block of
 ``block_size`` input weights), so nothing is re-rounded on the way in. The tied embedding /
 LM head and projections kept in 8-bit (``mixed_precision``) are left as the builder made them.
@@ -36,8 +37,9 @@ from fed_llama.export.build import save_graph
 log = logging.getLogger(__name__)
 
 #: ONNX projection (``/model/layers.N/<group>``) -> the Hugging Face modules packed into it, in
-#: output order. Modules of one group share their input, hence their Hessian. A graph has
-#: either ``gate_up_proj`` (the builder fused them) or ``gate_proj`` and ``up_proj``.
+#: output order. Modules of one group share their input, hence their Hessian. The builder's
+#: graph has ``qkv_proj`` and, where it fused them, ``gate_up_proj``; the plain route's has
+#: ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj`` and ``up_proj``.
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attn/q_proj": ("self_attn.q_proj",),
@@ -184,8 +186,16 @@ def collect_hessians(model: Any, sequences: Sequence[Sequence[int]], keys: set[s
     counts: dict[str, int] = {}
     hooks = []
 
+    seen: set[str] = set()
+
     def hook(key: str) -> Callable[..., None]:
         def record(_module: Any, args: tuple[Any, ...]) -> None:
+            # the first call of a forward pass is the token path the 4-bit node computes; an
+            # adapter method's branch may call the projection again (prompts, V1's o_proj on
+            # the branch output), and those uses stay fp32 in the graph
+            if key in seen:
+                return
+            seen.add(key)
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sums[key] = sums.get(key, 0) + x.T @ x
             counts[key] = counts.get(key, 0) + x.shape[0]
@@ -199,6 +209,7 @@ def collect_hessians(model: Any, sequences: Sequence[Sequence[int]], keys: set[s
     try:
         with torch.no_grad():
             for ids in progress(sequences):
+                seen.clear()
                 model(torch.tensor([list(ids)]), use_cache=False)
     finally:
         for handle in hooks:
@@ -242,8 +253,9 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
                     block_size: int, damp: float = 0.01) -> dict[str, Any]:
     """GPTQ every 4-bit decoder projection of ``onnx_file`` (built from ``model``, the PyTorch
     merged model) on ``sequences`` and write it back in place; returns a report: matrices
-    changed, calibration tokens, and the mean relative output error before (the builder's
-    quantizer) and after."""
+    changed, calibration tokens, and the mean relative output error before
+    (``output_error_builder``: the graph as built, by the builder's quantizer or, on the plain
+    route, onnxruntime's round-to-nearest) and after."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -256,7 +268,7 @@ def calibrate_graph(model: Any, sequences: Sequence[Sequence[int]], onnx_file: P
             if k % block_size:
                 raise GptqError(f"algorithm = 'gptq' needs block_size to divide every input size "
                                 f"({group} has {k}); block_size = {block_size} does not: "
-                                "use 16, 32 or 64, or k_quant")
+                                "use 16, 32 or 64")
     graph = onnx.load(str(onnx_file))
     inits = {t.name: t for t in graph.graph.initializer}
     # the 4-bit projections, by "<layer>/<group>"; those kept in 8-bit (mixed precision) are

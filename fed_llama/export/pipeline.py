@@ -183,8 +183,11 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
             return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
         found = {}
     items, _ = encode_all(merged.tokenizer, calibration, cfg.verify.max_length)
-    return {**found, **calibrate_graph(merged.model, [item.input_ids for item in items],
-                                       onnx_dir / "model.onnx", block_size=cfg.block_size)}
+    report = calibrate_graph(merged.model, [item.input_ids for item in items],
+                             onnx_dir / "model.onnx", block_size=cfg.block_size)
+    if found:  # the plain route: its quantizer's count of 4-bit MatMuls, and GPTQ's
+        report["calibrated"] = report.pop("matrices")
+    return {**found, **report}
 
 
 def _adapter_identity(adapter: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:
