@@ -218,6 +218,24 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
                if "layers.1/self_attn/" in n.name and "k_proj" in n.name
                and n.op_type.startswith("MatMul")}
     assert k_nodes == ({"MatMulNBits"} if method == "excitor" else {"MatMulNBits", "MatMul"})
+    # the graph holds GPTQ's codes, not its quantizer's rounding of the same weight on the
+    # same grid (GPTQ moves codes to absorb the error of the columns before)
+    from onnx import numpy_helper
+
+    from fed_llama.export.gptq import decoder_layers, projection, unpack
+
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    node = next(n for n in graph.graph.node
+                if n.op_type == "MatMulNBits" and "layers.0/self_attn/" in n.name
+                and n.name.endswith("q_proj/MatMul_Q4"))
+    held = unpack(*(inits[name] for name in node.input[1:4]))
+    merged = merge_adapter(adapter, str(tiny_backbone)).model
+    w = projection(decoder_layers(merged)[0], "self_attn.q_proj").weight.detach().numpy()
+    scale = np.repeat(held.scales, held.block_size, axis=1)
+    zero = np.repeat(held.zeros, held.block_size, axis=1).astype(np.float64)
+    rounded = np.clip(np.round(w / scale) + zero, 0, 15)
+    moved = np.mean(held.codes != rounded)
+    assert 0.01 < moved < 0.6  # 0.27 measured; a wrong layout would mismatch ~15/16 codes
     ref = _reference(adapter, tiny_backbone, IDS)
     got = OnnxCausalLM(tmp_path / "int4").sequence_logits(IDS)
     assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()  # 4-bit rounding, not a lost branch
