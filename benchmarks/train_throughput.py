@@ -3,7 +3,18 @@
 Both train the same LoRA (r=8 on q,k,v,o) on the same ICD-10 site data with the same batch
 size and optimizer, on the default backbone; each measurement runs in a fresh process (so
 peak RSS is its own). Throughput counts real (non-padding) tokens per second over the timed
-steps, after warm-up steps. Also reports peak RSS of LoRA vs QLoRA (NF4 backbone).
+steps, after warm-up steps. fed-llama runs as LoRA on the fp32 backbone, on the bf16 backbone,
+with activation checkpointing, and as QLoRA (NF4 backbone).
+
+Where the memory goes (fed-llama rows), from the model itself rather than estimated:
+``weights_mb`` (every parameter and buffer as stored: NF4 packed, bf16 or fp32),
+``adapter_state_mb`` (the trainable parameters' gradients and AdamW's two moments),
+``activations_mb`` (the bytes autograd saves for backward in one step on a batch of
+median-length training examples, parameters excluded, each storage counted once; and
+``activations_longest_mb`` on the longest ones, the worst step), their sum
+(``accounted_mb``), the process's resident memory before the backbone loads (``runtime_mb``:
+Python, torch and the libraries), the peak while loading it (``load_peak_mb``) and after
+(``after_load_mb``), and ``peak_x_accounted``, the training's peak RSS over the sum.
 
     python benchmarks/train_throughput.py --steps 20
 """
@@ -23,8 +34,52 @@ from harness import add_json_argument, markdown_table, write_results
 WARMUP = 3
 
 
+MODES = ("baseline", "fed-llama", "fed-llama-bf16", "fed-llama-ckpt", "fed-llama-qlora",
+         "fed-llama-qlora-ckpt")
+"""The hand-written loop, then fed-llama's LoRA on the fp32 backbone, on the bf16 backbone, with
+activation checkpointing, and QLoRA without and with it."""
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_breakdown(model: object, batch: dict[str, object]) -> dict[str, float]:
+    """Weights, adapter state (gradients and AdamW moments) and one step's saved activations
+    of ``model`` on ``batch``, in MB (see the module's docstring)."""
+    import torch
+
+    from fed_llama.training.loss import answer_nll
+
+    params = list(model.parameters())  # type: ignore[attr-defined]
+    tensors = params + list(model.buffers())  # type: ignore[attr-defined]
+    weights = sum(t.untyped_storage().nbytes() for t in
+                  {t.untyped_storage().data_ptr(): t for t in tensors}.values())
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    held = {p.untyped_storage().data_ptr() for p in tensors}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()  # type: ignore[attr-defined]  # (checkpointing applies in training only)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nll, n = answer_nll(model, batch)
+    (nll / max(n, 1)).backward()
+    model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+    mb = {"weights_mb": weights / 2**20, "adapter_state_mb": 3 * trainable / 2**20,
+          "activations_mb": sum(saved.values()) / 2**20}
+    mb["accounted_mb"] = sum(mb.values())
+    return {k: round(v, 1) for k, v in mb.items()}
+
+
 def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, object]:
-    """One measurement: mode is fed-llama, baseline or fed-llama-qlora."""
+    """One measurement, for a mode of :data:`MODES`."""
     import torch
 
     from fed_llama.backbone import load_backbone
@@ -34,17 +89,33 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
     from fed_llama.training.loop import train_adapter
     from fed_llama.training.lora import attach_lora, peft_config
 
-    bb = load_backbone(BackboneConfig(quantization="nf4" if mode.endswith("qlora") else "none"))
+    runtime = rss_mb()
+    bb = load_backbone(BackboneConfig(
+        quantization="nf4" if "qlora" in mode else "none",
+        precision="bf16" if mode.endswith("bf16") else "fp32"))
+    loaded = {"load_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "after_load_mb": round(rss_mb(), 1)}
     data = load_site_data(DataConfig(source=f"icd10:{site}"), bb.tokenizer, seed=0)
     pad = bb.tokenizer.pad_token_id
+    extra: dict[str, object] = {}
     if mode.startswith("fed-llama"):
         model = attach_lora(bb.model, LoraConfig(), seed=0)
-        cfg = OptimConfig(max_steps=WARMUP, batch_size=batch_size, warmup_steps=0)
+        ckpt = "ckpt" in mode
+        cfg = OptimConfig(max_steps=WARMUP, batch_size=batch_size, warmup_steps=0,
+                          activation_checkpointing=ckpt)
         train_adapter(model, data.train, cfg, pad, progress=False)  # warm-up, not timed
         stats = train_adapter(model, data.train, OptimConfig(
-            max_steps=steps, batch_size=batch_size, warmup_steps=0, seed=1), pad,
-            progress=False)
+            max_steps=steps, batch_size=batch_size, warmup_steps=0, seed=1,
+            activation_checkpointing=ckpt), pad, progress=False)
         tokens, seconds = stats.tokens, stats.seconds
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's own
+        by_length = sorted(data.train, key=lambda e: len(e.input_ids))
+        middle = len(by_length) // 2 - batch_size // 2
+        typical = by_length[max(middle, 0):max(middle, 0) + batch_size]
+        longest = memory_breakdown(model, collate(by_length[-batch_size:], pad))
+        extra = {**memory_breakdown(model, collate(typical, pad)),
+                 "activations_longest_mb": longest["activations_mb"],
+                 "runtime_mb": round(runtime, 1), **loaded}
     else:  # the minimal loop a user would write by hand with peft
         from peft import get_peft_model
 
@@ -64,9 +135,12 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
             if step >= WARMUP:
                 seconds += time.perf_counter() - start
                 tokens += int(batch["attention_mask"].sum())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if "accounted_mb" in extra:
+        extra["peak_x_accounted"] = round(peak / float(extra["accounted_mb"]), 2)  # type: ignore[arg-type]
     return {"mode": mode, "steps": steps, "batch_size": batch_size, "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(peak, 1), **extra}
 
 
 def main() -> None:
@@ -81,16 +155,23 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.site)))
         return
     rows = []
-    for mode in ("baseline", "fed-llama", "fed-llama-qlora"):
+    for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--worker", mode, "--steps",
                               str(args.steps), "--batch-size", str(args.batch_size), "--site",
                               args.site], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]["tokens_per_s"]
+    lora = next(r for r in rows if r["mode"] == "fed-llama")
     for row in rows:
         row["ratio_to_baseline"] = round(row["tokens_per_s"] / base, 2)
+        if row["mode"].startswith("fed-llama"):  # the site-cost issue's ratios
+            row["rss_x_lora_fp32"] = round(row["peak_rss_mb"] / lora["peak_rss_mb"], 2)
+            row["speed_x_lora_fp32"] = round(row["tokens_per_s"] / lora["tokens_per_s"], 2)
     print(f"{args.steps} timed steps of {args.batch_size} examples, site {args.site}")
-    cols = ["mode", "tokens_per_s", "ratio_to_baseline", "peak_rss_mb", "seconds", "tokens"]
+    cols = ["mode", "tokens_per_s", "ratio_to_baseline", "peak_rss_mb", "rss_x_lora_fp32",
+            "speed_x_lora_fp32", "weights_mb", "adapter_state_mb", "activations_mb",
+            "activations_longest_mb", "accounted_mb", "runtime_mb", "load_peak_mb",
+            "after_load_mb", "peak_x_accounted", "seconds", "tokens"]
     print(markdown_table(rows, cols))
     write_results(args.json, {"rows": rows})
     print(f"wrote {args.json}")

@@ -90,6 +90,24 @@ def test_nf4_quantization_loads_4bit_layers(tiny_backbone: Path) -> None:
     assert getattr(layers[0].weight, "quant_type", None) == "nf4"
 
 
+def test_an_nf4_backbone_keeps_no_mapping_of_its_fp32_weights_file(tiny_backbone: Path) -> None:
+    """The tensors NF4 leaves unquantized are copied out of the memory-mapped safetensors file,
+    so its pages (the fp32 weights quantization read) are not resident for the whole run."""
+    pytest.importorskip("bitsandbytes")
+    import gc
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone), quantization="nf4"))
+    gc.collect()
+    weights = str(bb.source.model_dir / "model.safetensors")
+    assert weights not in maps.read_text()
+    fp32 = load_backbone(BackboneConfig(name=str(tiny_backbone)))
+    assert weights in maps.read_text()  # the fp32 backbone's tensors are the mapping itself
+    del fp32
+
+
 @pytest.mark.parametrize("method", ["lora", "llama-adapter", "llama-adapter-v2", "excitor"])
 def test_every_method_still_trains_on_nf4_after_an_evaluation_pass(tiny_backbone: Path,
                                                                    method: str) -> None:
