@@ -179,9 +179,10 @@ def test_the_plain_route_quantizes_round_to_nearest_or_gptq_only() -> None:
                                               r"'gptq'"):
             build_config(ExportConfig, {"exporter": "torch", "quant": "int4",
                                         "algorithm": algorithm}, source="p.toml")
-    with pytest.raises(ConfigError, match=r"no mixed precision.*remove it"):
+    with pytest.raises(ConfigError, match=r"keeps only the LM head in 8-bit"):
         build_config(ExportConfig, {"exporter": "torch", "quant": "int4", "algorithm": "gptq",
-                                    "mixed_precision": ["last_matmul"]}, source="p.toml")
+                                    "mixed_precision": ["last_matmul", "mixed_layers"]},
+                     source="p.toml")
     with pytest.raises(ConfigError, match=r"'gptq' is calibrated int4"):
         build_config(ExportConfig, {"exporter": "torch", "quant": "int8", "algorithm": "gptq"},
                      source="p.toml")
@@ -200,10 +201,12 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
     caplog.set_level(logging.INFO)
     adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
     cfg = _cfg(verify_data, quant="int4", exporter="torch", algorithm="gptq", block_size=32,
+               mixed_precision=["last_matmul"],
                verify={"min_top1_agreement": 0.0, "max_perplexity_increase": 10.0})
     manifest = export_adapter(adapter, tmp_path / "int4", cfg, backbone=str(tiny_backbone))
     q = manifest["quantization"]
     assert q["algorithm"] == "gptq" and q["bits"] == 4 and q["symmetric"] is False
+    assert q["lm_head_bits"] == 8
     assert q["matrices"] == 2 * 7 + 1  # 4-bit: 7 projections x 2 layers + LM head
     assert q["calibrated"] == 2 * 7  # GPTQ: every projection; the LM head as rounded
     # GPTQ's layer outputs on the calibration data move less than round-to-nearest's
@@ -218,6 +221,10 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
                if "layers.1/self_attn/" in n.name and "k_proj" in n.name
                and n.op_type.startswith("MatMul")}
     assert k_nodes == ({"MatMulNBits"} if method == "excitor" else {"MatMulNBits", "MatMul"})
+    bits = {n.name.split("/")[-2]: onnx.helper.get_attribute_value(a)
+            for n in graph.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"}
+    assert bits.pop("lm_head") == 8 and set(bits.values()) == {4}
     # the graph holds GPTQ's codes, not its quantizer's rounding of the same weight on the
     # same grid (GPTQ moves codes to absorb the error of the columns before)
     from onnx import numpy_helper

@@ -142,9 +142,10 @@ class ExportConfig:
             out.append(f"exporter = 'torch' quantizes with onnxruntime's MatMulNBits "
                        f"round-to-nearest or GPTQ only (got algorithm = {self.algorithm!r}): "
                        "set algorithm = 'default' or 'gptq', or use exporter = 'builder'")
-        if self.exporter == "torch" and self.mixed_precision:
-            out.append(f"exporter = 'torch' has no mixed precision (got mixed_precision = "
-                       f"{list(self.mixed_precision)}): remove it, or use exporter = 'builder'")
+        if self.exporter == "torch" and "mixed_layers" in self.mixed_precision:
+            out.append("exporter = 'torch' keeps only the LM head in 8-bit (got mixed_precision "
+                       f"= {list(self.mixed_precision)}): use ['last_matmul'], or use "
+                       "exporter = 'builder'")
         if self.exporter == "torch" and self.runtime_adapters:
             out.append("exporter = 'torch' exports the merged model; runtime_adapters needs the "
                        "builder's LoRA branches: use exporter = 'builder'")

@@ -172,7 +172,8 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
             return {"algorithm": None, "exporter": "torch.onnx.export"}
         # GPTQ writes MatMulNBits' asymmetric grid (a zero point per block)
         found = quantize_plain(onnx_dir / "model.onnx", 8 if cfg.quant == "int8" else 4,
-                               cfg.block_size, cfg.accuracy_level, symmetric=not gptq)
+                               cfg.block_size, cfg.accuracy_level, symmetric=not gptq,
+                               head_bits=8 if "last_matmul" in cfg.mixed_precision else None)
         if not gptq:
             return found
     else:

@@ -86,11 +86,12 @@ BRANCH_NODES = ("/key_branch/",)
 
 
 def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: int,
-                   symmetric: bool = True) -> dict[str, Any]:
+                   symmetric: bool = True, head_bits: int | None = None) -> dict[str, Any]:
     """Quantize the plain graph's projection and LM head MatMuls in place to ``bits``-bit
     blocks of ``block_size`` (onnxruntime's ``MatMulNBitsQuantizer``, round-to-nearest;
-    ``symmetric`` False keeps a zero point per block, the grid GPTQ then rewrites); what the
-    manifest records of it."""
+    ``symmetric`` False keeps a zero point per block, the grid GPTQ then rewrites);
+    ``head_bits`` quantizes the LM head to that many bits instead (8 with 4-bit projections:
+    ``mixed_precision = ["last_matmul"]``). What the manifest records of it."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -103,24 +104,31 @@ def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: 
     model = onnx.load(str(onnx_file))
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul"
             and any(part in n.name for part in BRANCH_NODES)]
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
     log.info("quantizing the plain graph's MatMuls to %d-bit blocks of %d (%d branch nodes "
-             "kept fp32)", bits, block_size, len(keep))
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                          accuracy_level=accuracy_level, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size,
-                                     is_symmetric=symmetric, accuracy_level=accuracy_level,
-                                     nodes_to_exclude=keep, algo_config=config)
-    with below_info(ORT_QUANTIZER_LOGGER):
-        quantizer.process()
-    quantized = quantizer.model.model
-    count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+             "kept fp32%s)", bits, block_size, len(keep),
+             f", the LM head {head_bits}-bit" if head_bits and head else "")
+    # (bits, nodes left alone, nodes only): the projections, then the head at its own bits
+    passes = ([(bits, keep + head, None), (head_bits, keep, head)] if head_bits and head
+              else [(bits, keep, None)])
+    for width, exclude, include in passes:
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                              accuracy_level=accuracy_level, bits=width)
+        quantizer = MatMulNBitsQuantizer(model, bits=width, block_size=block_size,
+                                         is_symmetric=symmetric, accuracy_level=accuracy_level,
+                                         nodes_to_exclude=exclude, nodes_to_include=include,
+                                         algo_config=config)
+        with below_info(ORT_QUANTIZER_LOGGER):
+            quantizer.process()
+        model = quantizer.model.model
+    count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
     if not count:
         raise ExportError(f"onnxruntime's MatMulNBitsQuantizer quantized no MatMul of "
                           f"{onnx_file}: use quant = 'fp32' with exporter = 'torch'")
-    save_graph(quantized, onnx_file)
+    save_graph(model, onnx_file)
     return {"algorithm": "default", "exporter": "torch.onnx.export",
             "quantizer": "onnxruntime MatMulNBitsQuantizer", "bits": bits,
-            "symmetric": symmetric,
+            "symmetric": symmetric, "lm_head_bits": head_bits if head_bits and head else bits,
             "block_size": block_size, "matrices": count, "fp32-branch-matmuls": len(keep),
             "embedding": "fp32"}
 
