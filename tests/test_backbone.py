@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_backbone
 
 from fed_llama.backbone import load_backbone, resolve_backbone
 from fed_llama.backbone.cache import sha256_file
@@ -90,7 +91,7 @@ def test_nf4_quantization_loads_4bit_layers(tiny_backbone: Path) -> None:
     assert getattr(layers[0].weight, "quant_type", None) == "nf4"
 
 
-def test_an_nf4_backbone_keeps_no_mapping_of_its_fp32_weights_file(tiny_backbone: Path) -> None:
+def test_an_nf4_backbone_keeps_no_mapping_of_its_fp32_weights_file(tmp_path: Path) -> None:
     """The tensors NF4 leaves unquantized are copied out of the memory-mapped safetensors file,
     so its pages (the fp32 weights quantization read) are not resident for the whole run."""
     pytest.importorskip("bitsandbytes")
@@ -99,11 +100,13 @@ def test_an_nf4_backbone_keeps_no_mapping_of_its_fp32_weights_file(tiny_backbone
     maps = Path("/proc/self/maps")
     if not maps.is_file():
         pytest.skip("needs /proc/self/maps (Linux)")
-    bb = load_backbone(BackboneConfig(name=str(tiny_backbone), quantization="nf4"))
+    # a backbone of its own: other tests' models may still map the shared one's file
+    own = build_tiny_backbone(tmp_path / "tiny")
+    bb = load_backbone(BackboneConfig(name=str(own), quantization="nf4"))
     gc.collect()
     weights = str(bb.source.model_dir / "model.safetensors")
     assert weights not in maps.read_text()
-    fp32 = load_backbone(BackboneConfig(name=str(tiny_backbone)))
+    fp32 = load_backbone(BackboneConfig(name=str(own)))
     assert weights in maps.read_text()  # the fp32 backbone's tensors are the mapping itself
     del fp32
 
