@@ -20,7 +20,9 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
    ``--fed-questions`` per task per site; ``federated_beats_local``: the federation's pooled
    perplexity below every local-only adapter's). Changing only its settings keeps the other
    stages' figures. With ``--work`` the federation's run folders stay there
-   (``runs-<method>/factors``: its last round is the method's federated adapter).
+   (``runs-<method>/factors``: its last round is the method's federated adapter). The JSON's
+   ``stages_measured`` names the run (date, command) that last measured each stage;
+   its header is the last run's.
 
     python benchmarks/methods.py                       # about 2 hours on 2 cores
     python benchmarks/methods.py --stages site --methods lora excitor
@@ -36,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness import HERE, add_json_argument, markdown_table, write_results
+from harness import HERE, add_json_argument, environment, markdown_table, write_results
 
 METHODS: dict[str, list[str]] = {
     "lora": [],
@@ -174,6 +176,9 @@ def main() -> None:
              "heldout": args.heldout, "questions": args.questions}
     saved = json.loads(path.read_text()) if path.is_file() else {}
     rows = resumable(saved, setup)
+    measured: dict[str, Any] = dict(saved.get("stages_measured", {})) if rows else {}
+    now = environment()
+    run = f"{now.get('date')}: {now.get('command')}"  # (the header names the last commit)
     with tempfile.TemporaryDirectory(prefix="fed-llama-methods-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -196,10 +201,11 @@ def main() -> None:
                     row["site"] = site(method, lr, args, work)
                 else:
                     row["federation"] = federation(method, lr, args, work)
+                measured[stage] = run
                 print(f"  {method} {stage}: {row[stage]}", flush=True)
-                write_results(path, results(setup, rows))
+                write_results(path, {**results(setup, rows), "stages_measured": measured})
     print(markdown_table(flat_rows(rows), COLUMNS))
-    write_results(path, results(setup, rows))
+    write_results(path, {**results(setup, rows), "stages_measured": measured})
     print(f"written to {path}")
 
 
