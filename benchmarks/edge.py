@@ -119,18 +119,21 @@ def main() -> None:
     from fed_llama.config.export import ExportConfig
     from fed_llama.config.loader import build_config
     from fed_llama.errors import FedLlamaError
-    from fed_llama.export.merge import check_foldable
+    from fed_llama.export.merge import check_foldable, read_settings
 
     adapters = [Path(a) for a in args.adapter]
     methods = {}
+    exporters = {name: build_config(ExportConfig, VARIANTS[name], source=name).exporter
+                 for name in args.variants}
     for adapter in adapters:  # every refusal before any work
         if not (adapter / "adapter_config.json").is_file():
             raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main "
                              "job first (it writes runs/hospitals-3) or pass --adapter")
-        for name in args.variants:
-            cfg = build_config(ExportConfig, VARIANTS[name], source=name)
+        settings = read_settings(adapter)  # its adapter_config.json, read once
+        methods[adapter] = settings.method
+        for name, exporter in exporters.items():
             try:
-                methods[adapter] = check_foldable(adapter, exporter=cfg.exporter).method
+                check_foldable(adapter, exporter=exporter, settings=settings)
             except FedLlamaError as exc:
                 raise SystemExit(f"edge.py: error: variant {name}: {exc} (the torch-* "
                                  "variants export every method)") from None
