@@ -32,6 +32,7 @@ import time
 from harness import add_json_argument, markdown_table, write_results
 
 WARMUP = 3
+"""Untimed steps before the timed ones (``--warmup``)."""
 
 
 MODES = ("baseline", "fed-llama", "fed-llama-bf16", "fed-llama-ckpt", "fed-llama-qlora",
@@ -78,8 +79,10 @@ def memory_breakdown(model: object, batch: dict[str, object]) -> dict[str, float
     return {k: round(v, 1) for k, v in mb.items()}
 
 
-def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, object]:
-    """One measurement, for a mode of :data:`MODES`."""
+def worker(mode: str, steps: int, batch_size: int, site: str, backbone: str = "smollm2-135m",
+           warmup: int = WARMUP) -> dict[str, object]:
+    """One measurement, for a mode of :data:`MODES`, on ``backbone`` (a built-in name or a
+    Hugging Face LLaMA folder, as ``[backbone] name``)."""
     import torch
 
     from fed_llama.backbone import load_backbone
@@ -91,7 +94,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
 
     runtime = rss_mb()
     bb = load_backbone(BackboneConfig(
-        quantization="nf4" if "qlora" in mode else "none",
+        name=backbone, quantization="nf4" if "qlora" in mode else "none",
         precision="bf16" if mode.endswith("bf16") else "fp32"))
     loaded = {"load_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "after_load_mb": round(rss_mb(), 1)}
@@ -101,7 +104,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
     if mode.startswith("fed-llama"):
         model = attach_lora(bb.model, LoraConfig(), seed=0)
         ckpt = "ckpt" in mode
-        cfg = OptimConfig(max_steps=WARMUP, batch_size=batch_size, warmup_steps=0,
+        cfg = OptimConfig(max_steps=warmup, batch_size=batch_size, warmup_steps=0,
                           activation_checkpointing=ckpt)
         train_adapter(model, data.train, cfg, pad, progress=False)  # warm-up, not timed
         stats = train_adapter(model, data.train, OptimConfig(
@@ -125,14 +128,14 @@ def worker(mode: str, steps: int, batch_size: int, site: str) -> dict[str, objec
         model.train()
         rng = random.Random(0)
         tokens, seconds = 0, 0.0
-        for step in range(WARMUP + steps):
+        for step in range(warmup + steps):
             batch = collate(rng.sample(data.train, batch_size), pad)
             start = time.perf_counter()
             loss = model(**batch).loss
             loss.backward()
             optim.step()
             optim.zero_grad()
-            if step >= WARMUP:
+            if step >= warmup:
                 seconds += time.perf_counter() - start
                 tokens += int(batch["attention_mask"].sum())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -150,9 +153,12 @@ def main() -> None:
     parser.add_argument("--site", default="cardiology")
     add_json_argument(parser, "train_throughput.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", default="smollm2-135m", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=WARMUP, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.site)))
+        print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.site,
+                                args.backbone, args.warmup)))
         return
     rows = []
     for mode in MODES:
