@@ -25,6 +25,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness import add_json_argument, markdown_table, write_results
 
@@ -77,7 +78,7 @@ def build_backbone(shape: str, work: Path) -> tuple[str, int]:
     return str(folder), count
 
 
-def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, object]:
+def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     """One ``train_throughput.py`` worker row."""
     script = Path(__file__).with_name("train_throughput.py")
     done = subprocess.run(
@@ -90,10 +91,10 @@ def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, obj
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def fit(rows: list[dict[str, object]], memory_mb: float) -> dict[str, float] | None:
+def fit(rows: list[dict[str, Any]], memory_mb: float) -> dict[str, float] | None:
     """Least-squares line of peak RSS (MB) against parameters (billions) and where it reaches
     ``memory_mb``; None with fewer than two sizes."""
-    pts = [(float(r["parameters"]) / 1e9, float(r["peak_rss_mb"])) for r in rows]  # type: ignore[arg-type]
+    pts = [(r["parameters"] / 1e9, r["peak_rss_mb"]) for r in rows]
     if len({x for x, _ in pts}) < 2:
         return None
     n = len(pts)
@@ -119,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.json)
     settings = {k: getattr(args, k) for k in SETTINGS}
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     if out.is_file():
         try:
             stored = json.loads(out.read_text())
@@ -150,8 +151,8 @@ def main() -> None:
     for row in rows:
         base = lora.get(row["size"])
         if base:
-            row["rss_x_lora_fp32"] = round(float(row["peak_rss_mb"]) / float(base["peak_rss_mb"]), 2)  # type: ignore[arg-type]
-            row["speed_x_lora_fp32"] = round(float(row["tokens_per_s"]) / float(base["tokens_per_s"]), 2)  # type: ignore[arg-type]
+            row["rss_x_lora_fp32"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 2)
+            row["speed_x_lora_fp32"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
     order = {s: i for i, s in enumerate(SHAPES)}
     rows.sort(key=lambda r: (order[str(r["size"])], MODES.index(str(r["mode"]))))
     print(f"{args.steps} timed steps of {args.batch_size} examples after {args.warmup} "

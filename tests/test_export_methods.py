@@ -147,14 +147,27 @@ def test_generate_onnx_gives_pytorchs_greedy_tokens_without_torch(
 def test_int8_of_the_plain_route_passes_the_int8_profiles_gate(
         method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
     adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
+    # the test model's logits are nearly flat (perplexity ~400 over its small vocabulary), so
+    # its top-1 agreement counts near-ties: 0.92 for V2 here at a largest logit change of 0.006
     cfg = _cfg(verify_data, quant="int8", exporter="torch", block_size=32,
-               verify={"min_top1_agreement": 0.93})
+               verify={"min_top1_agreement": 0.9})
     manifest = export_adapter(adapter, tmp_path / "int8", cfg, backbone=str(tiny_backbone))
     q = manifest["quantization"]
     assert q["bits"] == 8 and q["matrices"] == 2 * 7 + 1  # 7 projections x 2 layers + LM head
     assert q["fp32-branch-matmuls"] == (2 * 6 if method == "excitor" else 0)  # 6 per block
+    # the prompts' second pass through k_proj and v_proj (and V1's o_proj on the branch)
+    # reads the token path's 8-bit blocks: no fp32 copy of a projection is left in the file
+    assert q["shared-weight-matmuls"] == {"llama-adapter": 2 * 3, "llama-adapter-v2": 2 * 2,
+                                          "excitor": 0}[method]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    matrices = {t.name for t in graph.initializer if len(t.dims) == 2 and min(t.dims) > 1}
+    assert not [n for n in graph.node if n.op_type in ("Identity", "MatMul")
+                and n.input[-1] in matrices and "key_branch" not in n.name]
     pooled = manifest["verification"]["pooled"]
-    assert pooled["top1-agreement"] >= 0.93
+    assert pooled["top1-agreement"] >= 0.9
+    assert pooled["max-logit-diff"] < 0.02
     assert pooled["perplexity-onnx"] <= pooled["perplexity-pytorch"] * 1.02
     lm = OnnxCausalLM(tmp_path / "int8")
     ref = _reference(adapter, tiny_backbone, IDS)
@@ -215,12 +228,14 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
     assert not [r for r in caplog.records if "to quantize" in r.getMessage()]
     assert any("GPTQ: 14 matrices" in r.getMessage() for r in caplog.records)
     graph = onnx.load(str(tmp_path / "int4" / "model.onnx"))
-    # the branch's second use of k_proj (the prompts, V1 and V2) is traced as an Identity of
-    # the weight, which onnxruntime's quantizer leaves fp32
-    k_nodes = {n.op_type for n in graph.graph.node
+    # the branch's second use of k_proj (the prompts, V1 and V2) reads the token path's
+    # blocks, so GPTQ's codes reach both uses
+    k_nodes = [n for n in graph.graph.node
                if "layers.1/self_attn/" in n.name and "k_proj" in n.name
-               and n.op_type.startswith("MatMul")}
-    assert k_nodes == ({"MatMulNBits"} if method == "excitor" else {"MatMulNBits", "MatMul"})
+               and n.op_type.startswith("MatMul")]
+    assert {n.op_type for n in k_nodes} == {"MatMulNBits"}
+    assert len({tuple(n.input[1:]) for n in k_nodes}) == 1
+    assert len(k_nodes) == (1 if method == "excitor" else 2)
     bits = {n.name.split("/")[-2]: onnx.helper.get_attribute_value(a)
             for n in graph.graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "bits"}

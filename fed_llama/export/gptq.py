@@ -12,8 +12,9 @@ them into ``gate_up_proj``), and the codes, scales and zero points are written o
 ``MatMulNBits`` weights of the graph: the onnxruntime-genai builder's, or the plain
 ``torch.onnx`` route's quantized asymmetrically (one projection per node). In LLaMA-Adapter
 graphs the branch's second use of a projection (the prompts through ``k_proj``/``v_proj``,
-V1's ``o_proj`` on the branch output) is traced as an ``Identity`` of the weight, which
-onnxruntime's quantizer leaves fp32; only the token path is calibrated (and recorded).
+V1's ``o_proj`` on the branch output) reads the token path's blocks
+(:func:`fed_llama.export.plain.share_quantized_weights`): only the token path is calibrated
+(and recorded), and its codes serve both uses.
 The grid is exactly MatMulNBits' (asymmetric, one fp32 scale and a 4-bit zero point per block of
 ``block_size`` input weights), so nothing is re-rounded on the way in. The tied embedding /
 LM head and projections kept in 8-bit (``mixed_precision``) are left as the builder made them.

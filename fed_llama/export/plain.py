@@ -125,12 +125,55 @@ def quantize_plain(onnx_file: Path, bits: int, block_size: int, accuracy_level: 
     if not count:
         raise ExportError(f"onnxruntime's MatMulNBitsQuantizer quantized no MatMul of "
                           f"{onnx_file}: use quant = 'fp32' with exporter = 'torch'")
+    shared = share_quantized_weights(model)
     save_graph(model, onnx_file)
     return {"algorithm": "default", "exporter": "torch.onnx.export",
             "quantizer": "onnxruntime MatMulNBitsQuantizer", "bits": bits,
             "symmetric": symmetric, "lm_head_bits": head_bits if head_bits and head else bits,
-            "block_size": block_size, "matrices": count, "fp32-branch-matmuls": len(keep),
-            "embedding": "fp32"}
+            "block_size": block_size, "matrices": count, "shared-weight-matmuls": shared,
+            "fp32-branch-matmuls": len(keep), "embedding": "fp32"}
+
+
+def share_quantized_weights(model: Any) -> int:
+    """Point every MatMul that reads a quantized weight through an ``Identity`` at that
+    weight's quantized blocks; return how many were rewired.
+
+    The tracer writes a weight's second use (the prompt branch's ``k_proj``/``v_proj`` on the
+    prompts, V1's ``o_proj`` on the branch's output) as ``Identity(weight)``, and onnxruntime's
+    quantizer only quantizes a MatMul whose weight is an initializer, so the file would keep an
+    fp32 copy of each such weight beside its quantized blocks. The rewired MatMul becomes a
+    ``MatMulNBits`` on the same blocks, scales and zero points as the token path's (the same
+    weight, the same rounding: what GPTQ then writes into those blocks reaches both uses), and
+    the fp32 weight is dropped once nothing reads it.
+    """
+    import onnx
+
+    graph = model.graph
+    # the token path's quantized node of each weight, by the weight's name
+    quantized = {n.input[1].rsplit("_Q", 1)[0]: n for n in graph.node
+                 if n.op_type == "MatMulNBits" and "_Q" in n.input[1]}
+    through = {n.output[0]: n.input[0] for n in graph.node
+               if n.op_type == "Identity" and n.input[0] in quantized}
+    rewired = 0
+    for i, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in through:
+            continue
+        twin = quantized[through[node.input[1]]]
+        new = onnx.helper.make_node("MatMulNBits", [node.input[0], *twin.input[1:]],
+                                    list(node.output), name=node.name + "_shared",
+                                    domain=twin.domain)
+        new.attribute.extend(twin.attribute)
+        graph.node.remove(node)
+        graph.node.insert(i, new)
+        rewired += 1
+    read = {name for n in graph.node for name in n.input}
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in through
+                 and n.output[0] not in read]:
+        graph.node.remove(node)
+    read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for init in [t for t in graph.initializer if t.name in quantized and t.name not in read]:
+        graph.initializer.remove(init)
+    return rewired
 
 
 def genai_config(config: Any, head_size: int, kv_heads: int) -> dict[str, Any]:
