@@ -17,6 +17,9 @@ Drills (tiny random LLaMA; ``--only`` picks some, in this order):
   Flower activates it again): it trains again, at the latest in the last round.
 - ``connection-stall``: SIGSTOP a SuperNode for 25 s as round 1 ends (a connection that stalls
   and comes back, within Flower's heartbeat patience), then SIGCONT: it is served round 2.
+- ``straggler``: one site replies 300 s late in round 2 (``[attack] slow_sites``; the others
+  take about 30 s): round 2 ends at its ``round_timeout`` with the other three, and nothing of
+  the late site is admitted in it.
 
 Each drill's verdict is computed from the run folder (history rows, checkpoints, the round-seal
 chain, see ``drill_evidence.py``) and the processes' exits. Results go to
@@ -323,6 +326,33 @@ def connection_stall(d: Drill, victim: int = 2, pause: float = 25) -> Outcome:
         f"{r2.get('sites-trained')} trained, {r2.get('round-seconds')} s", {}
 
 
+def straggler(d: Drill, victim: int = 3) -> Outcome:
+    """Site ``victim`` replies :data:`SLOW_SECONDS` late in round 2 ([attack] slow_sites): the
+    round goes on with the others when its timeout passes, and nothing of the late site is
+    admitted in that round."""
+    code = d.finish(d.submit())
+    rows = {int(r["round"]): r for r in d.rows()}
+    name = f"site{victim}"
+    r1, r2, r3 = rows.get(1, {}), rows.get(2, {}), rows.get(3, {})
+    seconds = float(r2.get("round-seconds", SLOW_SECONDS))
+    checks = {"flwr run exit 0": code == 0,
+              f"round 1 trained by all {d.sites}": r1.get("sites-trained") == d.sites,
+              "round 2 completed with the others": r2.get("sites-trained") == d.sites - 1,
+              "round 2 did not wait for the late site": seconds < SLOW_SECONDS,
+              "nothing of the late site admitted in round 2": f"{name}/train-loss" not in r2,
+              "round 3 completed": r3.get("sites-trained", 0) >= d.sites - 1}
+    refused = sum(float(r.get("sites-refused", 0)) for r in rows.values())
+    note = (f"{name} {SLOW_SECONDS:.0f} s late in round 2 (round_timeout 90 s): round 2 took "
+            f"{seconds:.1f} s with {r2.get('sites-trained')} sites, {r2.get('sites-failed')} "
+            f"failed; round 3: {r3.get('sites-trained')} trained"
+            f"{'' if f'{name}/train-loss' in r3 else f' ({name} still late)'}; late updates "
+            f"refused: {refused:.0f} (Flower delivers no reply after its round's timeout)")
+    return checks, [], note, {}
+
+
+SLOW_SECONDS = 300.0
+"""How late the straggler drill's slow site replies: past round 2's two timed phases (train
+and evaluate, 90 s each), about 10x a site's own round on this loopback federation."""
 CRASH_FED = "min_sites = 3\nround_timeout = 90\n"
 DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
     "scale": (16, "round_timeout = 900\n", scale),
@@ -331,6 +361,8 @@ DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
     "superlink-crash": (4, CRASH_FED, lambda d: aggregator_crash(d, "superlink")),
     "connection-lost": (4, CRASH_FED, connection_lost),
     "connection-stall": (4, CRASH_FED, connection_stall),
+    "straggler": (4, CRASH_FED + f'[attack]\nslow_sites = ["site3"]\n'
+                  f"slow_seconds = {SLOW_SECONDS}\nslow_rounds = [2]\n", straggler),
 }
 
 
@@ -370,7 +402,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=list(DRILLS), default=list(DRILLS))
     parser.add_argument("--force", action="store_true", help="run drills already in --json")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per drill (default: 2400 for scale, 600 for the others)")
+                        help="seconds per drill (default: 2400 for scale, 900 for straggler, "
+                        "600 for the others)")
     parser.add_argument("--work", default="/tmp/fed-llama-drills",
                         help="where the drills' SuperLinks, SuperNodes and runs live")
     add_json_argument(parser, "drills.json")
@@ -384,7 +417,7 @@ def main() -> int:
         if name in rows and not args.force:
             print(f"{name}: in {path.name} already (--force runs it again)")
             continue
-        timeout = args.timeout or (2400 if name == "scale" else 600)
+        timeout = args.timeout or {"scale": 2400, "straggler": 900}.get(name, 600)
         print(f"{name}: running (at most {timeout:.0f} s)", flush=True)
         row, extra = run_drill(name, work, timeout)
         rows[name] = row

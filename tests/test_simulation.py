@@ -151,12 +151,37 @@ def test_bad_scenarios_are_refused_before_any_work(tmp_path: Path) -> None:
     assert "robust = 'median' works on factor averages" in msg
     path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
                     '[attack]\npoison_sites = ["neurology"]\n')
-    with pytest.raises(ConfigError, match=r"attack.poison_sites/drop_sites name \['neurology'\], "
-                       "not sites of this scenario"):
+    with pytest.raises(ConfigError, match=r"attack.poison_sites/drop_sites/slow_sites name "
+                       r"\['neurology'\], not sites of this scenario"):
         load_scenario(path, [])
     path.write_text('[federation]\nsites = ["icd10:cardiology", "missing.jsonl"]\n')
     with pytest.raises(ConfigError, match=r"data file .*missing\.jsonl' does not exist"):
         load_scenario(path, [])
+
+
+def test_a_slow_site_replies_late_in_the_rounds_it_is_slow_in_only(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[attack] slow_sites: the straggler drill's fault (benchmarks/drills.py)."""
+    from fed_llama.client import site as site_ops
+    from fed_llama.training.site_model import initial_state
+
+    path = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=3)
+    with path.open("a") as f:
+        f.write('[attack]\nslow_sites = ["site1"]\nslow_seconds = 300.0\nslow_rounds = [2]\n')
+    scenario, _ = load_scenario(path, [])
+    waited: list[float] = []
+    monkeypatch.setattr(site_ops.time, "sleep", waited.append)
+    state = initial_state(scenario)
+    for server_round in (1, 2, 3):
+        for site in (0, 1):
+            site_ops.fit(scenario, site, state, server_round)
+    assert waited == [300.0]  # site1, round 2
+    for bad, said in (("slow_seconds = 0.0", "slow_seconds must be a positive number"),
+                      ("slow_seconds = 5.0\nslow_rounds = [0]", "slow_rounds are round numbers")):
+        path.write_text(path.read_text().split("[attack]")[0]
+                        + f'[attack]\nslow_sites = ["site1"]\n{bad}\n')
+        with pytest.raises(ConfigError, match=said):
+            load_scenario(path, [])
 
 
 def test_a_poisoning_site_is_refused_and_the_round_is_the_honest_sites_mean(  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +114,11 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
                      for k, v in new_state.items()}
     if scenario.method == "lora":  # evaluation uses the global rank
         use_rank(loaded.model, lora, lora.r, scenario.train.seed)
+    delay = attack.slow(scenario.site_names()[site], server_round)
+    if delay:  # a simulated straggler
+        log.warning("site %s replies %g s late in round %d ([attack] slow_sites)",
+                    scenario.site_names()[site], delay, server_round)
+        time.sleep(delay)
     return new_state, metrics, stats.optimizer_state
 
 

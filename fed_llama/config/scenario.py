@@ -249,10 +249,32 @@ class AttackConfig:
     """Sites that fail in every round's training (a site dropping out): the round goes on
     without them when ``federation.min_sites`` (or SecAgg+'s threshold) allows."""
 
+    slow_sites: tuple[str, ...] = ()
+    """Sites that reply late (stragglers): after training they wait ``slow_seconds`` before
+    replying, in the rounds ``slow_rounds`` names (all rounds when empty)."""
+
+    slow_seconds: float = 0.0
+    """How long a slow site waits after training before it replies."""
+
+    slow_rounds: tuple[int, ...] = ()
+    """The rounds a slow site is slow in; empty: every round."""
+
     def problems(self) -> list[str]:
+        out = []
         if self.poison_sites and not math.isfinite(self.poison_scale):
-            return [f"poison_scale must be a finite number; got {self.poison_scale}"]
-        return []
+            out.append(f"poison_scale must be a finite number; got {self.poison_scale}")
+        if self.slow_sites and not (math.isfinite(self.slow_seconds) and self.slow_seconds > 0):
+            out.append(f"slow_seconds must be a positive number of seconds with slow_sites; "
+                       f"got {self.slow_seconds}")
+        if any(r < 1 for r in self.slow_rounds):
+            out.append(f"slow_rounds are round numbers from 1; got {list(self.slow_rounds)}")
+        return out
+
+    def slow(self, site: str, server_round: int) -> float:
+        """Seconds ``site`` waits before replying in ``server_round`` (0: not slow)."""
+        if site in self.slow_sites and (not self.slow_rounds or server_round in self.slow_rounds):
+            return self.slow_seconds
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -371,12 +393,12 @@ class ScenarioConfig(MethodSections):
         fed = self.federation
         out += self.method_problems() + lora_only_problems(self.method, fed.aggregation,
                                                            fed.site_ranks)
-        unknown = [s for s in (*self.attack.poison_sites, *self.attack.drop_sites)
+        attack = self.attack
+        unknown = [s for s in (*attack.poison_sites, *attack.drop_sites, *attack.slow_sites)
                    if s not in self.site_names()]
         if unknown:
-            out.append(f"attack.poison_sites/drop_sites name {unknown}, not sites of this "
-                       "scenario "
-                       f"(its sites: {', '.join(self.site_names())})")
+            out.append(f"attack.poison_sites/drop_sites/slow_sites name {unknown}, not sites of "
+                       f"this scenario (its sites: {', '.join(self.site_names())})")
         if fed.update_compression != "none" and fed.site_ranks:
             out.append("federation.update_compression encodes each change against the global "
                        "adapter's shapes, which sites of other ranks do not share: leave "
