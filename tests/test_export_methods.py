@@ -124,8 +124,18 @@ def test_the_manifest_records_the_method_the_branch_and_the_gate_passed(
 
 
 def test_generate_onnx_gives_pytorchs_greedy_tokens_without_torch(
-        method_export: tuple[str, Path, Path], tiny_backbone: Path) -> None:
-    _, adapter, out = method_export
+        method_export: tuple[str, Path, Path], tiny_backbone: Path, tmp_path: Path) -> None:
+    """On a device: only the files the folder's README lists, copied, without torch; and with
+    plain onnxruntime-genai."""
+    import shutil
+
+    from fed_llama.export.folder import README, readme_files
+
+    _, adapter, exported = method_export
+    out = tmp_path / "device"
+    for name in readme_files((exported / README).read_text()):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(exported / name, out / name)
     lm = OnnxCausalLM(out)
     prompt = lm.encode_chat([{"role": "user", "content": "hello"}])
     model = merge_adapter(adapter, str(tiny_backbone)).model
@@ -141,6 +151,17 @@ def test_generate_onnx_gives_pytorchs_greedy_tokens_without_torch(
     proc = run_without_torch('generate', '--onnx', str(out), 'hello', '--max-new-tokens', '8')
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == lm.tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+    import onnxruntime_genai as og
+
+    model_og = og.Model(str(out))
+    params = og.GeneratorParams(model_og)
+    params.set_search_options(max_length=len(prompt) + len(expected) + 1, do_sample=False)
+    generator = og.Generator(model_og, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0))[len(prompt):][:len(expected)] == expected
 
 
 @pytest.mark.parametrize("method", list(METHODS))
