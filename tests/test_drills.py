@@ -14,6 +14,7 @@ import pytest
 from conftest import load_benchmark
 
 sys.modules.setdefault("drill_evidence", load_benchmark("drill_evidence"))
+sys.modules.setdefault("drill_federation", load_benchmark("drill_federation"))
 ev = sys.modules["drill_evidence"]
 
 

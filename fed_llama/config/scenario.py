@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fed_llama.config.adapter import MethodSections, lora_only_problems
+from fed_llama.config.attack import AttackConfig
 from fed_llama.config.security import (
     PrivacyConfig,
     SecureAggregationConfig,
@@ -231,50 +231,6 @@ class TaskEvalConfig:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             out.append("max_new_tokens and batch_size must be at least 1")
         return out
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    """Simulated hostile sites, for robustness experiments ([attack]); leave empty in real use."""
-
-    poison_sites: tuple[str, ...] = ()
-    """Sites (by name, e.g. ``oncology``) that poison every update they send: the global
-    adapter plus ``poison_scale`` times their honest change (a boosted, model-replacement
-    style update). It still travels signed and encrypted, as a compromised site's would."""
-
-    poison_scale: float = 100.0
-    """How much a poisoning site boosts its change."""
-
-    drop_sites: tuple[str, ...] = ()
-    """Sites that fail in every round's training (a site dropping out): the round goes on
-    without them when ``federation.min_sites`` (or SecAgg+'s threshold) allows."""
-
-    slow_sites: tuple[str, ...] = ()
-    """Sites that reply late (stragglers): after training they wait ``slow_seconds`` before
-    replying, in the rounds ``slow_rounds`` names (all rounds when empty)."""
-
-    slow_seconds: float = 0.0
-    """How long a slow site waits after training before it replies."""
-
-    slow_rounds: tuple[int, ...] = ()
-    """The rounds a slow site is slow in; empty: every round."""
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.poison_sites and not math.isfinite(self.poison_scale):
-            out.append(f"poison_scale must be a finite number; got {self.poison_scale}")
-        if self.slow_sites and not (math.isfinite(self.slow_seconds) and self.slow_seconds > 0):
-            out.append(f"slow_seconds must be a positive number of seconds with slow_sites; "
-                       f"got {self.slow_seconds}")
-        if any(r < 1 for r in self.slow_rounds):
-            out.append(f"slow_rounds are round numbers from 1; got {list(self.slow_rounds)}")
-        return out
-
-    def slow(self, site: str, server_round: int) -> float:
-        """Seconds ``site`` waits before replying in ``server_round`` (0: not slow)."""
-        if site in self.slow_sites and (not self.slow_rounds or server_round in self.slow_rounds):
-            return self.slow_seconds
-        return 0.0
 
 
 @dataclass(frozen=True)
