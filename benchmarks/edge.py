@@ -15,7 +15,10 @@ and measured on the same held-out records of every site of the adapter:
 ``onnx-torch-*`` is the plain route (``exporter = "torch"``: ``torch.onnx.export`` of the
 merged model with a KV cache, run by the same runtime; int8 round-to-nearest, int4 GPTQ),
 beside the builder's graphs; the only route for adapter methods whose prompts or key branch do
-not fold (pass one adapter per method to ``--adapter``: each gets its own PyTorch row); the
+not fold (pass one adapter per method to ``--adapter``: each gets its own PyTorch row, and
+a builder variant measures only the adapters that fold); ``torch-int8-fp32-compute`` is
+``torch-int8`` with fp32 arithmetic on the 8-bit weights (``accuracy_level = 1``) instead of
+8-bit activations (4, the default), for what the faster arithmetic costs in quality; the
 int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
 8-bit LM head and sensitive layers, and GPTQ (``algorithm = "gptq"``: calibrated on 64 training
 records per site, none of them among the held-out records measured here).
@@ -50,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"quant": "fp32"},
     "torch-fp32": {"quant": "fp32", "exporter": "torch"},
     "torch-int8": {"quant": "int8", "exporter": "torch"},
+    "torch-int8-fp32-compute": {"quant": "int8", "exporter": "torch", "accuracy_level": 1},
     "torch-int4-gptq": {"quant": "int4", "exporter": "torch", "algorithm": "gptq"},
     "int8": {"quant": "int8"},
     "int4-default": {"quant": "int4", "algorithm": "default"},
@@ -122,25 +126,37 @@ def main() -> None:
     from fed_llama.export.merge import check_foldable, read_settings
 
     adapters = [Path(a) for a in args.adapter]
-    methods = {}
+    methods, variants = {}, {}
     exporters = {name: build_config(ExportConfig, VARIANTS[name], source=name).exporter
                  for name in args.variants}
+    skipped = []
     for adapter in adapters:  # every refusal before any work
         if not (adapter / "adapter_config.json").is_file():
             raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main "
                              "job first (it writes runs/hospitals-3) or pass --adapter")
         settings = read_settings(adapter)  # its adapter_config.json, read once
-        methods[adapter] = settings.method
+        methods[adapter] = method_label(settings)
+        variants[adapter] = []
         for name, exporter in exporters.items():
             try:
                 check_foldable(adapter, exporter=exporter, settings=settings)
             except FedLlamaError as exc:
-                raise SystemExit(f"edge.py: error: variant {name}: {exc} (the torch-* "
-                                 "variants export every method)") from None
+                if len(adapters) == 1:
+                    raise SystemExit(f"edge.py: error: variant {name}: {exc} (the torch-* "
+                                     "variants export every method)") from None
+                skipped.append(f"{name} for {methods[adapter]} ({adapter})")
+                continue
+            variants[adapter].append(name)
+    unused = [n for n in args.variants if not any(n in v for v in variants.values())]
+    if unused:
+        raise SystemExit(f"edge.py: error: no adapter given can be exported as {unused}: the "
+                         "torch-* variants export every method")
+    for what in skipped:  # several adapters: a variant measures those it can export
+        print(f"skipped: {what}: its branches do not fold (the builder's variants)")
     bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
     rows, sources = [], {}
     for adapter in adapters:
-        found, sources[str(adapter)] = measure(adapter, args, bandwidth)
+        found, sources[str(adapter)] = measure(adapter, variants[adapter], args, bandwidth)
         if len(adapters) > 1:
             found = [{"method": methods[adapter], **r} for r in found]
         rows += found
@@ -156,11 +172,18 @@ def main() -> None:
     print(f"written to {args.json}")
 
 
-def measure(adapter: Path, args: argparse.Namespace, bandwidth: float
+def method_label(settings: Any) -> str:
+    """The method column: the adapter's method, V2 without prompts (it folds) by its recipe."""
+    if settings.method == "llama-adapter-v2" and not settings.branches:
+        return "v2-bias-scale-norm"
+    return str(settings.method)
+
+
+def measure(adapter: Path, names: list[str], args: argparse.Namespace, bandwidth: float
             ) -> tuple[list[dict[str, Any]], list[str]]:
     """PyTorch eager fp32 with ``adapter`` (merged, its branches kept) and every variant of
-    ``args.variants``, on the held-out records of the adapter's sites; the rows and the
-    sites (verification sources) measured."""
+    ``names``, on the held-out records of the adapter's sites; the rows and the sites
+    (verification sources) measured."""
     from fed_llama.config.export import ExportConfig
     from fed_llama.config.loader import build_config
     from fed_llama.data.tokenize import encode_all
@@ -217,7 +240,7 @@ def measure(adapter: Path, args: argparse.Namespace, bandwidth: float
         "bound_tokens_per_s": round(bandwidth * 1e9 / torch_bytes, 1)}]
     with tempfile.TemporaryDirectory(prefix="fed-llama-edge-") as tmp:
         hf_dir = save_merged(merged, Path(tmp) / "merged")
-        for name in args.variants:
+        for name in names:
             cfg = build_config(ExportConfig, {**VARIANTS[name], "verify": verify}, source=name)
             out = Path(tmp) / name
             started = time.monotonic()

@@ -61,6 +61,13 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("train_throughput", "Training throughput",
      "`fed-llama train`'s loop against a minimal hand-written peft + torch loop on the same data, "
      "batch size and LoRA, each in a fresh process; tokens are real (non-padding) tokens."),
+    ("site_scale", "Training cost against model size",
+     "`train_throughput.py`'s fed-llama rows (LoRA on the fp32 backbone, QLoRA, and QLoRA with "
+     "activation checkpointing) on the default backbone and on random-initialized LLaMA shapes "
+     "of about 0.5B and 1.1B parameters (TinyLlama-1.1B's), built by the script: speed and "
+     "memory only, each row in a fresh process on the same site data and batch size. The fits "
+     "table is a least-squares line through each mode's peak RSS against parameters and where "
+     "it reaches this machine's 24 GiB: an extrapolation, not a measurement."),
     ("privacy_overhead", "What privacy costs",
      "A short federation run once per privacy setting through `fed-llama simulate`: `plain` "
      "(Flower's messages only), `envelopes` (signed, HPKE-encrypted updates and signed rounds: "
@@ -124,11 +131,14 @@ SCRIPTS = {"federated_vs_local": "federated_vs_local.py", "category_gap": "categ
            "edge": "edge.py", "site_quality": "site_quality.py",
            "train_throughput": "train_throughput.py", "privacy_overhead": "privacy_overhead.py",
            "poisoning": "poisoning.py", "drills": "drills.py",
-           "compression": "compression.py", "methods": "methods.py"}
-TABLES = ("rows", "variants", "targets", "overhead", "sweep")
+           "compression": "compression.py", "methods": "methods.py",
+           "site_scale": "site_scale.py"}
+TABLES = ("rows", "variants", "targets", "overhead", "sweep", "fits")
 """A results file's keys that become tables (``variants``: one row per variant)."""
 CAPTIONS = {"targets": "Targets:", "overhead": "Flower's overhead per round:",
-            "sweep": "Learning-rate sweep (validation perplexity at each candidate rate):"}
+            "sweep": "Learning-rate sweep (validation perplexity at each candidate rate):",
+            "fits": "Peak RSS against parameters (MB = intercept + slope x billions), and the "
+                    "largest LLaMA that fits:"}
 META = {"environment", "machine"}
 """Keys that go into a section's header, not its settings or tables."""
 RESUME_STATE = {"methods"}

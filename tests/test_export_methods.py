@@ -186,6 +186,9 @@ def test_int8_of_the_plain_route_passes_the_int8_profiles_gate(
     matrices = {t.name for t in graph.initializer if len(t.dims) == 2 and min(t.dims) > 1}
     assert not [n for n in graph.node if n.op_type in ("Identity", "MatMul")
                 and n.input[-1] in matrices and "key_branch" not in n.name]
+    # the tied embedding is read from the 8-bit LM head's blocks: no fp32 table either
+    assert q["embedding"] == "int8-shared"
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
     pooled = manifest["verification"]["pooled"]
     assert pooled["top1-agreement"] >= 0.9
     assert pooled["max-logit-diff"] < 0.02
@@ -257,6 +260,7 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
     assert {n.op_type for n in k_nodes} == {"MatMulNBits"}
     assert len({tuple(n.input[1:]) for n in k_nodes}) == 1
     assert len(k_nodes) == (1 if method == "excitor" else 2)
+    assert q["embedding"] == "int8-shared"  # the lookup reads the 8-bit LM head
     bits = {n.name.split("/")[-2]: onnx.helper.get_attribute_value(a)
             for n in graph.graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "bits"}

@@ -1,6 +1,8 @@
 """int8 exports: the tied embedding table read from the LM head's 8-bit weights.
 
-In an int8 build the onnxruntime-genai builder quantizes the LM head (8-bit MatMulNBits,
+Both routes (the builder's graph, and the plain ``torch.onnx`` graph whose LM head
+:func:`fed_llama.export.plain.quantize_plain` keeps in 8-bit) get it. In an int8 build the
+onnxruntime-genai builder quantizes the LM head (8-bit MatMulNBits,
 blocks along the hidden axis) but keeps the embedding lookup as an fp32 ``Gather`` over its own
 copy of the table: for this backbone's 49,152 x 576 table that is 113 MB of a 267 MB model,
 although with tied embeddings the two are one matrix. :func:`share_tied_embedding` quantizes
@@ -28,8 +30,11 @@ from fed_llama.export.build import save_graph
 
 log = logging.getLogger(__name__)
 
-EMBED_GATHER = "/model/embed_tokens/Gather"
-LM_HEAD = "/lm_head/MatMul_Q8"
+EMBED_GATHER = "embed_tokens/Gather"
+"""How the embedding lookup's name ends: the builder's ``/model/embed_tokens/Gather``, the
+plain route's ``/model/model/embed_tokens/Gather`` (deeper under peft's wrappers)."""
+LM_HEAD = "lm_head/MatMul_Q8"
+"""How the 8-bit LM head's name ends (``/lm_head/MatMul_Q8``, ``/model/lm_head/MatMul_Q8``)."""
 
 
 def dequantize_int8_head(codes: np.ndarray, scales: np.ndarray,
@@ -62,8 +67,8 @@ def share_tied_embedding(onnx_file: Path) -> dict[str, Any]:
     model = onnx.load(str(onnx_file))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    nodes = {n.name: n for n in graph.node}
-    gather, head = nodes.get(EMBED_GATHER), nodes.get(LM_HEAD)
+    gather = next((n for n in graph.node if n.name.endswith(EMBED_GATHER)), None)
+    head = next((n for n in graph.node if n.name.endswith(LM_HEAD)), None)
 
     def kept(reason: str) -> dict[str, Any]:
         log.info("int8 export: the embedding table stays fp32 (%s)", reason)
@@ -71,6 +76,8 @@ def share_tied_embedding(onnx_file: Path) -> dict[str, Any]:
 
     if gather is None or gather.op_type != "Gather" or gather.input[0] not in inits:
         return kept("no fp32 embedding Gather in the graph")
+    if sum(gather.input[0] in n.input for n in graph.node) > 1:
+        return kept("the fp32 table is read by other nodes too")
     if head is None or head.op_type != "MatMulNBits":
         return kept("no 8-bit LM head in the graph")
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
@@ -102,15 +109,15 @@ def share_tied_embedding(onnx_file: Path) -> dict[str, Any]:
     if zp_name:
         inits[zp_name].CopyFrom(numpy_helper.from_array(
             np.full(tuple(inits[zp_name].dims), 128, np.uint8), zp_name))
-    shape_name = f"{EMBED_GATHER}/codes_shape"
+    shape_name = f"{gather.name}/codes_shape"
     graph.initializer.append(numpy_helper.from_array(np.array(table.shape, np.int64),
                                                      shape_name))
     reshape = helper.make_node("Reshape", [head.input[1], shape_name],
-                               [f"{EMBED_GATHER}/codes"], name=f"{EMBED_GATHER}/Reshape")
+                               [f"{gather.name}/codes"], name=f"{gather.name}/Reshape")
     quantized = helper.make_node(
         "GatherBlockQuantized",
-        [f"{EMBED_GATHER}/codes", gather.input[1], head.input[2], *([zp_name] if zp_name else [])],
-        list(gather.output), name=f"{EMBED_GATHER}Q8", domain="com.microsoft",
+        [f"{gather.name}/codes", gather.input[1], head.input[2], *([zp_name] if zp_name else [])],
+        list(gather.output), name=f"{gather.name}Q8", domain="com.microsoft",
         gather_axis=0, quantize_axis=1, block_size=block, bits=8)
     ordered = list(graph.node)
     at = ordered.index(gather)

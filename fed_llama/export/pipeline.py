@@ -174,6 +174,8 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
         found = quantize_plain(onnx_dir / "model.onnx", 8 if cfg.quant == "int8" else 4,
                                cfg.block_size, cfg.accuracy_level, symmetric=not gptq,
                                head_bits=8 if "last_matmul" in cfg.mixed_precision else None)
+        if found["lm_head_bits"] == 8:  # the lookup reads the 8-bit LM head's blocks
+            found.update(share_tied_embedding(onnx_dir / "model.onnx"))
         if not gptq:
             return found
     else:

@@ -154,23 +154,24 @@ def share_quantized_weights(model: Any) -> int:
                  if n.op_type == "MatMulNBits" and "_Q" in n.input[1]}
     through = {n.output[0]: n.input[0] for n in graph.node
                if n.op_type == "Identity" and n.input[0] in quantized}
-    rewired = 0
-    for i, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in through:
-            continue
-        twin = quantized[through[node.input[1]]]
-        new = onnx.helper.make_node("MatMulNBits", [node.input[0], *twin.input[1:]],
-                                    list(node.output), name=node.name + "_shared",
-                                    domain=twin.domain)
-        new.attribute.extend(twin.attribute)
-        graph.node.remove(node)
-        graph.node.insert(i, new)
-        rewired += 1
-    read = {name for n in graph.node for name in n.input}
-    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in through
-                 and n.output[0] not in read]:
-        graph.node.remove(node)
-    read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    nodes, rewired = [], 0
+    for node in graph.node:  # in order: each new node takes its MatMul's place
+        if node.op_type == "MatMul" and node.input[1] in through:
+            twin = quantized[through[node.input[1]]]
+            shared = onnx.helper.make_node(
+                "MatMulNBits", [node.input[0], *twin.input[1:]], list(node.output),
+                name=node.name + "_shared", domain=twin.domain)
+            shared.attribute.extend(twin.attribute)
+            nodes.append(shared)
+            rewired += 1
+        else:
+            nodes.append(node)
+    read = {name for n in nodes for name in n.input}
+    nodes = [n for n in nodes if not (n.op_type == "Identity" and n.output[0] in through
+                                      and n.output[0] not in read)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
     for init in [t for t in graph.initializer if t.name in quantized and t.name not in read]:
         graph.initializer.remove(init)
     return rewired
