@@ -4,7 +4,8 @@ Both train the same LoRA (r=8 on q,k,v,o) on the same ICD-10 site data with the 
 size and optimizer, on the default backbone; each measurement runs in a fresh process (so
 peak RSS is its own). Throughput counts real (non-padding) tokens per second over the timed
 steps, after warm-up steps. fed-llama runs as LoRA on the fp32 backbone, on the bf16 backbone,
-with activation checkpointing, and as QLoRA (NF4 backbone).
+with activation checkpointing, and as QLoRA (NF4 backbone, fp32 or bf16 compute, without and
+with activation checkpointing).
 
 Where the memory goes (fed-llama rows), from the model itself rather than estimated:
 ``weights_mb`` (every parameter and buffer as stored: NF4 packed, bf16 or fp32),
@@ -37,9 +38,9 @@ WARMUP = 3
 
 
 MODES = ("baseline", "fed-llama", "fed-llama-bf16", "fed-llama-ckpt", "fed-llama-qlora",
-         "fed-llama-qlora-ckpt")
+         "fed-llama-qlora-ckpt", "fed-llama-qlora-bf16", "fed-llama-qlora-bf16-ckpt")
 """The hand-written loop, then fed-llama's LoRA on the fp32 backbone, on the bf16 backbone, with
-activation checkpointing, and QLoRA without and with it."""
+activation checkpointing, and QLoRA (fp32 and bf16 compute) without and with it."""
 
 
 def rss_mb() -> float:
@@ -96,7 +97,7 @@ def worker(mode: str, steps: int, batch_size: int, site: str, backbone: str = "s
     runtime = rss_mb()
     bb = load_backbone(BackboneConfig(
         name=backbone, quantization="nf4" if "qlora" in mode else "none",
-        precision="bf16" if mode.endswith("bf16") else "fp32"))
+        precision="bf16" if "bf16" in mode else "fp32"))
     loaded = {"load_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "after_load_mb": round(rss_mb(), 1)}
     data = load_site_data(DataConfig(source=f"icd10:{site}"), bb.tokenizer, seed=0)
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--site", default="cardiology")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="the modes to run (ratios need baseline and fed-llama among them)")
     add_json_argument(parser, "train_throughput.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", default="smollm2-135m", help=argparse.SUPPRESS)
@@ -166,16 +169,17 @@ def main() -> None:
                                 args.backbone, args.warmup)))
         return
     rows = []
-    for mode in MODES:
+    for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, "--worker", mode, "--steps",
                               str(args.steps), "--batch-size", str(args.batch_size), "--site",
                               args.site], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    base = rows[0]["tokens_per_s"]
-    lora = next(r for r in rows if r["mode"] == "fed-llama")
+    base = next((r["tokens_per_s"] for r in rows if r["mode"] == "baseline"), None)
+    lora = next((r for r in rows if r["mode"] == "fed-llama"), None)
     for row in rows:
-        row["ratio_to_baseline"] = round(row["tokens_per_s"] / base, 2)
-        if row["mode"].startswith("fed-llama"):  # the site-cost issue's ratios
+        if base:
+            row["ratio_to_baseline"] = round(row["tokens_per_s"] / base, 2)
+        if lora and row["mode"].startswith("fed-llama"):  # the site-cost issue's ratios
             row["rss_x_lora_fp32"] = round(row["peak_rss_mb"] / lora["peak_rss_mb"], 2)
             row["speed_x_lora_fp32"] = round(row["tokens_per_s"] / lora["tokens_per_s"], 2)
     print(f"{args.steps} timed steps of {args.batch_size} examples, site {args.site}")
