@@ -93,12 +93,15 @@ SECTIONS: list[tuple[str, str, str]] = [
      "The int8 and the GPTQ int4 with an 8-bit LM head variants measured again with five "
      "paired repeats instead of three."),
     ("edge_methods", "Edge export: every adapter method",
-     "One site adapter per method (LoRA, LLaMA-Adapter V1, V2 with prompts, V2's "
-     "bias-scale-norm recipe, Excitor; `fed-llama train` on the same site) exported through "
-     "the plain `torch.onnx` route (`exporter = \"torch\"`, the one that keeps the prompt and "
-     "extra-key branches) in fp32 and int8, each against PyTorch eager fp32 of the same "
-     "adapter (branches kept, V2's foldable parts folded) in the same run: the columns of "
-     "the section above, one block of rows per method."),
+     "One site adapter per method other than LoRA (LLaMA-Adapter V1, V2 with prompts, V2's "
+     "bias-scale-norm recipe, Excitor; `fed-llama train`, 60 steps on the cardiology site) "
+     "exported through the plain `torch.onnx` route (`exporter = \"torch\"`, the one that keeps "
+     "the prompt and extra-key branches) in fp32 and int8 (`torch-int8`: 8-bit weights and "
+     "8-bit activations, `accuracy_level = 4`; `torch-int8-fp32-compute`: the same weights "
+     "with fp32 arithmetic, `accuracy_level = 1`), and the one that folds (bias-scale-norm) "
+     "also through the builder (`int8`), each against PyTorch eager fp32 of the same adapter "
+     "(branches kept, V2's foldable parts folded) in the same run: the columns of the section "
+     "above, one block of rows per method. LoRA's rows are in the section above."),
     ("drills", "The Deployment Engine under load and faults",
      "A real SuperLink (TLS, SuperNode authentication) and SuperNodes on loopback, the run "
      "submitted with `flwr run`, faults injected with process signals (docs/deployment.md, "
