@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from harness import add_json_argument, markdown_table, write_results
+from train_throughput import run_worker
 
 SHAPES: dict[str, dict[str, int] | None] = {
     "smollm2-135m": None,  # the default backbone itself
@@ -78,19 +77,6 @@ def build_backbone(shape: str, work: Path) -> tuple[str, int]:
     return str(folder), count
 
 
-def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One ``train_throughput.py`` worker row."""
-    script = Path(__file__).with_name("train_throughput.py")
-    done = subprocess.run(
-        [sys.executable, str(script), "--worker", mode, "--backbone", backbone,
-         "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-         str(args.batch_size), "--site", args.site],
-        capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"site_scale: {mode} on {backbone} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def fit(rows: list[dict[str, Any]], memory_mb: float) -> dict[str, float] | None:
     """Least-squares line of peak RSS (MB) against parameters (billions) and where it reaches
     ``memory_mb``; None with fewer than two sizes."""
@@ -138,7 +124,8 @@ def main() -> None:
             if any(r["size"] == size and r["mode"] == mode for r in rows):
                 continue
             print(f"{size} {mode} ...", flush=True)
-            row = {"size": size, "parameters": count, **measure(mode, backbone, args)}
+            row = {"size": size, "parameters": count, **run_worker(
+                mode, args.steps, args.batch_size, args.site, backbone, args.warmup)}
             rows.append(row)
             write_results(out, {"settings": settings, "rows": rows})
     fits = {}

@@ -30,6 +30,8 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from harness import add_json_argument, markdown_table, write_results
 
@@ -152,6 +154,18 @@ def worker(mode: str, steps: int, batch_size: int, site: str, backbone: str = "s
             "peak_rss_mb": round(peak, 1), **extra}
 
 
+def run_worker(mode: str, steps: int, batch_size: int, site: str,
+               backbone: str = "smollm2-135m", warmup: int = WARMUP) -> dict[str, Any]:
+    """:func:`worker` in a fresh process of its own (so its peak RSS is its own): its row."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, "--steps", str(steps), "--batch-size",
+         str(batch_size), "--site", site, "--backbone", backbone, "--warmup", str(warmup)],
+        capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{Path(__file__).name}: {mode} on {backbone} failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -168,12 +182,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.site,
                                 args.backbone, args.warmup)))
         return
-    rows = []
-    for mode in args.modes:
-        out = subprocess.run([sys.executable, __file__, "--worker", mode, "--steps",
-                              str(args.steps), "--batch-size", str(args.batch_size), "--site",
-                              args.site], check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = [run_worker(mode, args.steps, args.batch_size, args.site) for mode in args.modes]
     base = next((r["tokens_per_s"] for r in rows if r["mode"] == "baseline"), None)
     lora = next((r for r in rows if r["mode"] == "fed-llama"), None)
     for row in rows:
