@@ -7,7 +7,8 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
 1. ``sweep``: a fair learning rate. ``fed-llama train`` for ``--sweep-steps`` steps at each of
    the method's three candidate rates on the site's *training* data only (its
    ``data.val_fraction`` split is the validation set; the held-out codes are never looked at),
-   keeping the rate with the lowest validation perplexity (QLoRA takes LoRA's: ``SAME_RATE``).
+   keeping the rate with the lowest validation perplexity (QLoRA sweeps its own: the NF4
+   backbone's rounding changes the loss surface the adapter sees).
 2. ``site``: ``fed-llama train`` for ``--steps`` steps at that rate on the ICD-10 site (its
    own process, so peak RSS is the method's): trainable parameters and their share of the
    backbone, the update's bytes per round (the adapter payload a site signs and encrypts),
@@ -21,8 +22,9 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
    perplexity below every local-only adapter's). Changing only its settings keeps the other
    stages' figures. With ``--work`` the federation's run folders stay there
    (``runs-<method>/factors``: its last round is the method's federated adapter). The JSON's
-   ``stages_measured`` names the run (date, command) that last measured each stage;
-   its header is the last run's.
+   ``stages_measured`` names, per stage, the runs (date, command) that measured it and for
+   which methods;
+   its header is the last run's, and each method's ``minutes`` the wall time of each stage.
 
     python benchmarks/methods.py                       # about 2 hours on 2 cores
     python benchmarks/methods.py --stages site --methods lora excitor
@@ -35,6 +37,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +61,6 @@ RATES: dict[str, tuple[float, ...]] = {
 }
 """Candidate learning rates: around peft's LoRA default, and around the LLaMA-Adapter
 papers' 9e-3 (scaled for a batch of 8) for the prompt and bias/scale methods."""
-
-SAME_RATE = {"qlora": "lora"}
-"""Methods whose sweep is another's: QLoRA is LoRA on the NF4 backbone (peft's and the QLoRA
-paper's practice: the same adapter, the same rate)."""
 
 BACKBONE_PARAMETERS = 134_515_008
 """SmolLM2-135M-Instruct's parameters (tied embeddings counted once)."""
@@ -177,36 +176,46 @@ def main() -> None:
     saved = json.loads(path.read_text()) if path.is_file() else {}
     rows = resumable(saved, setup)
     measured: dict[str, Any] = dict(saved.get("stages_measured", {})) if rows else {}
+    for stage, runs in measured.items():  # a file from before per-method records: one run
+        if isinstance(runs, str):
+            measured[stage] = {runs: [m for m, r in rows.items() if stage in r]}
     now = environment()
     run = f"{now.get('date')}: {now.get('command')}"  # (the header names the last commit)
     with tempfile.TemporaryDirectory(prefix="fed-llama-methods-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for method in args.methods:
-            if method in SAME_RATE and "sweep" not in rows.get(SAME_RATE[method], {}):
-                print(f"  {method}: skipped until {SAME_RATE[method]}'s sweep has run (its "
-                      "rate)", flush=True)
-                continue
             row = rows.setdefault(method, {"method": method})
             for stage in args.stages:
                 if stage in row and stage not in args.force:
                     continue
                 lr = row.get("sweep", {}).get("lr", RATES[method][1])
-                if stage == "sweep" and method in SAME_RATE:
-                    row["sweep"] = {"lr": rows[SAME_RATE[method]]["sweep"]["lr"],
-                                    "from": SAME_RATE[method]}
-                elif stage == "sweep":
+                start = time.perf_counter()
+                if stage == "sweep":
                     row["sweep"] = sweep(method, args, work)
                 elif stage == "site":
                     row["site"] = site(method, lr, args, work)
                 else:
                     row["federation"] = federation(method, lr, args, work)
-                measured[stage] = run
+                record(measured, stage, run, method)
+                row.setdefault("minutes", {})[stage] = round((time.perf_counter() - start) / 60,
+                                                             1)
                 print(f"  {method} {stage}: {row[stage]}", flush=True)
                 write_results(path, {**results(setup, rows), "stages_measured": measured})
     print(markdown_table(flat_rows(rows), COLUMNS))
     write_results(path, {**results(setup, rows), "stages_measured": measured})
     print(f"written to {path}")
+
+
+def record(measured: dict[str, Any], stage: str, run: str, method: str) -> None:
+    """Note in ``measured`` that ``run`` measured ``stage`` of ``method`` (and no other run
+    holds that method's figures of the stage any more)."""
+    runs = measured.get(stage, {})
+    for methods in runs.values():
+        if method in methods:
+            methods.remove(method)
+    runs.setdefault(run, []).append(method)
+    measured[stage] = {r: m for r, m in runs.items() if m or r == run}
 
 
 FEDERATION_SETTINGS = ("fed_rounds", "fed_steps", "fed_questions")
@@ -252,8 +261,7 @@ def results(setup: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[str,
     """The JSON: the setup, the table (``rows``), the sweep's validation perplexities
     (``sweep``) and each method's stages as measured (``methods``: what a resumed run skips)."""
     sweep = [{"method": m, "lr": r["sweep"]["lr"],
-              **({"rate of": r["sweep"]["from"]} if "from" in r["sweep"] else
-                 {f"val_ppl@{k}": v for k, v in r["sweep"]["validation_ppl_by_lr"].items()})}
+              **{f"val_ppl@{k}": v for k, v in r["sweep"]["validation_ppl_by_lr"].items()}}
              for m, r in rows.items() if "sweep" in r]
     return {"setup": setup, "rows": flat_rows(rows), "sweep": sweep, "methods": rows}
 
