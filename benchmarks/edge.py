@@ -14,9 +14,9 @@ and measured on the same held-out records of every site of the adapter:
 
 ``onnx-torch-*`` is the plain route (``exporter = "torch"``: ``torch.onnx.export`` of the
 merged model with a KV cache, run by the same runtime; int8 round-to-nearest, int4 GPTQ),
-beside the builder's graphs; the only route for adapter methods whose prompts or key branch do
-not fold (pass one adapter per method to ``--adapter``: each gets its own PyTorch row, and
-a builder variant measures only the adapters that fold); ``torch-int8-fp32-compute`` is
+beside the builder's graphs, onto which the branches of the adapter methods that do not fold
+(prompts, the Excitor's keys) are grafted (pass one adapter per method to ``--adapter``: each
+gets its own PyTorch row); ``torch-int8-fp32-compute`` is
 ``torch-int8`` with fp32 arithmetic on the 8-bit weights (``accuracy_level = 1``) instead of
 8-bit activations (4, the default), for what the faster arithmetic costs in quality; the
 int4 variants are the builder's quantizers (round-to-nearest, k-quant) with and without
@@ -120,43 +120,19 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from fed_llama.config.export import ExportConfig
-    from fed_llama.config.loader import build_config
-    from fed_llama.errors import FedLlamaError
-    from fed_llama.export.merge import check_foldable, read_settings
+    from fed_llama.export.merge import read_settings
 
     adapters = [Path(a) for a in args.adapter]
-    methods, variants = {}, {}
-    exporters = {name: build_config(ExportConfig, VARIANTS[name], source=name).exporter
-                 for name in args.variants}
-    skipped = []
+    methods = {}
     for adapter in adapters:  # every refusal before any work
         if not (adapter / "adapter_config.json").is_file():
             raise SystemExit(f"edge.py: error: no adapter in {adapter}: run the README's main "
                              "job first (it writes runs/hospitals-3) or pass --adapter")
-        settings = read_settings(adapter)  # its adapter_config.json, read once
-        methods[adapter] = method_label(settings)
-        variants[adapter] = []
-        for name, exporter in exporters.items():
-            try:
-                check_foldable(adapter, exporter=exporter, settings=settings)
-            except FedLlamaError as exc:
-                if len(adapters) == 1:
-                    raise SystemExit(f"edge.py: error: variant {name}: {exc} (the torch-* "
-                                     "variants export every method)") from None
-                skipped.append(f"{name} for {methods[adapter]} ({adapter})")
-                continue
-            variants[adapter].append(name)
-    unused = [n for n in args.variants if not any(n in v for v in variants.values())]
-    if unused:
-        raise SystemExit(f"edge.py: error: no adapter given can be exported as {unused}: the "
-                         "torch-* variants export every method")
-    for what in skipped:  # several adapters: a variant measures those it can export
-        print(f"skipped: {what}: its branches do not fold (the builder's variants)")
+        methods[adapter] = method_label(read_settings(adapter))
     bandwidth, facts = memory_bandwidth_gbs(), machine_facts()
     rows, sources = [], {}
     for adapter in adapters:
-        found, sources[str(adapter)] = measure(adapter, variants[adapter], args, bandwidth)
+        found, sources[str(adapter)] = measure(adapter, args.variants, args, bandwidth)
         if len(adapters) > 1:
             found = [{"method": methods[adapter], **r} for r in found]
         rows += found

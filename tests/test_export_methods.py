@@ -1,5 +1,7 @@
 """Edge export of the adapter methods that do not fold (V1, V2 with prompts, Excitor): the
-plain torch.onnx route traces their branches; the builder route refuses them."""
+plain torch.onnx route traces their branches; the builder route grafts them onto its graph as
+constants around GroupQueryAttention. Both give PyTorch's logits, with and without the KV
+cache."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from fed_llama.config.train import BackboneConfig
 from fed_llama.errors import ConfigError
 from fed_llama.export.merge import merge_adapter
 from fed_llama.export.pipeline import EXPORT_MANIFEST, export_adapter
-from fed_llama.export.runtime import ArrayDecoding, OnnxCausalLM
+from fed_llama.export.runtime import ArrayDecoding, InPlaceDecoding, OnnxCausalLM
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -73,14 +75,15 @@ def _cfg(verify_data: Path, **kw: Any) -> ExportConfig:
     return build_config(ExportConfig, {"verify": verify, **kw}, source="test")
 
 
-@pytest.fixture(scope="module", params=list(METHODS))
+@pytest.fixture(scope="module", params=[(m, e) for m in METHODS for e in ("torch", "builder")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def method_export(request: pytest.FixtureRequest, tiny_backbone: Path, verify_data: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
-    method = request.param
+    method, exporter = request.param
     root = tmp_path_factory.mktemp(method)
     adapter = _trained_like(tiny_backbone, root / "adapter", method)
     out = root / "fp32"
-    export_adapter(adapter, out, _cfg(verify_data, quant="fp32", exporter="torch"),
+    export_adapter(adapter, out, _cfg(verify_data, quant="fp32", exporter=exporter),
                    backbone=str(tiny_backbone))
     return method, adapter, out
 
@@ -103,7 +106,10 @@ def test_the_onnx_graph_carries_the_branch_with_and_without_the_kv_cache(
     lm = OnnxCausalLM(out)
     np.testing.assert_allclose(lm.sequence_logits(IDS), ref, atol=1e-4)
     decoding = lm.decoding(len(IDS))  # a prompt, then cached decode steps one token each
-    assert isinstance(decoding, ArrayDecoding)
+    # the builder's graph keeps its cache in place (GroupQueryAttention writes each step into
+    # one buffer); the plain graph's cache is fed back as arrays
+    builder = json.loads((out / EXPORT_MANIFEST).read_text())["profile"]["exporter"] == "builder"
+    assert isinstance(decoding, InPlaceDecoding if builder else ArrayDecoding)
     steps = [decoding.step(IDS[:4])] + [decoding.step([token]) for token in IDS[4:]]
     np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4)
 
@@ -114,12 +120,18 @@ def test_the_manifest_records_the_method_the_branch_and_the_gate_passed(
     manifest = json.loads((out / EXPORT_MANIFEST).read_text())
     assert manifest["method"] == method
     assert manifest["adapter_branches"] == METHODS[method][1]
-    assert manifest["quantization"]["exporter"] == "torch.onnx.export"
+    builder = manifest["profile"]["exporter"] == "builder"
+    if builder:  # both layers carry the method's branch
+        assert manifest["quantization"]["grafted"] == (
+            {"prompts": 0, "keys": 2} if method == "excitor" else {"prompts": 2, "keys": 0})
+    else:
+        assert manifest["quantization"]["exporter"] == "torch.onnx.export"
     pooled = manifest["verification"]["pooled"]
     assert pooled["top1-agreement"] == 1.0 and pooled["max-logit-diff"] < 1e-4
     genai = manifest["runtime"]["onnxruntime-genai"]
     readme = (out / "README.md").read_text()
-    assert f"method {method}, its {METHODS[method][1]} traced into the graph" in readme
+    how = "grafted onto the builder's graph" if builder else "traced into the graph"
+    assert f"method {method}, its {METHODS[method][1]} {how}" in readme
     assert ("Or plain onnxruntime-genai" in readme) == bool(genai["loads"])
 
 
@@ -200,14 +212,28 @@ def test_int8_of_the_plain_route_passes_the_int8_profiles_gate(
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_the_builder_route_refuses_them_before_any_work(
+def test_int8_of_the_builder_route_quantizes_the_backbone_and_keeps_the_branch_fp32(
         method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
-    adapter = _trained_like(tiny_backbone, tmp_path / "a", method)
-    with pytest.raises(ConfigError, match=f"\\({method}\\) has {METHODS[method][1]}.*"
-                                          "set exporter = 'torch'"):
-        export_adapter(adapter, tmp_path / "out", _cfg(verify_data, quant="int8"),
-                       backbone=str(tiny_backbone))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    import onnx
+
+    adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
+    cfg = _cfg(verify_data, quant="int8", block_size=32, verify={"min_top1_agreement": 0.9})
+    manifest = export_adapter(adapter, tmp_path / "int8", cfg, backbone=str(tiny_backbone))
+    q = manifest["quantization"]
+    assert sum(q["grafted"].values()) == 2 and q["embedding"] == "int8-shared"
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    # the builder's fast path stays: fused attention with the cache in place, 8-bit weights
+    assert ops.count("GroupQueryAttention") == 2 and "MatMulNBits" in ops
+    grafted = [n for n in graph.node if "/graft" in n.name]
+    assert grafted and all(n.op_type != "MatMulNBits" for n in grafted)
+    assert ("RotaryEmbedding" in {n.op_type for n in grafted}) == (method != "excitor")
+    pooled = manifest["verification"]["pooled"]
+    assert pooled["top1-agreement"] >= 0.9
+    assert pooled["perplexity-onnx"] <= pooled["perplexity-pytorch"] * 1.02
+    ref = _reference(adapter, tiny_backbone, IDS)
+    got = OnnxCausalLM(tmp_path / "int8").sequence_logits(IDS)
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # 8-bit rounding, not a lost branch
 
 
 def test_the_plain_route_quantizes_round_to_nearest_or_gptq_only() -> None:
@@ -288,14 +314,42 @@ def test_gptq_int4_of_the_plain_route_calibrates_every_projection_and_beats_roun
     assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()  # 4-bit rounding, not a lost branch
 
 
-def test_build_graph_refuses_a_model_with_branches_on_the_builder_route(tmp_path: Path) -> None:
-    """benchmarks/edge.py calls build_graph directly: the builder would drop the branches."""
-    from fed_llama.export.merge import MergedModel
-    from fed_llama.export.pipeline import build_graph
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gptq_int4_of_the_builder_route_calibrates_the_backbone_under_the_branches(
+        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
+    """GPTQ's Hessians come from the PyTorch model with its branches (they change the inputs
+    of the layers above), its codes replace the builder's k-quant projections, and the
+    grafted branch stays fp32 beside them."""
+    adapter = _trained_like(tiny_backbone, tmp_path / "adapter", method)
+    cfg = _cfg(verify_data, quant="int4", algorithm="gptq", block_size=32,
+               mixed_precision=["last_matmul"],
+               verify={"min_top1_agreement": 0.0, "max_perplexity_increase": 10.0})
+    manifest = export_adapter(adapter, tmp_path / "int4", cfg, backbone=str(tiny_backbone))
+    q = manifest["quantization"]
+    assert q["algorithm"] == "gptq" and sum(q["grafted"].values()) == 2
+    assert q["output_error_gptq"] < q["output_error_builder"]
+    ref = _reference(adapter, tiny_backbone, IDS)
+    got = OnnxCausalLM(tmp_path / "int4").sequence_logits(IDS)
+    assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()  # 4-bit rounding, not a lost branch
 
-    merged = MergedModel(model=None, tokenizer=None, backbone=None,  # type: ignore[arg-type]
-                         merged_into="fp32", adapter_manifest={},
-                         branches="gated adaption prompts")
-    with pytest.raises(ConfigError, match=r"gated adaption prompts.*exporter = 'torch'"):
-        build_graph(merged, tmp_path, tmp_path / "onnx", ExportConfig(), [], tmp_path / "c")
-    assert not (tmp_path / "onnx").exists()
+
+def test_a_graph_not_laid_out_as_the_builders_is_refused_with_its_reason(
+        method_export: tuple[str, Path, Path], tiny_backbone: Path, tmp_path: Path) -> None:
+    """The graft finds each adapted layer's GroupQueryAttention by the builder's names; on
+    another graph (here the plain route's) it names what is missing and writes nothing."""
+    import shutil
+
+    from fed_llama.export.build import ExportError
+    from fed_llama.export.graft import branch_constants, graft_branches
+
+    _, adapter, out = method_export
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    if manifest["profile"]["exporter"] != "torch":
+        pytest.skip("the plain route's graph is the one without GroupQueryAttention")
+    shutil.copytree(out, tmp_path / "copy")
+    before = (tmp_path / "copy" / "model.onnx").read_bytes()
+    model = merge_adapter(adapter, str(tiny_backbone)).model
+    with pytest.raises(ExportError, match=r"no /model/layers\.0/attn/GroupQueryAttention.*"
+                                          r"exporter = 'torch'"):
+        graft_branches(tmp_path / "copy" / "model.onnx", branch_constants(model))
+    assert (tmp_path / "copy" / "model.onnx").read_bytes() == before

@@ -75,11 +75,12 @@ class ExportConfig:
 
     exporter: Literal["builder", "torch"] = "builder"
     """How the ONNX graph is made: ``builder`` (onnxruntime-genai's model builder: fused
-    attention, block-wise int8/int4; the fastest graphs measured here) or ``torch`` (plain
-    ``torch.onnx.export`` of the merged model with a KV cache: for a LLaMA-family variant the
-    builder cannot build, for adapter methods that do not fold (V1, V2 with prompts, Excitor:
-    their branches are traced into the graph), or as an independent cross-check of the
-    builder's graph; int8/int4 with ``algorithm = 'default'`` or int4 ``'gptq'``)."""
+    attention, block-wise int8/int4; the fastest graphs measured here; the branches of adapter
+    methods that do not fold, V1 and V2 prompts and the Excitor's keys, are grafted onto it as
+    fp32 constants) or ``torch`` (plain ``torch.onnx.export`` of the merged model with a KV
+    cache, branches traced: for a LLaMA-family variant the builder cannot build, or as an
+    independent cross-check of the builder's graph; int8/int4 with ``algorithm = 'default'``
+    or int4 ``'gptq'``)."""
 
     quant: Literal["fp32", "int8", "int4"] = "int8"
     """Weight precision of the ONNX model: fp32, or block-wise int8/int4 (MatMulNBits). The LM

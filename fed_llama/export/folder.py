@@ -137,7 +137,9 @@ def device_readme(folder: Path, manifest: dict[str, Any]) -> str:
              f"Made by `fed-llama export` {manifest.get('fed_llama_version', '')} on "
              f"{manifest.get('created', '?')} from adapter `{source.get('path', 'none')}` "
              f"(method {manifest.get('method') or source.get('method') or 'lora'}"
-             + (f", its {manifest['adapter_branches']} traced into the graph"
+             + (f", its {manifest['adapter_branches']} "
+                + ("grafted onto the builder's graph" if manifest.get("profile", {}).get(
+                    "exporter") == "builder" else "traced into the graph")
                 if manifest.get("adapter_branches") else "")
              + ") and backbone "
              f"`{manifest.get('backbone', {}).get('id', '?')}`. "

@@ -98,17 +98,16 @@ def read_settings(adapter: Path) -> AdapterSettings:
     return AdapterSettings("llama-adapter" if peft_type == "ADAPTION_PROMPT" else "lora", None)
 
 
-def check_foldable(adapter: Path, *, runtime_adapters: bool = False, exporter: str = "torch",
+def check_foldable(adapter: Path, *, runtime_adapters: bool = False,
                    settings: AdapterSettings | None = None) -> AdapterSettings:
-    """Refuse, before any work, an adapter the chosen ``exporter`` cannot export; return its
-    settings (read here unless given) for :func:`fold_adapter`.
+    """Refuse, before any work, an adapter that cannot be exported so; return its settings
+    (read here unless given) for :func:`fold_adapter`.
 
     LoRA merges (``W + scale·B·A``); LLaMA-Adapter V2 folds its biases, scales and norms
     (``W' = diag(s)·W``, ``b' = s ⊙ (b₀ + b)``). Prompts (V1, V2) and the Excitor's key
     branch do not fold: they stay as branches of the PyTorch model, which the plain
-    ``torch.onnx`` route traces (``exporter = 'torch'``); the onnxruntime-genai builder reads
-    the projections' weights only and would drop them, so it is refused for them.
-    Runtime-switchable adapters are LoRA's alone.
+    ``torch.onnx`` route traces and which are grafted onto the builder's graph
+    (:mod:`fed_llama.export.graft`). Runtime-switchable adapters are LoRA's alone.
     """
     settings = settings if settings is not None else read_settings(adapter)
     method = settings.method
@@ -117,12 +116,6 @@ def check_foldable(adapter: Path, *, runtime_adapters: bool = False, exporter: s
     if runtime_adapters:
         raise ConfigError(f"adapter {str(adapter)!r} is a {method} adapter: runtime_adapters "
                           "switches LoRA adapters only; set runtime_adapters = false")
-    if settings.branches and exporter != "torch":
-        raise ConfigError(f"adapter {str(adapter)!r} ({method}) has {settings.branches}, which "
-                          "do not fold into the backbone and which the onnxruntime-genai "
-                          "builder cannot put in its graph: set exporter = 'torch' (profiles "
-                          "edge_export/profiles/fp32-torch.toml, int8-torch.toml, "
-                          "int4-gptq-torch.toml, or --set exporter=torch)")
     return settings
 
 
@@ -164,13 +157,39 @@ def merge_adapter(adapter: Path | None, backbone: str | None = None,
 
 
 def save_merged(merged: MergedModel, out: Path) -> Path:
-    """Write the merged model as a Hugging Face folder (safetensors, config, tokenizer); a
-    model with branches (which no Hugging Face class loads) gets its config and tokenizer
-    only, what the plain route copies."""
+    """Write the merged model as a Hugging Face folder (safetensors, config, tokenizer); of a
+    model with branches (which no Hugging Face class loads) the backbone part, what the
+    builder reads (the branches are grafted onto its graph, :mod:`fed_llama.export.graft`;
+    the plain route copies the config and tokenizer only)."""
     out.mkdir(parents=True, exist_ok=True)
     if merged.branches:
-        merged.model.config.save_pretrained(str(out))
+        _save_backbone_part(merged.model, out)
     else:
         merged.model.save_pretrained(str(out), safe_serialization=True)
     merged.tokenizer.save_pretrained(str(out))
     return out
+
+
+def _save_backbone_part(model: Any, out: Path) -> None:
+    """Write the ``LlamaForCausalLM`` weights of ``model`` (with branches) to ``out``: every
+    tensor a plain LlamaForCausalLM of its config has, under that name (peft's LLaMA-Adapter
+    wraps each attention as ``self_attn.model``), and nothing else."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        wanted = set(LlamaForCausalLM(base.config).state_dict())
+    if base.config.tie_word_embeddings:
+        wanted.discard("lm_head.weight")  # one tensor, saved once under the embedding's name
+    state = {}
+    for key, value in base.state_dict().items():
+        key = key.replace(".self_attn.model.", ".self_attn.")
+        if key in wanted:
+            state[key] = value.detach().float().contiguous()
+    if wanted - set(state):
+        raise AdapterError(f"the merged model lacks {sorted(wanted - set(state))[:3]} of a "
+                           "LlamaForCausalLM: its backbone cannot be written for the builder")
+    base.config.save_pretrained(str(out))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

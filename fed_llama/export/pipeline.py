@@ -37,6 +37,7 @@ from fed_llama.export.folder import (
     write_folder_files,
 )
 from fed_llama.export.gptq import calibrate_graph
+from fed_llama.export.graft import branch_constants, graft_branches
 from fed_llama.export.merge import (
     MergedModel,
     check_foldable,
@@ -88,8 +89,8 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     check_output_dir(out, force)
     check_export_dependencies()
     manifest_in = read_manifest(adapter) if adapter else {}
-    settings = (check_foldable(adapter, runtime_adapters=cfg.runtime_adapters,
-                               exporter=cfg.exporter) if adapter is not None else None)
+    settings = (check_foldable(adapter, runtime_adapters=cfg.runtime_adapters)
+                if adapter is not None else None)
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
     calibration = calibration_set(sources, cfg)  # refuses a source without any, before the work
@@ -162,9 +163,6 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
     :func:`calibration_set`); int8 builds read the tied embedding from the LM head's 8-bit
     weights (:mod:`fed_llama.export.embedding`). Returns what the manifest records of the
     quantization (the GPTQ report, or the quantizer used)."""
-    if merged.branches and cfg.exporter != "torch":  # the builder would silently drop them
-        raise ConfigError(f"the adapter has {merged.branches}, which the onnxruntime-genai "
-                          "builder cannot put in its graph: set exporter = 'torch'")
     gptq = cfg.algorithm == "gptq"
     if cfg.exporter == "torch":
         export_plain(merged.model, hf_dir, onnx_dir)
@@ -180,15 +178,19 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
             return found
     else:
         build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
+        # the branches that do not fold (prompts, the Excitor's keys), wired around the
+        # builder's attention as constants; the builder itself reads the projections only
+        found = (graft_branches(onnx_dir / "model.onnx", branch_constants(merged.model))
+                 if merged.branches else {})
         if cfg.quant == "int8":
-            return {"algorithm": cfg.algorithm, **share_tied_embedding(onnx_dir / "model.onnx")}
+            return {"algorithm": cfg.algorithm, **found,
+                    **share_tied_embedding(onnx_dir / "model.onnx")}
         if not gptq:
-            return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None}
-        found = {}
+            return {"algorithm": cfg.algorithm if cfg.quant != "fp32" else None, **found}
     items, _ = encode_all(merged.tokenizer, calibration, cfg.verify.max_length)
     report = calibrate_graph(merged.model, [item.input_ids for item in items],
                              onnx_dir / "model.onnx", block_size=cfg.block_size)
-    if found:  # the plain route: its quantizer's count of 4-bit MatMuls, and GPTQ's
+    if cfg.exporter == "torch":  # its quantizer's count of 4-bit MatMuls, and GPTQ's
         report["calibrated"] = report.pop("matrices")
     return {**found, **report}
 
