@@ -474,12 +474,16 @@ def test_a_folded_v2_adapter_exports_and_verifies_against_pytorch(
     ("llama-adapter-v2", {"prompt_layers": 2}, "gated adaption prompts"),
     ("excitor", {"layers": 2, "rank": 4}, "an extra-key branch"),
 ])
-def test_adapters_that_cannot_fold_are_refused_before_any_work(
+def test_runtime_switching_of_a_method_with_branches_is_refused_before_any_work(
         tiny_backbone: Path, tmp_path: Path, verify_data: Path, method: str,
         settings: dict[str, Any], why: str) -> None:
+    """Both routes export these methods (their branches traced or grafted: see
+    test_export_methods.py); runtime-switchable adapters are LoRA's alone."""
     adapter = _method_adapter(tiny_backbone, tmp_path / "a", method, **settings)
-    with pytest.raises(ConfigError, match=f"\\({method}\\) has {why}.*exporter = 'torch'"):
-        export_adapter(adapter, tmp_path / "out", _cfg(verify_data, quant="fp32"),
+    with pytest.raises(ConfigError, match=f"is a {method} adapter: runtime_adapters switches "
+                                          "LoRA adapters only"):
+        export_adapter(adapter, tmp_path / "out", _cfg(verify_data, quant="fp32",
+                                                       runtime_adapters=True),
                        backbone=str(tiny_backbone))
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -339,8 +339,9 @@ def test_a_graph_not_laid_out_as_the_builders_is_refused_with_its_reason(
     another graph (here the plain route's) it names what is missing and writes nothing."""
     import shutil
 
+    from fed_llama.export.branches import from_model
     from fed_llama.export.build import ExportError
-    from fed_llama.export.graft import branch_constants, graft_branches
+    from fed_llama.export.graft import graft_branches
 
     _, adapter, out = method_export
     manifest = json.loads((out / EXPORT_MANIFEST).read_text())
@@ -351,5 +352,5 @@ def test_a_graph_not_laid_out_as_the_builders_is_refused_with_its_reason(
     model = merge_adapter(adapter, str(tiny_backbone)).model
     with pytest.raises(ExportError, match=r"no /model/layers\.0/attn/GroupQueryAttention.*"
                                           r"exporter = 'torch'"):
-        graft_branches(tmp_path / "copy" / "model.onnx", branch_constants(model))
+        graft_branches(tmp_path / "copy" / "model.onnx", from_model(model))
     assert (tmp_path / "copy" / "model.onnx").read_bytes() == before

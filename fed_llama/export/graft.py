@@ -27,95 +27,18 @@ prompt vectors per layer), so an int8 or int4 graph quantizes the backbone only.
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fed_llama.export.branches import SLOT, Branch, KeyBranch, PromptBranch, packed_keys
 from fed_llama.export.build import ExportError, save_graph
 
 PROMPT = "prompts"
 KEYS = "keys"
 ATTENTION = "/model/layers.{}/attn/GroupQueryAttention"
 NORM = "/model/layers.{}/input_layernorm/"
-LAYER = re.compile(r"layers\.(\d+)\.self_attn$")
-
-
-@dataclass(frozen=True)
-class PromptBranch:
-    """A layer's adaption prompts as the graph needs them."""
-
-    layer: int
-    keys: np.ndarray
-    """(heads, head_dim, L): the prompt keys per query head, transposed, times 1/√d."""
-    values: np.ndarray
-    """(heads, L, head_dim): the prompt values per query head, times the head's gate."""
-
-
-@dataclass(frozen=True)
-class KeyBranch:
-    """A layer's Excitor block as the graph needs it."""
-
-    layer: int
-    affinity: np.ndarray
-    """(hidden, L): ``A_q·(P·A_k)ᵀ/√r``; the token's scores are ``x·affinity``."""
-    keys: np.ndarray
-    """(L, kv_heads·head_dim): ``P·W_down·W_up``, times ``tanh(g)`` per KV head."""
-
-
-Branch = PromptBranch | KeyBranch
-
-
-def branch_constants(model: Any) -> list[Branch]:
-    """The constants of every branch in ``model`` (a merged model whose adapter left branches:
-    peft's LLaMA-Adapter V1 or fed-llama's :class:`AdaptedAttention`), in layer order."""
-    import torch
-
-    from fed_llama.adapter.methods.attention import AdaptedAttention
-
-    found: list[Branch] = []
-    heads = model.config.num_attention_heads
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            match = LAYER.search(name)
-            if match is None:
-                continue
-            layer = int(match.group(1))
-            attn = getattr(module, "model", module)  # peft wraps the LlamaAttention
-            prompt = getattr(module, "adaption_prompt", None)
-            gate = getattr(module, "adaption_gate", None)
-            if prompt is not None and gate is not None:
-                ours = isinstance(module, AdaptedAttention)
-                per_head = (torch.tanh(gate) if ours else gate).float().flatten()
-                per_head = per_head.expand(heads) if per_head.numel() == 1 else per_head
-                found.append(_prompt_branch(layer, attn, prompt.float()[0], per_head))
-            key_branch = getattr(module, "key_branch", None)
-            if key_branch is not None:
-                found.append(_key_branch(layer, key_branch))
-    return found
-
-
-def _prompt_branch(layer: int, attn: Any, prompt: Any, gate: Any) -> PromptBranch:
-    heads, d = gate.numel(), attn.head_dim
-    keys = attn.k_proj(prompt).float().view(len(prompt), -1, d)     # (L, kv, d)
-    values = attn.v_proj(prompt).float().view(len(prompt), -1, d)
-    group = heads // keys.shape[1]
-    keys = keys.repeat_interleave(group, dim=1).permute(1, 2, 0)     # (heads, d, L)
-    values = values.repeat_interleave(group, dim=1).permute(1, 0, 2)  # (heads, L, d)
-    return PromptBranch(layer, (keys / math.sqrt(d)).numpy().astype(np.float32),
-                        (values * gate.view(-1, 1, 1)).numpy().astype(np.float32))
-
-
-def _key_branch(layer: int, block: Any) -> KeyBranch:
-    prompt = block.prompt.float()
-    affinity = block.a_q.float() @ (prompt @ block.a_k.float()).T / math.sqrt(block.rank)
-    keys = ((prompt @ block.down.float()) @ block.up.float()).view(
-        len(prompt), block.kv_heads, block.head_dim) * block.gate.float().tanh()
-    return KeyBranch(layer, affinity.numpy().astype(np.float32),
-                     keys.flatten(1).numpy().astype(np.float32))
 
 
 def graft_branches(onnx_file: Path, branches: list[Branch]) -> dict[str, Any]:
@@ -149,6 +72,10 @@ def graft_branches(onnx_file: Path, branches: list[Branch]) -> dict[str, Any]:
         heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
         packed = len(gqa.input) < 2 or not gqa.input[1]
         prefix = f"/model/layers.{branch.layer}/attn/graft"
+
+        def name_of(what: str, layer: int = branch.layer) -> str:
+            return SLOT.format(layer, what)
+
         before, after = inserted.setdefault(at, ([], []))
         if isinstance(branch, KeyBranch):
             norm = next((n for n in nodes if n.name.startswith(NORM.format(branch.layer))),
@@ -158,17 +85,15 @@ def graft_branches(onnx_file: Path, branches: list[Branch]) -> dict[str, Any]:
                                   f"{branch.layer}: its Excitor keys cannot be grafted")
             head_dim = branch.keys.shape[1] // kv_heads
             width = (heads + 2 * kv_heads) * head_dim if packed else kv_heads * head_dim
-            keys = np.zeros((branch.keys.shape[0], width), np.float32)
-            offset = heads * head_dim if packed else 0
-            keys[:, offset:offset + branch.keys.shape[1]] = branch.keys
+            keys = packed_keys(branch, width)
             slot = 0 if packed else 1
             before += [
-                helper.make_node("MatMul", [norm.output[0], const(f"{prefix}/affinity",
+                helper.make_node("MatMul", [norm.output[0], const(name_of("affinity"),
                                                                   branch.affinity)],
                                  [f"{prefix}/scores"], name=f"{prefix}/Scores"),
                 helper.make_node("Softmax", [f"{prefix}/scores"], [f"{prefix}/weights"],
                                  name=f"{prefix}/Softmax", axis=-1),
-                helper.make_node("MatMul", [f"{prefix}/weights", const(f"{prefix}/keys", keys)],
+                helper.make_node("MatMul", [f"{prefix}/weights", const(name_of("keys"), keys)],
                                  [f"{prefix}/extra"], name=f"{prefix}/Extra"),
                 helper.make_node("Add", [gqa.input[slot], f"{prefix}/extra"],
                                  [f"{prefix}/qkv"], name=f"{prefix}/AddKeys"),
@@ -203,12 +128,12 @@ def graft_branches(onnx_file: Path, branches: list[Branch]) -> dict[str, Any]:
                 [f"{prefix}/q_heads"], name=f"{prefix}/SplitHeads"),
             helper.make_node("Transpose", [f"{prefix}/q_heads"], [f"{prefix}/q_bhsd"],
                              name=f"{prefix}/HeadsFirst", perm=[0, 2, 1, 3]),
-            helper.make_node("MatMul", [f"{prefix}/q_bhsd", const(f"{prefix}/prompt_keys",
+            helper.make_node("MatMul", [f"{prefix}/q_bhsd", const(name_of("prompt_keys"),
                                                                   branch.keys)],
                              [f"{prefix}/scores"], name=f"{prefix}/Scores"),
             helper.make_node("Softmax", [f"{prefix}/scores"], [f"{prefix}/weights"],
                              name=f"{prefix}/Softmax", axis=-1),
-            helper.make_node("MatMul", [f"{prefix}/weights", const(f"{prefix}/prompt_values",
+            helper.make_node("MatMul", [f"{prefix}/weights", const(name_of("prompt_values"),
                                                                    branch.values)],
                              [f"{prefix}/context"], name=f"{prefix}/Context"),
             helper.make_node("Transpose", [f"{prefix}/context"], [f"{prefix}/context_bshd"],

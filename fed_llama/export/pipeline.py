@@ -27,6 +27,7 @@ from fed_llama.data import icd10
 from fed_llama.data.records import Example
 from fed_llama.data.tokenize import encode_all
 from fed_llama.errors import ConfigError
+from fed_llama.export.branches import from_model
 from fed_llama.export.build import ExportError, build_onnx, check_export_dependencies
 from fed_llama.export.embedding import share_tied_embedding
 from fed_llama.export.folder import (
@@ -37,7 +38,7 @@ from fed_llama.export.folder import (
     write_folder_files,
 )
 from fed_llama.export.gptq import calibrate_graph
-from fed_llama.export.graft import branch_constants, graft_branches
+from fed_llama.export.graft import graft_branches
 from fed_llama.export.merge import (
     MergedModel,
     check_foldable,
@@ -180,7 +181,7 @@ def build_graph(merged: MergedModel, hf_dir: Path, onnx_dir: Path, cfg: ExportCo
         build_onnx(hf_dir, onnx_dir, cfg, cache=cache, adapter=adapter)
         # the branches that do not fold (prompts, the Excitor's keys), wired around the
         # builder's attention as constants; the builder itself reads the projections only
-        found = (graft_branches(onnx_dir / "model.onnx", branch_constants(merged.model))
+        found = (graft_branches(onnx_dir / "model.onnx", from_model(merged.model))
                  if merged.branches else {})
         if cfg.quant == "int8":
             return {"algorithm": cfg.algorithm, **found,
