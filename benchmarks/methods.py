@@ -26,7 +26,13 @@ and skipped on the next run; ``--force STAGE`` measures a stage again):
    which methods;
    its header is the last run's, and each method's ``minutes`` the wall time of each stage.
 
-    python benchmarks/methods.py                       # about 2 hours on 2 cores
+The whole run is about 4 hours on 2 cores: per method about 9 minutes of sweep (3 rates x 30
+steps), 12 of site (200 steps) and 21 of federation, of which about 1 h 50 min is training
+steps alone (about 2,800 steps at 2-2.5 s). ``--budget-minutes`` (default 120) bounds one
+invocation: it starts no piece that would end past the budget, says what is left, and the
+same command run again goes on from the JSON.
+
+    python benchmarks/methods.py          # run it twice: about 2 hours each on 2 cores
     python benchmarks/methods.py --stages site --methods lora excitor
 """
 
@@ -61,6 +67,10 @@ RATES: dict[str, tuple[float, ...]] = {
 }
 """Candidate learning rates: around peft's LoRA default, and around the LLaMA-Adapter
 papers' 9e-3 (scaled for a batch of 8) for the prompt and bias/scale methods."""
+
+STAGE_MINUTES = {"sweep": 9.0, "site": 12.0, "federation": 21.0}
+"""A stage's typical wall time per method on 2 cores with the defaults (measured), for
+``--budget-minutes`` until the method's own ``minutes`` are recorded."""
 
 BACKBONE_PARAMETERS = 134_515_008
 """SmolLM2-135M-Instruct's parameters (tied embeddings counted once)."""
@@ -153,7 +163,7 @@ def main() -> None:
     parser.add_argument("--force", nargs="*", default=[], choices=["sweep", "site", "federation"])
     parser.add_argument("--site", default="cardiology")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--sweep-steps", type=int, default=40)
+    parser.add_argument("--sweep-steps", type=int, default=30)
     parser.add_argument("--fed-rounds", type=int, default=2)
     parser.add_argument("--fed-steps", type=int, default=10)
     parser.add_argument("--heldout", type=int, default=128, help="held-out records evaluated")
@@ -161,6 +171,11 @@ def main() -> None:
     parser.add_argument("--fed-questions", type=int, default=8,
                         help="questions per task per site in the federation stage (its 5 "
                              "models x 3 sites answer them)")
+    parser.add_argument("--budget-minutes", type=float, default=120,
+                        help="start no piece (a method's stage) that would end past this many "
+                             "minutes (by its last measured or typical duration; at least one "
+                             "piece runs); the next run of the same command goes on; 0: no "
+                             "budget")
     parser.add_argument("--work", help="keep adapters and partial files here (default: temp)")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="an override for every training run (e.g. another backbone)")
@@ -184,10 +199,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fed-llama-methods-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        began, done, left = time.perf_counter(), 0, []
         for method in args.methods:
             row = rows.setdefault(method, {"method": method})
             for stage in args.stages:
                 if stage in row and stage not in args.force:
+                    continue
+                spent = (time.perf_counter() - began) / 60
+                expected = row.get("minutes", {}).get(stage, STAGE_MINUTES[stage])
+                if left or (done and args.budget_minutes
+                            and spent + expected > args.budget_minutes):
+                    left.append(f"{method} {stage}")  # the rest waits for the next run
                     continue
                 lr = row.get("sweep", {}).get("lr", RATES[method][1])
                 start = time.perf_counter()
@@ -202,6 +224,11 @@ def main() -> None:
                                                              1)
                 print(f"  {method} {stage}: {row[stage]}", flush=True)
                 write_results(path, {**results(setup, rows), "stages_measured": measured})
+                done += 1
+    if left:
+        print(f"stopped before the {args.budget_minutes}-minute budget "
+              f"({(time.perf_counter() - began) / 60:.0f} min spent); not measured yet: "
+              f"{', '.join(left)}. Run the same command again (without --force) to go on.")
     print(markdown_table(flat_rows(rows), COLUMNS))
     write_results(path, {**results(setup, rows), "stages_measured": measured})
     print(f"written to {path}")

@@ -95,13 +95,12 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("edge_methods", "Edge export: every adapter method",
      "One site adapter per method other than LoRA (LLaMA-Adapter V1, V2 with prompts, V2's "
      "bias-scale-norm recipe, Excitor; `fed-llama train`, 60 steps on the cardiology site) "
-     "exported through the plain `torch.onnx` route (`exporter = \"torch\"`, the one that keeps "
-     "the prompt and extra-key branches) in fp32 and int8 (`torch-int8`: 8-bit weights and "
-     "8-bit activations, `accuracy_level = 4`; `torch-int8-fp32-compute`: the same weights "
-     "with fp32 arithmetic, `accuracy_level = 1`), and the one that folds (bias-scale-norm) "
-     "also through the builder (`int8`), each against PyTorch eager fp32 of the same adapter "
-     "(branches kept, V2's foldable parts folded) in the same run: the columns of the section "
-     "above, one block of rows per method. LoRA's rows are in the section above."),
+     "exported through the builder's graph (`fp32`, `int8`: the branches that do not fold "
+     "grafted onto it as fp32 constants, docs/edge.md section 6) and through the plain "
+     "`torch.onnx` route (`torch-fp32`, `torch-int8`: the branches traced; 8-bit weights and "
+     "8-bit activations), each against PyTorch eager fp32 of the same adapter (branches kept, "
+     "V2's foldable parts folded) in the same run: the columns of the section above, one block "
+     "of rows per method. LoRA's rows are in the section above."),
     ("drills", "The Deployment Engine under load and faults",
      "A real SuperLink (TLS, SuperNode authentication) and SuperNodes on loopback, the run "
      "submitted with `flwr run`, faults injected with process signals (docs/deployment.md, "
@@ -118,7 +117,8 @@ SECTIONS: list[tuple[str, str, str]] = [
      "recipe (no prompts) and LLaMA-Excitor on one ICD-10 site, the same backbone and the same "
      "step budget, each `fed-llama train` in its own process at the learning rate its sweep "
      "chose (the lowest validation perplexity after the sweep's steps on the site's training "
-     "data; QLoRA takes LoRA's). `bytes_per_round` is the adapter payload a site signs and "
+     "data; QLoRA sweeps its own). `minutes` (in the JSON) is each stage's wall time per "
+     "method. `bytes_per_round` is the adapter payload a site signs and "
      "encrypts, `trainable_pct` its share of the backbone's parameters, `reduction` the held-out "
      "answer perplexity's fall after the steps (`target_80pct`: the adapter-methods issue's "
      "target), `category` `fed-llama eval`'s description -> code category accuracy on the "

@@ -36,9 +36,9 @@ IDS = [5, 17, 33, 99, 120, 7, 250, 11, 42, 3]
 GATE = 0.8
 
 
-def _trained_like(backbone: Path, out: Path, method: str) -> Path:
-    """A ``method`` adapter moved off its initialization, every gate at ``GATE`` (so the
-    branch changes the logits), saved as training saves it."""
+def _trained_like(backbone: Path, out: Path, method: str, seed: int = 3) -> Path:
+    """A ``method`` adapter moved off its initialization (by ``seed``), every gate at ``GATE``
+    (so the branch changes the logits), saved as training saves it."""
     from fed_llama.adapter.methods import method_of
     from fed_llama.adapter.methods.own_format import save
 
@@ -46,7 +46,7 @@ def _trained_like(backbone: Path, out: Path, method: str) -> Path:
     spec = method_of(method)
     cfg = spec.config_type(**METHODS[method][0])
     model = spec.attach(bb.model, cfg, 0)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -331,6 +331,58 @@ def test_gptq_int4_of_the_builder_route_calibrates_the_backbone_under_the_branch
     ref = _reference(adapter, tiny_backbone, IDS)
     got = OnnxCausalLM(tmp_path / "int4").sequence_logits(IDS)
     assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()  # 4-bit rounding, not a lost branch
+
+
+@pytest.mark.parametrize("method", ["llama-adapter", "excitor"])
+def test_v1_and_excitor_switch_per_site_at_run_time_without_torch(
+        method: str, tiny_backbone: Path, verify_data: Path, tmp_path: Path) -> None:
+    """A runtime_adapters export lists the grafted constants among the graph's inputs;
+    ``export-adapter`` computes another site's constants from its adapter folder with numpy
+    (V1's prompts through the export's own k/v projections) and that site's run gives its
+    PyTorch logits, with and without the cache."""
+    from fed_llama.errors import AdapterError
+    from fed_llama.export.switchable import add_adapter
+
+    adapter = _trained_like(tiny_backbone, tmp_path / "a", method)
+    out = tmp_path / "switch"
+    manifest = export_adapter(adapter, out, _cfg(verify_data, quant="fp32",
+                                                 runtime_adapters=True),
+                              backbone=str(tiny_backbone))
+    assert manifest["runtime_adapters"]["slots"] == 2 * 2  # two constants x two layers
+    assert (out / "adapters" / "prompt_projections.safetensors").is_file() == (
+        method == "llama-adapter")
+    other = _trained_like(tiny_backbone, tmp_path / "site-2", method, seed=11)
+    proc = run_without_torch("export-adapter", "--adapter", str(other), "--onnx", str(out))
+    assert proc.returncode == 0, proc.stderr
+    for name, path in ((None, adapter), ("a", adapter), ("site-2", other)):
+        ref = _reference(path, tiny_backbone, IDS)
+        lm = OnnxCausalLM(out, adapter=name)
+        np.testing.assert_allclose(lm.sequence_logits(IDS), ref, atol=1e-4, err_msg=str(name))
+        decoding = lm.decoding(len(IDS))
+        steps = [decoding.step(IDS[:4])] + [decoding.step([token]) for token in IDS[4:]]
+        np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4, err_msg=str(name))
+    assert np.abs(_reference(other, tiny_backbone, IDS)
+                  - _reference(adapter, tiny_backbone, IDS)).max() > 1e-2  # sites differ
+
+    wrong = "excitor" if method == "llama-adapter" else "llama-adapter"
+    with pytest.raises(AdapterError, match=f"is a {wrong} adapter; this export switches "
+                                           f"{method} adapters"):
+        add_adapter(_trained_like(tiny_backbone, tmp_path / "wrong", wrong), out, "wrong")
+    longer = tmp_path / "longer"  # another prompt length: the slots' shapes differ
+    from fed_llama.adapter.methods import method_of
+
+    spec = method_of(method)
+    bb = load_backbone(BackboneConfig(name=str(tiny_backbone)))
+    cfg = spec.config_type(**{**METHODS[method][0], "prompt_length": 5})
+    model = spec.attach(bb.model, cfg, 0)
+    if spec.peft_native:
+        save_adapter(model, longer, {"backbone": bb.describe(), "method": method})
+    else:
+        from fed_llama.adapter.methods.own_format import save
+
+        save(model, method, cfg, longer, {"backbone": bb.describe(), "method": method})
+    with pytest.raises(AdapterError, match=r"does not fit this export.*shape"):
+        add_adapter(longer, out, "longer")
 
 
 def test_a_graph_not_laid_out_as_the_builders_is_refused_with_its_reason(

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exa = sub.add_parser("export-adapter", help="add an adapter to an export made with "
                          "runtime_adapters, as a file switched in at run time (no re-export)")
-    exa.add_argument("--adapter", required=True, help="adapter folder (same rank and targets "
-                     "as the export's)")
+    exa.add_argument("--adapter", required=True, help="adapter folder (same method and shape "
+                     "as the export's: LoRA rank and targets; V1/Excitor layers and prompts)")
     exa.add_argument("--onnx", required=True, help="the export folder")
     exa.add_argument("--name", help="name to choose it by (default: the adapter folder's name)")
     exa.set_defaults(func=commands.cmd_export_adapter)

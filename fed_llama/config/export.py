@@ -112,10 +112,13 @@ class ExportConfig:
     """Activation precision of quantized MatMuls on CPU: 4 = int8 (fastest), 1 = fp32."""
 
     runtime_adapters: bool = False
-    """Keep the adapter as switchable LoRA branches instead of merging it: the export's own
-    adapter is built in, and other adapters of the same rank and targets become
-    ``adapters/<name>.onnx_adapter`` files (``fed-llama export-adapter``) chosen at run time
-    (``generate --lora``). Decoding is somewhat slower than a merged export."""
+    """Keep the adapter switchable instead of merging it (LoRA: the builder's LoRA branches;
+    LLaMA-Adapter V1 and Excitor: their grafted branch constants as graph inputs): the
+    export's own adapter is built in, and other adapters of the same method and shape (rank
+    and targets; prompt length and layers) become ``adapters/<name>.onnx_adapter`` files
+    (``fed-llama export-adapter``) chosen at run time (``generate --lora``). A LoRA export
+    decodes somewhat slower than a merged one. V2 cannot switch (its biases and scales are
+    folded into the backbone's weights)."""
 
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     """Verification against PyTorch; the export is refused when it fails."""
@@ -149,7 +152,8 @@ class ExportConfig:
                        "exporter = 'builder'")
         if self.exporter == "torch" and self.runtime_adapters:
             out.append("exporter = 'torch' exports the merged model; runtime_adapters needs the "
-                       "builder's LoRA branches: use exporter = 'builder'")
+                       "builder's graph (its LoRA branches or grafted constants): use "
+                       "exporter = 'builder'")
         if self.calibration_records < 1:
             out.append(f"calibration_records must be at least 1; got {self.calibration_records}")
         if self.accuracy_level not in (1, 2, 3, 4):

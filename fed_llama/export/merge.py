@@ -60,6 +60,10 @@ def load_base(adapter: Path | None, backbone: str | None = None) -> MergedModel:
                        adapter_manifest=manifest)
 
 
+SWITCHABLE = ("lora", "llama-adapter", "excitor")
+"""Methods whose adapters switch at run time in a ``runtime_adapters`` export."""
+
+
 @dataclass(frozen=True)
 class AdapterSettings:
     """An adapter folder's ``adapter_config.json``, read once and passed on."""
@@ -107,15 +111,17 @@ def check_foldable(adapter: Path, *, runtime_adapters: bool = False,
     (``W' = diag(s)·W``, ``b' = s ⊙ (b₀ + b)``). Prompts (V1, V2) and the Excitor's key
     branch do not fold: they stay as branches of the PyTorch model, which the plain
     ``torch.onnx`` route traces and which are grafted onto the builder's graph
-    (:mod:`fed_llama.export.graft`). Runtime-switchable adapters are LoRA's alone.
+    (:mod:`fed_llama.export.graft`). Runtime-switchable adapters are LoRA's, V1's and the
+    Excitor's (:mod:`fed_llama.export.switchable`); V2's biases and scales are folded into the
+    projection weights, which cannot switch.
     """
     settings = settings if settings is not None else read_settings(adapter)
     method = settings.method
-    if method == "lora":
-        return settings
-    if runtime_adapters:
+    if runtime_adapters and method not in SWITCHABLE:
         raise ConfigError(f"adapter {str(adapter)!r} is a {method} adapter: runtime_adapters "
-                          "switches LoRA adapters only; set runtime_adapters = false")
+                          "switches lora, llama-adapter and excitor adapters (V2 folds its "
+                          "biases and scales into the backbone's weights, which differ per "
+                          "site); set runtime_adapters = false")
     return settings
 
 

@@ -49,7 +49,7 @@ from fed_llama.export.merge import (
 )
 from fed_llama.export.plain import export_plain, quantize_plain
 from fed_llama.export.runtime import OnnxCausalLM
-from fed_llama.export.switchable import make_overridable, write_onnx_adapter
+from fed_llama.export.switchable import make_overridable, write_onnx_adapter, write_projections
 from fed_llama.export.verify import (
     ICD10,
     calibration_set,
@@ -102,7 +102,10 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
     try:
         onnx_dir = work / "onnx"
         runtime: dict[str, Any] = {}
-        if switchable and adapter is not None:
+        # LoRA switches as the builder's own LoRA branches; V1 and Excitor as their grafted
+        # branch constants (check_foldable refuses the rest)
+        lora_branches = switchable and settings is not None and settings.method == "lora"
+        if lora_branches and adapter is not None:
             base = load_base(adapter, backbone)
             hf_dir = save_merged(base, work / "base")
             merged = fold_adapter(base, adapter, settings)  # the PyTorch reference
@@ -110,9 +113,11 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             merged = merge_adapter(adapter, backbone, settings)
             hf_dir = save_merged(merged, work / "merged")
         quantization = build_graph(merged, hf_dir, onnx_dir, cfg, calibration, work / "cache",
-                                   adapter=adapter if switchable else None)
+                                   adapter=adapter if lora_branches else None)
         if switchable and adapter is not None:
             slots = make_overridable(onnx_dir / "model.onnx")
+            if merged.branches:  # a V1 site's prompts go through these k/v projections
+                write_projections(merged.model, onnx_dir)
             name = adapter.resolve().name
             write_onnx_adapter(adapter, onnx_dir, name)
             runtime = {"slots": len(slots), "built_in": name, "adapters": [name]}

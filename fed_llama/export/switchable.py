@@ -1,15 +1,20 @@
-"""Runtime-switchable adapters: export the base once, each site's LoRA as a small file.
+"""Runtime-switchable adapters: export the base once, each site's adapter as a small file.
 
-The graph is built with LoRA branches (``x·A`` then ``·(scale·B)``, added to each adapted
-projection) whose weights are *overridable* initializers: they are also graph inputs, so an
-onnxruntime ``LoraAdapter`` can replace them per run (``RunOptions.add_active_adapter``). The
-built-in values are the export's own adapter; ``adapters/<name>.onnx_adapter`` files hold the
-others. Swapping an adapter needs no re-export and no torch: this module reads peft's
-safetensors with numpy.
+The graph is built with the adapter's branches whose tensors are *overridable* initializers:
+they are also graph inputs, so an onnxruntime ``LoraAdapter`` can replace them per run
+(``RunOptions.add_active_adapter``). The built-in values are the export's own adapter;
+``adapters/<name>.onnx_adapter`` files hold the others. Swapping an adapter needs no re-export
+and no torch: this module reads the adapter's safetensors with numpy.
 
-Slots are named as onnxruntime-genai's builder names them:
-``model.layers.<i>.{attn,mlp}.<proj>.lora_{A,B}.MatMul.weight``, A stored as ``A^T`` [in, r]
-and B as ``(scale·B)^T`` [r, out].
+- **LoRA**: branches ``x·A`` then ``·(scale·B)`` added to each adapted projection; slots named
+  as onnxruntime-genai's builder names them,
+  ``model.layers.<i>.{attn,mlp}.<proj>.lora_{A,B}.MatMul.weight``, A stored as ``A^T``
+  [in, r] and B as ``(scale·B)^T`` [r, out].
+- **LLaMA-Adapter V1, Excitor**: the grafted branch constants
+  (:mod:`fed_llama.export.branches`, ``model.layers.<i>.attn.graft.<what>``). A V1 site's
+  prompt keys and values go through the backbone's ``k_proj``/``v_proj``, whose weights for
+  the adapted layers the export keeps in ``adapters/prompt_projections.safetensors``. V2
+  cannot switch: its biases and scales are folded into the projection weights themselves.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from fed_llama.common.files import umask_mode, write_bytes_atomic, write_text_atomic
 from fed_llama.errors import AdapterError
+from fed_llama.export.branches import SLOT_MARK
 
 ADAPTERS_DIR = "adapters"
 SLOTS_FILE = "slots.json"
@@ -68,18 +74,35 @@ def make_overridable(onnx_file: Path) -> dict[str, list[int]]:
     inputs = {i.name for i in model.graph.input}
     slots = {}
     for init in model.graph.initializer:
-        if ".lora_" in init.name and init.name.endswith(".MatMul.weight"):
+        if (".lora_" in init.name and init.name.endswith(".MatMul.weight")) or (
+                SLOT_MARK in init.name):
             slots[init.name] = list(init.dims)
             if init.name not in inputs:
                 model.graph.input.append(helper.make_tensor_value_info(
                     init.name, init.data_type, list(init.dims)))
     if not slots:
-        raise AdapterError(f"{onnx_file} has no LoRA branches to switch: it was built without "
-                           "runtime_adapters")
+        raise AdapterError(f"{onnx_file} has no adapter branches to switch: it was built "
+                           "without runtime_adapters")
     write_bytes_atomic(onnx_file, model.SerializeToString(), umask_mode())
     write_text_atomic(onnx_file.parent / ADAPTERS_DIR / SLOTS_FILE, json.dumps(slots, indent=1),
                       umask_mode())
     return slots
+
+
+def write_projections(model: Any, export_dir: Path) -> Path | None:
+    """Keep the ``k_proj``/``v_proj`` weights of ``model``'s prompt layers in the export's
+    ``adapters/`` folder, for another V1 site's prompt keys and values (None: no prompts)."""
+    from safetensors.numpy import save
+
+    from fed_llama.export.branches import PROJECTIONS, from_model, projection_arrays
+
+    arrays = projection_arrays(model, from_model(model))
+    if not arrays:
+        return None
+    out = export_dir / ADAPTERS_DIR / PROJECTIONS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out, save(arrays), umask_mode())
+    return out
 
 
 def read_slots(export_dir: Path) -> dict[str, list[int]]:
@@ -92,8 +115,35 @@ def read_slots(export_dir: Path) -> dict[str, list[int]]:
     return slots
 
 
-def adapter_arrays(adapter: Path, slots: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    """The adapter's factors laid out as the graph's slots; refuses any mismatch."""
+def adapter_arrays(adapter: Path, export_dir: Path) -> dict[str, np.ndarray]:
+    """The adapter's tensors laid out as the export's slots; refuses any mismatch."""
+    slots = read_slots(export_dir)
+    if any(SLOT_MARK in name for name in slots):
+        return _fitted(adapter, slots, _branch_arrays(adapter, export_dir, slots))
+    return _fitted(adapter, slots, _lora_arrays(adapter))
+
+
+def _branch_arrays(adapter: Path, export_dir: Path, slots: dict[str, list[int]]
+                   ) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    from fed_llama.export.branches import PROJECTIONS, from_adapter, slot_arrays
+
+    prompt_keys = [shape for name, shape in slots.items() if name.endswith(".prompt_keys")]
+    projections: dict[str, np.ndarray] = {}
+    heads = head_dim = 0
+    if prompt_keys:  # (heads, head_dim, L)
+        heads, head_dim = prompt_keys[0][0], prompt_keys[0][1]
+        path = export_dir / ADAPTERS_DIR / PROJECTIONS
+        try:
+            projections = load_file(str(path))
+        except Exception as exc:  # a missing file or safetensors' own errors
+            raise AdapterError(f"{str(export_dir)!r}: {ADAPTERS_DIR}/{PROJECTIONS} cannot be "
+                               f"read ({exc}): copy the export folder again") from None
+    return slot_arrays(from_adapter(adapter, projections, heads, head_dim), slots)
+
+
+def _lora_arrays(adapter: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     config = _adapter_config(adapter)
@@ -112,6 +162,12 @@ def adapter_arrays(adapter: Path, slots: dict[str, list[int]]) -> dict[str, np.n
                                "of an attention or MLP projection; it cannot be switched in")
         value = value.astype(np.float32)
         arrays[name] = np.ascontiguousarray(value.T if ".lora_A." in name else (scale * value).T)
+    return arrays
+
+
+def _fitted(adapter: Path, slots: dict[str, list[int]], arrays: dict[str, np.ndarray]
+            ) -> dict[str, np.ndarray]:
+    """``arrays``, refused in one line unless they fill exactly ``slots`` with their shapes."""
     missing = sorted(set(slots) - set(arrays))
     extra = sorted(set(arrays) - set(slots))
     wrong = sorted(n for n in set(arrays) & set(slots) if list(arrays[n].shape) != slots[n])
@@ -122,8 +178,8 @@ def adapter_arrays(adapter: Path, slots: dict[str, list[int]]) -> dict[str, np.n
             f"shape {list(arrays[wrong[0]].shape)} for {wrong[0]}, the export has "
             f"{slots[wrong[0]]}" if wrong else "") if x)
         raise AdapterError(f"adapter {str(adapter)!r} does not fit this export ({detail}): "
-                           "runtime adapters must have the rank and target modules of the "
-                           "adapter the export was built with")
+                           "runtime adapters must have the method, rank, layers and target "
+                           "modules of the adapter the export was built with")
     return arrays
 
 
@@ -133,7 +189,7 @@ def write_onnx_adapter(adapter: Path, export_dir: Path, name: str) -> Path:
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         raise AdapterError(f"--name {name!r}: use letters, digits, '.', '_' or '-'")
-    arrays = adapter_arrays(adapter, read_slots(export_dir))
+    arrays = adapter_arrays(adapter, export_dir)
     # ortvalue_from_numpy does not copy: ``arrays`` must stay alive until the file is written
     params = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
     fmt = ort.AdapterFormat()
@@ -186,7 +242,14 @@ def add_adapter(adapter: Path, export_dir: Path, name: str | None = None) -> Pat
         raise AdapterError(f"--onnx {str(export_dir)!r} is not a folder written by "
                            "`fed-llama export` (no export_manifest.json)")
     export = json.loads(manifest_path.read_text())
-    trained_on = read_manifest(adapter).get("backbone", {}).get("sha256")
+    adapter_manifest = read_manifest(adapter)
+    method, exported_method = (adapter_manifest.get("method") or "lora",
+                               export.get("method") or "lora")
+    if method != exported_method:
+        raise AdapterError(f"adapter {str(adapter)!r} is a {method} adapter; this export "
+                           f"switches {exported_method} adapters: give one of those, or export "
+                           "this one with runtime_adapters")
+    trained_on = adapter_manifest.get("backbone", {}).get("sha256")
     exported = export.get("backbone", {}).get("sha256")
     if trained_on and exported and trained_on != exported:
         raise AdapterError(f"adapter {str(adapter)!r} was trained on another backbone "
