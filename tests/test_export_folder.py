@@ -259,6 +259,29 @@ def test_shipped_profiles_pass_the_measured_exports_and_refuse_broken_agreement(
             assert len(failures) == 1 and "top-1 agreement" in failures[0], (path.name, variant)
 
 
+#: the profile a method's export takes, by its benchmark variant
+METHOD_PROFILE = {"onnx-fp32": "fp32-reference", "onnx-int8": "int8-cpu",
+                  "onnx-torch-fp32": "fp32-torch", "onnx-torch-int8": "int8-torch"}
+
+
+def test_shipped_profiles_pass_every_adapter_methods_measured_exports() -> None:
+    """V1, V2 (with and without prompts) and Excitor exports on the default backbone, as
+    measured: each passes the profile of its route and precision, but for the plain route's
+    Excitor int8, whose perplexity cost (+2.3%) is over the int8 bound, its agreement (0.896)
+    under the minimum too (the builder's graph, with the branch fp32, costs +1.5%)."""
+    saved = json.loads((ROOT / "benchmarks" / "results" / "edge_methods.json").read_text())
+    refused = []
+    for row in saved["rows"]:
+        if row["variant"] not in METHOD_PROFILE:
+            continue
+        cfg = load_config(ExportConfig, PROFILES / f"{METHOD_PROFILE[row['variant']]}.toml")
+        failures = check_bounds(_report(row), cfg)
+        if failures:
+            refused.append((row["method"], row["variant"]))
+            assert any("perplexity" in f for f in failures), failures
+    assert refused == [("excitor", "onnx-torch-int8")]
+
+
 def test_the_int8_profile_refuses_an_export_whose_graph_is_broken(
         adapter: Path, verify_data: Path, tiny_backbone: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -288,7 +311,7 @@ def test_the_int8_profile_refuses_an_export_whose_graph_is_broken(
         "verify.prefill_tokens=16", "verify.decode_tokens=4",
         "verify.max_perplexity_increase=1000.0"])  # only the agreement bound can refuse it
     with pytest.raises(ExportError, match=r"top-1 agreement 0\.\d+ is below "
-                                          r"verify.min_top1_agreement = 0.93"):
+                                          r"verify.min_top1_agreement = 0.9"):
         export_adapter(adapter, tmp_path / "out", cfg, backbone=str(tiny_backbone))
     assert list(tmp_path.iterdir()) == []
 
