@@ -57,7 +57,6 @@ def graft_branches(onnx_file: Path, branches: list[Branch]) -> dict[str, Any]:
         constants.append(numpy_helper.from_array(array, name))
         return name
 
-    positions: list[Any] = []
     position_name = ""
     inserted: dict[int, tuple[list[Any], list[Any]]] = {}  # node index -> (before, after)
     for branch in branches:
@@ -106,8 +105,7 @@ def graft_branches(onnx_file: Path, branches: list[Branch]) -> dict[str, Any]:
         head_dim = branch.keys.shape[1]
         if not position_name:
             position_name = "/model/graft/positions"
-            positions = _position_nodes(gqa.input[5], gqa.input[6], position_name, const)
-            before[:0] = positions
+            before[:0] = _position_nodes(gqa.input[5], gqa.input[6], position_name, const)
         query = gqa.input[0]
         if packed:
             before.append(helper.make_node(
