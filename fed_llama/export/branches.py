@@ -207,14 +207,14 @@ def from_adapter(adapter: Path, projections: dict[str, np.ndarray], heads: int,
             found.append(key_branch(layer, *(t[n] for n in ("prompt", "a_q", "a_k", "down",
                                                             "up", "gate"))))
             continue
-        proj = [(projections.get(f"model.layers.{layer}.self_attn.{p}.weight"),
-                 projections.get(f"model.layers.{layer}.self_attn.{p}.bias"))
-                for p in ("k_proj", "v_proj")]
-        if proj[0][0] is None or proj[1][0] is None:
+        name = f"model.layers.{layer}.self_attn.{{}}_proj.{{}}"
+        k_weight, v_weight = (projections.get(name.format(p, "weight")) for p in "kv")
+        if k_weight is None or v_weight is None:
             raise AdapterError(f"adapter {str(adapter)!r} adapts layer {layer}, which this "
                                "export's prompts do not: export-adapter needs an adapter with "
                                "the layers of the exported one")
-        found.append(prompt_branch(layer, t["adaption_prompt"][0], proj[0], proj[1],  # type: ignore[arg-type]
-                                   np.broadcast_to(t["adaption_gate"].reshape(-1), (heads,)),
-                                   head_dim))
+        found.append(prompt_branch(
+            layer, t["adaption_prompt"][0], (k_weight, projections.get(name.format("k", "bias"))),
+            (v_weight, projections.get(name.format("v", "bias"))),
+            np.broadcast_to(t["adaption_gate"].reshape(-1), (heads,)), head_dim))
     return found
