@@ -121,6 +121,23 @@ def slot_arrays(branches: list[Branch], slots: dict[str, list[int]]) -> dict[str
     return arrays
 
 
+def _attention_layers(model: Any) -> Any:
+    """(layer index, the module at ``layers.N.self_attn``, its LlamaAttention) of ``model``,
+    in layer order (peft's LLaMA-Adapter V1 wraps the LlamaAttention as ``.model``)."""
+    for name, module in model.named_modules():
+        match = re.search(r"layers\.(\d+)\.self_attn$", name)
+        if match is not None:
+            yield int(match.group(1)), module, getattr(module, "model", module)
+
+
+def _array(t: Any) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+def _projection(linear: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    return _array(linear.weight), (_array(linear.bias) if linear.bias is not None else None)
+
+
 def from_model(model: Any) -> list[Branch]:
     """The branches of ``model`` (merged, its adapter's branches attached: peft's LLaMA-Adapter
     V1 or fed-llama's ``AdaptedAttention``), in layer order."""
@@ -128,52 +145,37 @@ def from_model(model: Any) -> list[Branch]:
 
     from fed_llama.adapter.methods.attention import AdaptedAttention
 
-    def arr(t: Any) -> np.ndarray:
-        return np.asarray(t.detach().float().cpu().numpy())
-
     found: list[Branch] = []
     heads = model.config.num_attention_heads
     with torch.no_grad():
-        for name, module in model.named_modules():
-            match = re.search(r"layers\.(\d+)\.self_attn$", name)
-            if match is None:
-                continue
-            layer = int(match.group(1))
-            attn = getattr(module, "model", module)  # peft wraps the LlamaAttention
+        for layer, module, attn in _attention_layers(model):
             prompt = getattr(module, "adaption_prompt", None)
             gate = getattr(module, "adaption_gate", None)
             if prompt is not None and gate is not None:
-                g = arr(torch.tanh(gate) if isinstance(module, AdaptedAttention) else gate)
+                g = _array(torch.tanh(gate) if isinstance(module, AdaptedAttention) else gate)
                 found.append(prompt_branch(
-                    layer, arr(prompt)[0], _projection(attn.k_proj, arr),
-                    _projection(attn.v_proj, arr), np.broadcast_to(g.reshape(-1), (heads,)),
+                    layer, _array(prompt)[0], _projection(attn.k_proj),
+                    _projection(attn.v_proj), np.broadcast_to(g.reshape(-1), (heads,)),
                     attn.head_dim))
             block = getattr(module, "key_branch", None)
             if block is not None:
-                found.append(key_branch(layer, *(arr(getattr(block, n)) for n in (
+                found.append(key_branch(layer, *(_array(getattr(block, n)) for n in (
                     "prompt", "a_q", "a_k", "down", "up", "gate"))))
     return found
 
 
-def _projection(linear: Any, arr: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    return arr(linear.weight), (arr(linear.bias) if linear.bias is not None else None)
-
-
-def projection_arrays(model: Any, branches: list[Branch]) -> dict[str, np.ndarray]:
-    """The ``k_proj``/``v_proj`` weights of the layers of ``branches`` with prompts (what
-    :func:`from_adapter` needs), by the backbone's parameter names."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def projection_arrays(model: Any) -> dict[str, np.ndarray]:
+    """The ``k_proj``/``v_proj`` weights (and biases) of ``model``'s layers with adaption
+    prompts (what :func:`from_adapter` needs), by the backbone's parameter names."""
     out = {}
-    for b in branches:
-        if isinstance(b, PromptBranch):
-            attn = base.model.layers[b.layer].self_attn
-            attn = getattr(attn, "model", attn)
-            for proj in ("k_proj", "v_proj"):
-                for kind in ("weight", "bias"):
-                    t = getattr(getattr(attn, proj), kind, None)
-                    if t is not None:
-                        key = f"model.layers.{b.layer}.self_attn.{proj}.{kind}"
-                        out[key] = np.ascontiguousarray(t.detach().float().numpy())
+    for layer, module, attn in _attention_layers(model):
+        if getattr(module, "adaption_prompt", None) is None:
+            continue
+        for proj in ("k_proj", "v_proj"):
+            for kind, array in zip(("weight", "bias"), _projection(getattr(attn, proj)),
+                                   strict=True):
+                if array is not None:
+                    out[f"model.layers.{layer}.self_attn.{proj}.{kind}"] = array
     return out
 
 

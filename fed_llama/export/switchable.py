@@ -94,9 +94,9 @@ def write_projections(model: Any, export_dir: Path) -> Path | None:
     ``adapters/`` folder, for another V1 site's prompt keys and values (None: no prompts)."""
     from safetensors.numpy import save
 
-    from fed_llama.export.branches import PROJECTIONS, from_model, projection_arrays
+    from fed_llama.export.branches import PROJECTIONS, projection_arrays
 
-    arrays = projection_arrays(model, from_model(model))
+    arrays = projection_arrays(model)
     if not arrays:
         return None
     out = export_dir / ADAPTERS_DIR / PROJECTIONS
