@@ -21,7 +21,7 @@ from fed_llama.errors import AdapterError
 from fed_llama.training.job import run_training
 from fed_llama.training.loop import MIN_LR_RATIO, lr_lambda, train_adapter
 from fed_llama.training.lora import adapter_state, attach_lora, trainable_parameters
-from fed_llama.training.loss import answer_nll, heldout_loss
+from fed_llama.training.loss import answer_nll, answer_token_nll, example_mean_nll, heldout_loss
 
 
 def _setup(tiny_backbone: Path, data_path: Path,  # type: ignore[no-untyped-def]
@@ -48,6 +48,38 @@ def test_answer_loss_equals_the_masked_full_vocabulary_loss(tiny_backbone: Path,
     reference = bb.model(**batch).loss  # HF: mean over labelled tokens of the full logits
     assert n == int((batch["labels"][:, 1:] != -100).sum())
     assert float(nll) / n == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_example_averaging_weighs_each_answer_once_whatever_its_length(
+        tiny_backbone: Path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
+    bb, data = _setup(tiny_backbone, write_jsonl(qa_records(10)))
+    batch = collate(data.train[:4], bb.tokenizer.pad_token_id)
+    nll, rows = answer_token_nll(bb.model, batch)
+    # by hand: each row's own masked full-vocabulary loss (HF's mean over its labels)
+    per_row = [float(bb.model(**{k: v[i:i + 1] for k, v in batch.items()}).loss)
+               for i in range(4)]
+    assert float(example_mean_nll(nll, rows, 4)) == pytest.approx(sum(per_row), rel=1e-5)
+    assert float(nll.sum()) == pytest.approx(float(answer_nll(bb.model, batch)[0]), rel=1e-6)
+
+
+def test_a_step_averaged_over_examples_differs_from_one_over_tokens(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl) -> None:
+    records = qa_records(16)
+    for i, r in enumerate(records):  # answers of very different lengths
+        r["output"] = "acute" if i % 2 else " ".join(["Essential (primary) hypertension"] * 6)
+    path = write_jsonl(records)
+    states = {}
+    for average in ("tokens", "examples"):
+        bb, data = _setup(tiny_backbone, path)
+        pad = bb.tokenizer.pad_token_id
+        model = attach_lora(bb.model, LoraConfig(r=4, dropout=0.0), seed=0)
+        cfg = OptimConfig(max_steps=2, lr=1e-2, warmup_steps=0, batch_size=8,
+                          group_by_length=False, loss_average=average)
+        stats = train_adapter(model, data.train, cfg, pad, progress=False)
+        assert all(math.isfinite(x) for x in stats.losses)
+        states[average] = adapter_state(model)
+    assert any(not torch.allclose(states["tokens"][k], states["examples"][k])
+               for k in states["tokens"])
 
 
 def test_warmup_then_cosine_schedule() -> None:

@@ -118,6 +118,12 @@ class OptimConfig:
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
 
+    loss_average: Literal["tokens", "examples"] = "tokens"
+    """How a step's loss averages the answer tokens: ``tokens``, one mean over every answer
+    token of the step (a 40-token answer weighs 8 times a 5-token one); ``examples``, each
+    example's mean over its own answer tokens, then the mean over the examples (short answers,
+    such as a code, weigh as much as long ones)."""
+
     activation_checkpointing: bool = False
     """Keep only each decoder layer's input in the forward pass and recompute the rest in the
     backward pass: less memory for activations, at the cost of a second forward pass through

@@ -14,7 +14,7 @@ from fed_llama.config.train import OptimConfig
 from fed_llama.data.batching import batch_order, collate
 from fed_llama.data.tokenize import IGNORE, Encoded
 from fed_llama.training.lora import named_trainable_parameters, trainable_parameters
-from fed_llama.training.loss import answer_nll
+from fed_llama.training.loss import answer_token_nll, example_mean_nll
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,18 @@ def train_adapter(model: Any, items: list[Encoded], cfg: OptimConfig, pad_id: in
         for _ in range(cfg.max_steps):
             micro = [collate([items[i] for i in next(order)], pad_id)
                      for _ in range(cfg.grad_accum)]
-            n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+            answered = [(b["labels"][:, 1:] != IGNORE) for b in micro]
+            n_answer = sum(int(a.sum()) for a in answered)
+            n_examples = sum(int(a.any(dim=1).sum()) for a in answered)
             step_loss = 0.0
             for batch in micro:
-                nll, _ = answer_nll(model, batch)
-                loss = nll / max(n_answer, 1)
+                token_nll, rows = answer_token_nll(model, batch)
+                nll = token_nll.sum()
+                if cfg.loss_average == "examples":
+                    loss = example_mean_nll(token_nll, rows, len(batch["labels"])) / max(
+                        n_examples, 1)
+                else:
+                    loss = nll / max(n_answer, 1)
                 if proximal is not None:
                     loss = loss + proximal(model) / cfg.grad_accum
                 loss.backward()

@@ -24,16 +24,33 @@ def _parts(model: Any) -> tuple[Any, Any]:
     return base.model, base.lm_head
 
 
-def answer_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed negative log-likelihood of the answer tokens of a batch, and their count."""
+def answer_token_nll(model: Any, batch: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative log-likelihood of each answer token of a batch, and the batch row each
+    belongs to (both flat, in row-major order)."""
     body, head = _parts(model)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = head(hidden[:, :-1][keep])
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return nll, int(keep.sum())
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return nll, keep.nonzero()[:, 0]
+
+
+def answer_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the answer tokens of a batch, and their count."""
+    nll, _rows = answer_token_nll(model, batch)
+    return nll.sum(), int(nll.numel())
+
+
+def example_mean_nll(nll: torch.Tensor, rows: torch.Tensor, batch_rows: int) -> torch.Tensor:
+    """Per example of the batch, the mean of its answer tokens' ``nll``, summed over the
+    examples that have answer tokens (each counts once, however long its answer)."""
+    counts = torch.bincount(rows, minlength=batch_rows)
+    sums = torch.zeros(batch_rows, dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+    has = counts > 0
+    return (sums[has] / counts[has]).sum()
 
 
 @dataclass(frozen=True)
