@@ -20,6 +20,10 @@ Drills (tiny random LLaMA; ``--only`` picks some, in this order):
 - ``straggler``: one site replies 300 s late in round 2 (``[attack] slow_sites``; the others
   take about 30 s): round 2 ends at its ``round_timeout`` with the other three, and nothing of
   the late site is admitted in it.
+- ``secagg``: 5 sites on Flower's SecAgg+ workflow, one SIGKILLed while it trains round 1:
+  the aggregate equals the plain mean of the survivors (``drill_privacy_disk.py``).
+- ``disk``: the run folder turns read-only while round 2 trains: one line, round 1 intact,
+  and the same ``flwr run`` resumes once it is writable (``drill_privacy_disk.py``).
 
 Each drill's verdict is computed from the run folder (history rows, checkpoints, the round-seal
 chain, see ``drill_evidence.py``) and the processes' exits. Results go to
@@ -46,6 +50,7 @@ from typing import Any
 
 import drill_evidence as ev
 from drill_federation import ROUNDS, Drill, DrillTimeout
+from drill_privacy_disk import SECAGG_FED, disk, secagg
 from harness import ROOT, add_json_argument, environment, markdown_table, write_results
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -213,6 +218,8 @@ DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
     "connection-stall": (4, CRASH_FED, connection_stall),
     "straggler": (4, CRASH_FED + f'[attack]\nslow_sites = ["site3"]\n'
                   f"slow_seconds = {SLOW_SECONDS}\nslow_rounds = [2]\n", straggler),
+    "secagg": (5, SECAGG_FED, secagg),
+    "disk": (4, CRASH_FED, disk),
 }
 
 
