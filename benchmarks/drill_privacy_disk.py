@@ -32,7 +32,7 @@ Outcome = tuple[dict[str, bool], list[int], str, dict[str, Any]]
 SECAGG_TOLERANCE = 1e-4
 """Largest difference from the plain mean (SecAgg+ quantizes values and weights to 2^22
 levels; ``max_weight = 100`` suits these sites' 16-24 examples: tests/test_secure_aggregation)."""
-SECAGG_FED = ("round_timeout = 120\n[security]\nenvelopes = false\n"
+SECAGG_FED = ("round_timeout = 120\n[security]\nenvelopes = false\nseal_rounds = false\n"
               "[secure_aggregation]\nenabled = true\nmax_weight = 100\ntimeout = 120\n")
 TRAINING_STAGE = 3
 """The victim's ClientApp to kill: SecAgg+'s third message of the round (its update is
