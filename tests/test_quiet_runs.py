@@ -77,3 +77,37 @@ def test_only_the_named_notice_is_dropped_and_only_from_its_logger() -> None:
     assert seen == ["flwr: Node 3 failed to reply",
                     f"{BNB_KERNEL_LOGGER}: Failed to load something else"]
     assert sum(getattr(f, "prefix", None) == FLOWER_ACTOR_NOTICE for f in flower.filters) == 1
+
+
+def test_a_fed_llama_error_that_flower_logs_is_one_line_and_others_keep_their_trace() -> None:
+    """A ServerApp on the Deployment Engine that raises (a bad scenario, an unwritable run
+    folder): Flower logs the exception with its traceback; the operator sees one line."""
+    from flwr.common.logger import log
+
+    from fed_llama.common.notices import OneLineErrors, one_line_flower_errors
+    from fed_llama.errors import ConfigError
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    flower = logging.getLogger("flwr")
+    flower.addHandler(keep)
+    try:
+        one_line_flower_errors()
+        one_line_flower_errors()  # added once however often a ServerApp starts in a process
+        assert sum(isinstance(f, OneLineErrors) for f in flower.filters) == 1
+        log(logging.ERROR, "%s raised an exception", "ServerApp",
+            exc_info=ConfigError("scenario.toml: federation.rounds must be at least 1; got 0"))
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=KeyError("bug"))
+    finally:
+        flower.removeHandler(keep)
+        flower.filters = [f for f in flower.filters if not isinstance(f, OneLineErrors)]
+    ours, other = records
+    assert ours.getMessage() == ("fed-llama: error: scenario.toml: federation.rounds must be at "
+                                 "least 1; got 0")
+    assert ours.exc_info is None
+    assert other.getMessage() == "ServerApp raised an exception" and other.exc_info is not None

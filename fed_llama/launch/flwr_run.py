@@ -30,6 +30,7 @@ client_app = make_client_app()
 @server_app.main()
 def serve(grid: Grid, context: Context) -> None:
     """Run (or resume) the federation the run config names."""
+    from fed_llama.common.notices import one_line_flower_errors
     from fed_llama.config.adapter import method_label
     from fed_llama.config.run_config import (
         load_scenario,
@@ -40,6 +41,7 @@ def serve(grid: Grid, context: Context) -> None:
     from fed_llama.server.app import prepare_keys, run_federation
     from fed_llama.server.checkpoint import RunStore
 
+    one_line_flower_errors()  # a bad scenario or an unwritable run folder: one line, no trace
     path, out = scenario_path(context.run_config), run_folder(context.run_config)
     scenario, text = load_scenario(path)
     log.info("scenario %s; run folder %s", path, out)
