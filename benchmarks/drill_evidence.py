@@ -78,18 +78,24 @@ def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:
 
 
 def overhead(rows: list[Row]) -> list[dict[str, float]]:
-    """Per round: its wall time, the slowest site's training time, and Flower's overhead
-    (the difference: messaging, ClientApp process starts, evaluation, checkpoints)."""
+    """Per round: its wall time, the slowest site's training and evaluation times, and
+    Flower's overhead (the round's time less those two: messaging, ClientApp process starts,
+    loading the backbone in them, checkpoints)."""
+    def slowest(row: Row, suffix: str) -> float:
+        return max((float(v) for k, v in row.items() if k.endswith(suffix)
+                    and isinstance(v, int | float)), default=0.0)
+
     out = []
     for row in rows:
-        train = [v for k, v in row.items() if k.endswith("/train-seconds")
-                 and isinstance(v, int | float)]
+        train, evaluate = slowest(row, "/train-seconds"), slowest(row, "/evaluate-seconds")
         if "round-seconds" in row and train:
             wall = float(row["round-seconds"])
+            spent = wall - train - evaluate
             out.append({"round": int(row["round"]), "round_s": round(wall, 2),
-                        "slowest_train_s": round(max(train), 2),
-                        "overhead_s": round(wall - max(train), 2),
-                        "overhead_share": round((wall - max(train)) / wall, 3) if wall else 0})
+                        "slowest_train_s": round(train, 2),
+                        "slowest_evaluate_s": round(evaluate, 2),
+                        "overhead_s": round(spent, 2),
+                        "overhead_share": round(spent / wall, 3) if wall else 0})
     return out
 
 

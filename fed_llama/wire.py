@@ -50,4 +50,6 @@ SITE_QUERY = SITE
 TRAIN_LOSS = "train-loss"
 HELDOUT_LOSS = "heldout-loss"
 HELDOUT_TOKENS = "heldout-tokens"
+EVALUATE_SECONDS = "evaluate-seconds"
+"""Seconds the site spent evaluating (held-out loss and task questions)."""
 BYTES_UP = "bytes-up"

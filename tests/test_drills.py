@@ -48,12 +48,17 @@ def test_the_verdict_names_every_check_that_failed() -> None:
     assert ev.verdict({}).startswith("FAIL")
 
 
-def test_flowers_overhead_is_the_round_minus_its_slowest_site() -> None:
+def test_flowers_overhead_is_the_round_minus_its_slowest_sites_train_and_evaluate() -> None:
     rows = [row(1, **{"round-seconds": 20.0, "site0/train-seconds": 4.0,
-                      "site1/train-seconds": 5.0}),
-            row(2)]  # no timings: no overhead row
-    assert ev.overhead(rows) == [{"round": 1, "round_s": 20.0, "slowest_train_s": 5.0,
-                                  "overhead_s": 15.0, "overhead_share": 0.75}]
+                      "site1/train-seconds": 5.0, "site0/evaluate-seconds": 3.0,
+                      "site1/evaluate-seconds": 2.0}),
+            row(2, **{"round-seconds": 10.0, "site0/train-seconds": 6.0}),  # no evaluation
+            row(3)]  # no timings: no overhead row
+    assert ev.overhead(rows) == [
+        {"round": 1, "round_s": 20.0, "slowest_train_s": 5.0, "slowest_evaluate_s": 3.0,
+         "overhead_s": 12.0, "overhead_share": 0.6},
+        {"round": 2, "round_s": 10.0, "slowest_train_s": 6.0, "slowest_evaluate_s": 0.0,
+         "overhead_s": 4.0, "overhead_share": 0.4}]
 
 
 def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path: Path) -> None:

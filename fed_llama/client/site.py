@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fed_llama import wire
 from fed_llama.adapter.rank import change_rank
 from fed_llama.adapter.state import State
 from fed_llama.config.scenario import ScenarioConfig
@@ -124,6 +125,7 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
 
 def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, float]:
     """Held-out answer loss of the adapter ``state`` on site ``site``."""
+    start = time.perf_counter()
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
     if scenario.method == "lora":
@@ -142,4 +144,5 @@ def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, flo
                                 max_questions=ev.questions, seed=scenario.train.seed,
                                 batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
         metrics.update({f"task/{k}": v for k, v in report.flat().items()})
+    metrics[wire.EVALUATE_SECONDS] = time.perf_counter() - start
     return metrics

@@ -92,6 +92,8 @@ def evaluation_row(site_metrics: list[dict[str, float]], site_names: list[str]
         for key, value in met.items():
             if key.startswith("task/"):  # task/<task>/<metric>: this site's scores
                 row[f"{name}/{key[5:]}"] = value
+        if wire.EVALUATE_SECONDS in met:
+            row[f"{name}/{wire.EVALUATE_SECONDS}"] = met[wire.EVALUATE_SECONDS]
         row[f"{name}/loss"] = loss
         row[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
         nll += loss * n
