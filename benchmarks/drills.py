@@ -22,6 +22,8 @@ Drills (tiny random LLaMA; ``--only`` picks some, in this order):
   the late site is admitted in it.
 - ``secagg``: 5 sites on Flower's SecAgg+ workflow, one SIGKILLed while it trains round 1:
   the aggregate equals the plain mean of the survivors (``drill_privacy_disk.py``).
+- ``crash-resume``: CI's subset, one federation of 4: a SuperNode SIGKILLed in round 2 (it
+  stays down), the ServerApp in round 3, the run submitted again: it resumes and completes.
 - ``disk``: the run folder turns read-only while round 2 trains: one line, round 1 intact,
   and the same ``flwr run`` resumes once it is writable (``drill_privacy_disk.py``).
 
@@ -205,6 +207,39 @@ def straggler(d: Drill, victim: int = 3) -> Outcome:
     return checks, [], note, {}
 
 
+def crash_resume(d: Drill, victim: int = 1) -> Outcome:
+    """CI's subset (``tests/test_drills.py``), one federation of 4: SIGKILL a SuperNode while
+    it trains round 2 (it stays down: the rounds go on with 3), then the ServerApp while
+    round 3 trains; stop the run as its user would and submit it again: it resumes after
+    round 2 and completes."""
+    run = d.submit()
+    d.wait("the victim to train round 2", lambda: d.training(victim, 2), poll=0.1)
+    d.fed.kill(f"supernode{victim}")
+    others = [i for i in range(d.sites) if i != victim]
+    d.wait("round 3's training", lambda: any(d.training(i, 3) for i in others), poll=0.1)
+    for pid in d.serverapps():
+        os.kill(pid, signal.SIGKILL)
+    before = d.rows()
+    said = d.abandon(run, grace=5)
+    done_before = ev.completed(d.out, before)
+    code = d.finish(d.submit())  # the same out: the ServerApp resumes after round 2
+    rows = {int(r["round"]): r for r in d.rows()}
+    r2, r3 = rows.get(2, {}), rows.get(3, {})
+    name = f"site{victim}"
+    checks = {"resumed run exit 0": code == 0,
+              "round 2 completed with the others": r2.get("sites-trained") == d.sites - 1,
+              "nothing of the killed site admitted": f"{name}/train-loss" not in r2
+              and f"{name}/train-loss" not in r3,
+              "rounds 1-2 complete when the aggregator was killed": done_before == [1, 2],
+              "round 3 completed after the resume": r3.get("sites-trained") == d.sites - 1}
+    note = (f"{name} killed in round 2: {r2.get('sites-trained')} trained, "
+            f"{r2.get('round-seconds')} s; serverapp killed in round 3 (rounds complete "
+            f"before: {done_before}); {said}; resubmitted: round 3 with "
+            f"{r3.get('sites-trained')} sites")
+    before = [r for r in before if int(r["round"]) in done_before]
+    return checks, ev.rerun_rounds(before, d.rows()), note, {}
+
+
 SLOW_SECONDS = 300.0
 """How late the straggler drill's slow site replies: past round 2's two timed phases (train
 and evaluate, 90 s each), about 10x a site's own round on this loopback federation."""
@@ -219,6 +254,7 @@ DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
     "straggler": (4, CRASH_FED + f'[attack]\nslow_sites = ["site3"]\n'
                   f"slow_seconds = {SLOW_SECONDS}\nslow_rounds = [2]\n", straggler),
     "secagg": (5, SECAGG_FED, secagg),
+    "crash-resume": (4, "min_sites = 3\nround_timeout = 40\n", crash_resume),
     "disk": (4, CRASH_FED, disk),
 }
 

@@ -1,7 +1,7 @@
 """The fault drills' verdicts come from evidence: history rows, checkpoints, the round-seal chain
 and the processes' exits (``benchmarks/drill_evidence.py``), never from a hard-coded result.
-One cheap drill runs end to end on a real SuperLink and four SuperNodes (marked deployment and
-slow: it takes minutes)."""
+Two drills run end to end on a real SuperLink and four SuperNodes (marked deployment): CI's
+crash-and-resume, and the connection stall (also marked slow)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from conftest import load_benchmark
 
 sys.modules.setdefault("drill_evidence", load_benchmark("drill_evidence"))
 sys.modules.setdefault("drill_federation", load_benchmark("drill_federation"))
+sys.modules.setdefault("drill_privacy_disk", load_benchmark("drill_privacy_disk"))
 ev = sys.modules["drill_evidence"]
 
 
@@ -69,6 +70,19 @@ def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path:
     assert (out["rounds done"], out["rounds lost"], out["rounds applied twice"]) == (1, 1, 0)
     assert out["result"] == "FAIL: 0 rounds lost"
     assert list(out)[:len(ev.COLUMNS)] == ev.COLUMNS
+
+
+@pytest.mark.deployment  # in CI: about 3 minutes on 2 cores (docs/deployment.md)
+def test_a_site_crash_then_an_aggregator_crash_lose_no_round(tmp_path: Path) -> None:
+    """CI's drill (``crash-resume``) end to end on a SuperLink with TLS and SuperNode auth and
+    four SuperNodes: one SuperNode SIGKILLed while it trains round 2, then the ServerApp while
+    round 3 trains; the run submitted again resumes after round 2 and completes."""
+    drills = load_benchmark("drills")
+    drills.prepare(tmp_path, 4)
+    result, _ = drills.run_drill("crash-resume", tmp_path, timeout=600)
+    assert result["result"] == "PASS", result
+    assert (result["rounds done"], result["rounds lost"], result["rounds applied twice"]) == (
+        drills.ROUNDS, 0, 0)
 
 
 @pytest.mark.deployment
