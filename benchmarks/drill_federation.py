@@ -32,7 +32,7 @@ class Drill:
     """One federation for one drill: its folder, scenario, SuperLink and SuperNodes."""
 
     def __init__(self, name: str, work: Path, sites: int, deadline: float,
-                 federation: str = "") -> None:
+                 federation: str = "", scenario: str | None = None) -> None:
         self.name, self.sites, self.deadline = name, sites, deadline
         self.folder = work / name
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -40,12 +40,12 @@ class Drill:
         self.out = self.folder / "run"
         data = [work / "data" / f"site{i}.jsonl" for i in range(sites)]
         self.scenario = self.folder / "scenario.toml"
-        self.scenario.write_text(
+        self.scenario.write_text(scenario if scenario is not None else (
             f'[backbone]\nname = "{work / "backbone"}"\n'
             "[train]\nmax_steps = 2\nwarmup_steps = 1\nbatch_size = 4\n"
             "[evaluation]\nquestions = 0\n"
             f"[federation]\nrounds = {ROUNDS}\nsites = {json.dumps([str(p) for p in data])}\n"
-            + federation)
+            + federation))
         self.fed = Loopback(self.folder, work / "keys")
         self.peak_kb: dict[str, int] = {}
         self.submissions = 0
