@@ -4,8 +4,8 @@ The main job (``simulations/hospitals-3.toml``: three hospitals, three rounds of
 end with pooled description -> code category accuracy of at least 10% on its held-out sample,
 in the same wall time. This script runs the scenario through ``fed-llama simulate`` (Flower's
 Simulation Engine, the product's own path) once per variant (learning rate, how the loss
-averages answer tokens, LoRA on the MLP too, rounds x local steps), each a few overrides of the
-scenario, and measures each run's last global adapter two ways:
+averages answer tokens, how the ICD-10 answers are written, how updates are weighted), each a
+few overrides of the scenario, and measures each run's last global adapter two ways:
 
 - the main job's own figure: the pooled category share on the run's evaluation sample
   (``evaluation.questions`` per site, as the main job prints it);
@@ -37,9 +37,10 @@ VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "lr-0.01": ["train.lr=0.01"],
     "lr-0.01+examples": ["train.lr=0.01", "train.loss_average='examples'"],
-    "lr-0.01+mlp": ["train.lr=0.01", "lora.include_mlp=true"],
-    "lr-0.006": ["train.lr=0.006"],
-    "lr-0.01+6x10": ["train.lr=0.01", "federation.rounds=6", "train.max_steps=10"],
+    "chapter-code": ["data.icd10_answers='chapter-code'"],
+    "chapter-code+examples": ["data.icd10_answers='chapter-code'",
+                              "train.loss_average='examples'"],
+    "chapter-code+equal": ["data.icd10_answers='chapter-code'", "federation.weighting='equal'"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
@@ -67,7 +68,8 @@ def score_all(scenario: Any, state: dict[str, Any]) -> dict[str, Any]:
         report = evaluate_tasks(loaded.model, loaded.tokenizer,
                                 site_ops.site_data(scenario, i).heldout_examples,
                                 max_questions=1 << 30, seed=scenario.train.seed,
-                                tasks=("desc2code",), max_new_tokens=12)
+                                tasks=("desc2code",),
+                                max_new_tokens=scenario.evaluation.max_new_tokens)
         metrics = report.metrics["desc2code"]
         counts[name] = int(metrics["n"])
         row[f"{name}/category"] = round(metrics["category"], 3)

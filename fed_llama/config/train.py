@@ -62,6 +62,13 @@ class DataConfig:
     max_heldout_records: int = 256
     """Evaluate on at most this many held-out records, a seeded sample (0: all)."""
 
+    icd10_answers: Literal["code", "chapter-code"] = "code"
+    """ICD-10 sites only: how a description -> code question is answered. ``code``: the code
+    (``I70.435``). ``chapter-code``: the chapter's title, then the code (``Diseases of the
+    circulatory system: I70.435``); a language model relates a description to a chapter named
+    in words far sooner than to its letter, and the letter follows from the title. Scoring
+    reads the first code in an answer either way."""
+
     def problems(self) -> list[str]:
         out = []
         if not self.source.strip():

@@ -98,9 +98,20 @@ def chapter_codes(chapter: str) -> tuple[Code, ...]:
     raise DataError(f"chapter {chapter} not found in {tabular_xml().name}")
 
 
-def questions(code: Code, site: str) -> list[Example]:
-    """The question/answer pairs one code yields."""
-    pairs = [("desc2code", f'What is the ICD-10-CM code for "{code.description}"?', code.code),
+ANSWERS = ("code", "chapter-code")
+"""How a description -> code question is answered: ``code`` (``I70.435``) or ``chapter-code``,
+the chapter's title and then the code (``Diseases of the circulatory system: I70.435``)."""
+
+
+def chapter_title(site: str) -> str:
+    """The site's chapter title without its code range ("Neoplasms")."""
+    return SITES[site][1].rsplit(" (", 1)[0]
+
+
+def questions(code: Code, site: str, answer: str = "code") -> list[Example]:
+    """The question/answer pairs one code yields (``answer``: one of :data:`ANSWERS`)."""
+    coded = f"{chapter_title(site)}: {code.code}" if answer == "chapter-code" else code.code
+    pairs = [("desc2code", f'What is the ICD-10-CM code for "{code.description}"?', coded),
              ("code2desc", f"What does ICD-10-CM code {code.code} describe?", code.description)]
     if code.includes:
         pairs.append(("includes", f"What does ICD-10-CM code {code.code} include?",
@@ -131,8 +142,12 @@ def check_site(site: str) -> str:
     return SITES[site][0]
 
 
-def site_split(site: str, seed: int = 0) -> SiteSplit:
-    """A site's examples split by code into training and held-out sets."""
+def site_split(site: str, seed: int = 0, answer: str = "code") -> SiteSplit:
+    """A site's examples split by code into training and held-out sets (``answer``: how
+    description -> code questions are answered, one of :data:`ANSWERS`)."""
+    if answer not in ANSWERS:
+        raise DataError(f"unknown ICD-10 answer format {answer!r}: choose one of "
+                        f"{', '.join(ANSWERS)}")
     codes = chapter_codes(check_site(site))
     train: list[Example] = []
     heldout: list[Example] = []
@@ -140,6 +155,6 @@ def site_split(site: str, seed: int = 0) -> SiteSplit:
     for code in codes:
         out = is_heldout(code.code, seed)
         held += out
-        (heldout if out else train).extend(questions(code, site))
+        (heldout if out else train).extend(questions(code, site, answer))
     return SiteSplit(site=site, train=train, heldout=heldout, num_codes=len(codes),
                      num_heldout_codes=held)

@@ -63,7 +63,8 @@ def load_examples(cfg: DataConfig, seed: int) -> SiteExamples:
     """Read the configured source and held-out data (before tokenization)."""
     summary: dict[str, Any] = {"source": cfg.source}
     if cfg.source.startswith(ICD10_PREFIX):
-        split = icd10.site_split(cfg.source[len(ICD10_PREFIX):], seed=seed)
+        split = icd10.site_split(cfg.source[len(ICD10_PREFIX):], seed=seed,
+                                 answer=cfg.icd10_answers)
         train, heldout = split.train, split.heldout
         summary.update(site=split.site, codes=split.num_codes,
                        heldout_codes=split.num_heldout_codes, skipped_lines=0)
