@@ -51,3 +51,28 @@ def test_cli_writes_train_and_heldout_files(tmp_path, capsys) -> None:  # type: 
     assert {e.meta["code"] for e in train_examples}.isdisjoint(
         {e.meta["code"] for e in held_examples})
     assert "training records" in capsys.readouterr().out
+
+
+def test_chapter_code_answers_name_the_chapter_then_the_code_and_score_by_the_code() -> None:
+    from fed_llama.config import DataConfig
+    from fed_llama.data.source import load_examples
+    from fed_llama.evaluation.scoring import code_scores
+
+    plain = icd10.site_split("cardiology", seed=0)
+    named = icd10.site_split("cardiology", seed=0, answer="chapter-code")
+    nstemi = next(ex for ex in named.train
+                  if ex.meta == {"code": "I21.4", "task": "desc2code", "site": "cardiology"})
+    assert nstemi.answer == "Diseases of the circulatory system: I21.4"
+    assert icd10.chapter_title("oncology") == "Neoplasms"
+    # the same questions and split; only the description -> code answers differ
+    assert [ex.prompt for ex in named.heldout] == [ex.prompt for ex in plain.heldout]
+    assert all((a.answer == b.answer) == (a.meta["task"] != "desc2code")
+               for a, b in zip(named.train, plain.train, strict=True))
+    # a model that answers in the new format is scored on the code it names
+    assert code_scores("Diseases of the circulatory system: I21.9", nstemi.answer) == {
+        "exact": 0.0, "category": 1.0, "chapter": 1.0}
+    loaded = load_examples(DataConfig(source="icd10:cardiology", icd10_answers="chapter-code"),
+                           seed=0)
+    assert [ex.answer for ex in loaded.train[:4]] == [ex.answer for ex in named.train[:4]]
+    with pytest.raises(DataError, match="unknown ICD-10 answer format 'letters'"):
+        icd10.site_split("cardiology", answer="letters")
