@@ -33,6 +33,8 @@ from typing import Any
 from category_gap import pooled_se
 from harness import RESULTS, add_scenario_arguments, markdown_table, write_results
 
+CYCLIC = ["federation.participation='cyclic'", "federation.local_optimizer='keep'",
+          "federation.rounds=9"]
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "lr-0.01": ["train.lr=0.01"],
@@ -41,6 +43,10 @@ VARIANTS: dict[str, list[str]] = {
     "chapter-code+examples": ["data.icd10_answers='chapter-code'",
                               "train.loss_average='examples'"],
     "chapter-code+equal": ["data.icd10_answers='chapter-code'", "federation.weighting='equal'"],
+    # cyclic weight transfer, each site keeping its AdamW moments: one site a round, 9 rounds,
+    # so the same 180 local steps follow one another (3 turns per site)
+    "cyclic+keep": CYCLIC,
+    "cyclic+keep+chapter-code": [*CYCLIC, "data.icd10_answers='chapter-code'"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""

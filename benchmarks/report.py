@@ -131,13 +131,23 @@ SECTIONS: list[tuple[str, str, str]] = [
      "(fewer local steps than the main job, no task questions): bytes each site sent per round "
      "(the envelope) and pooled held-out perplexity after each round; ratios are to `none` in "
      "the same run of the script, one run per variant."),
+    ("learning_per_minute", "What the main job learns of its task",
+     "The main job's scenario (`simulations/hospitals-3.toml`, 3 hospitals, 3 rounds of "
+     "FedAvg) once per variant through `fed-llama simulate`, each a few overrides of the "
+     "scenario; every variant evaluates its last round only. `sample_category` is the pooled "
+     "description -> code category share on the run's own evaluation sample (16 questions per "
+     "site, as the main job prints it); `all_category` the same on every held-out description "
+     "-> code question of every site (`all_questions`), with its standard error in points "
+     "(`all_category_se`); `all_chapter` the share with the right first letter. `train_s` is "
+     "the rounds' training phases; `baseline` is the scenario as it was before this "
+     "comparison. One run per variant."),
 ]
 SCRIPTS = {"federated_vs_local": "federated_vs_local.py", "category_gap": "category_gap.py",
            "edge": "edge.py", "site_quality": "site_quality.py",
            "train_throughput": "train_throughput.py", "privacy_overhead": "privacy_overhead.py",
            "poisoning": "poisoning.py", "drills": "drills.py",
            "compression": "compression.py", "methods": "methods.py",
-           "site_scale": "site_scale.py"}
+           "site_scale": "site_scale.py", "learning_per_minute": "learning_per_minute.py"}
 TABLES = ("rows", "variants", "targets", "overhead", "sweep", "fits")
 """A results file's keys that become tables (``variants``: one row per variant)."""
 CAPTIONS = {"targets": "Targets:", "overhead": "Flower's overhead per round:",
