@@ -47,6 +47,13 @@ VARIANTS: dict[str, list[str]] = {
     # so the same 180 local steps follow one another (3 turns per site)
     "cyclic+keep": CYCLIC,
     "cyclic+keep+chapter-code": [*CYCLIC, "data.icd10_answers='chapter-code'"],
+    # FedAvg with fewer local steps between averages (the same 180 steps): under label skew a
+    # site's own letter saturates within a few local steps, and only the average of short
+    # stretches keeps the description-conditional part growing
+    "15x4": ["federation.rounds=15", "train.max_steps=4"],
+    "9x7": ["federation.rounds=9", "train.max_steps=7"],
+    "15x4+chapter-code": ["federation.rounds=15", "train.max_steps=4",
+                          "data.icd10_answers='chapter-code'"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
