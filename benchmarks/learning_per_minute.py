@@ -132,6 +132,9 @@ def main() -> None:
                         help=f"variants to run (default: all of {', '.join(VARIANTS)})")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the results file's variants and measure again")
+    parser.add_argument("--redo", nargs="+", default=[], choices=list(VARIANTS),
+                        metavar="VARIANT", help="measure these variants again (e.g. one whose "
+                        "run shared the cores with other work)")
     parser.add_argument("--json", default=str(RESULTS / "learning_per_minute.json"),
                         help="results file (default: benchmarks/results/"
                              "learning_per_minute.json); also where a rerun resumes from")
@@ -148,9 +151,9 @@ def main() -> None:
         else:
             parser.error(f"{out} holds another scenario or overrides: pass --fresh to "
                          f"replace it, or --json for another file")
-    wanted = args.only or list(VARIANTS)
+    wanted = list(dict.fromkeys([*(args.only or list(VARIANTS)), *args.redo]))
     for name in wanted:
-        if name in rows and rows[name]["overrides"] == VARIANTS[name]:
+        if name in rows and rows[name]["overrides"] == VARIANTS[name] and name not in args.redo:
             logging.info("%s: measured already (%s)", name, out)
             continue
         with tempfile.TemporaryDirectory(prefix="fed-llama-lpm-") as tmp:
