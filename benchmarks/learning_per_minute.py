@@ -54,6 +54,12 @@ VARIANTS: dict[str, list[str]] = {
     "9x7": ["federation.rounds=9", "train.max_steps=7"],
     "15x4+chapter-code": ["federation.rounds=15", "train.max_steps=4",
                           "data.icd10_answers='chapter-code'"],
+    # ... with each site continuing its AdamW moments: a fresh AdamW's first steps move every
+    # weight by about the learning rate whatever its gradient, which is most of a 4-step round
+    "15x4+keep": ["federation.rounds=15", "train.max_steps=4",
+                  "federation.local_optimizer='keep'"],
+    "30x2+keep": ["federation.rounds=30", "train.max_steps=2", "train.warmup_steps=1",
+                  "federation.local_optimizer='keep'"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
