@@ -60,6 +60,8 @@ VARIANTS: dict[str, list[str]] = {
                   "federation.local_optimizer='keep'"],
     "30x2+keep": ["federation.rounds=30", "train.max_steps=2", "train.warmup_steps=1",
                   "federation.local_optimizer='keep'"],
+    "60x1+keep": ["federation.rounds=60", "train.max_steps=1",
+                  "federation.local_optimizer='keep'"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
