@@ -132,9 +132,11 @@ SECTIONS: list[tuple[str, str, str]] = [
      "(the envelope) and pooled held-out perplexity after each round; ratios are to `none` in "
      "the same run of the script, one run per variant."),
     ("learning_per_minute", "What the main job learns of its task",
-     "The main job's scenario (`simulations/hospitals-3.toml`, 3 hospitals, 3 rounds of "
-     "FedAvg) once per variant through `fed-llama simulate`, each a few overrides of the "
-     "scenario; every variant evaluates its last round only. `sample_category` is the pooled "
+     "The main job's scenario as it was before this comparison (`simulations/hospitals-3.toml`"
+     ": 3 hospitals, 3 rounds of FedAvg of 20 local steps) once per variant through `fed-llama "
+     "simulate`, each a few overrides of it; every variant evaluates its last round only. "
+     "`RxS` variants take the same 180 local steps as R rounds of S steps; `+keep`: each site "
+     "keeps its AdamW moments between rounds. `sample_category` is the pooled "
      "description -> code category share on the run's own evaluation sample (16 questions per "
      "site, as the main job prints it); `all_category` the same on every held-out description "
      "-> code question of every site (`all_questions`), with its standard error in points "
