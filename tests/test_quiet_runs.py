@@ -84,8 +84,8 @@ def test_a_fed_llama_error_that_flower_logs_is_one_line_and_others_keep_their_tr
     folder): Flower logs the exception with its traceback; the operator sees one line."""
     from flwr.common.logger import log
 
-    from fed_llama.common.notices import OneLineErrors, one_line_flower_errors
     from fed_llama.errors import ConfigError
+    from fed_llama.launch.flower_errors import OneLineErrors, one_line_flower_errors
 
     records: list[logging.LogRecord] = []
 

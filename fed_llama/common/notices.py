@@ -42,30 +42,6 @@ class DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
-class OneLineErrors(logging.Filter):
-    """A logger filter that shows a fed-llama error (a ``FedLlamaError``) logged with its
-    traceback as one line, ``fed-llama: error: <what and the fix>``: Flower logs an exception
-    raised by the ServerApp with its traceback, which for a bad scenario or an unwritable run
-    folder says nothing the line does not. Any other exception keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from fed_llama.errors import FedLlamaError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, FedLlamaError):
-            record.msg, record.args = "fed-llama: error: %s", (exc,)
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def one_line_flower_errors() -> None:
-    """Show fed-llama's errors that Flower logs (a ServerApp that raised) as one line, in this
-    process (:class:`OneLineErrors` on Flower's logger, added once)."""
-    logger = logging.getLogger("flwr")
-    if not any(isinstance(f, OneLineErrors) for f in logger.filters):
-        logger.addFilter(OneLineErrors())
-
-
 def drop_log_message(logger_name: str, prefix: str) -> None:
     """Add a :class:`DropMessage` filter for ``prefix`` to the logger, once."""
     logger = logging.getLogger(logger_name)

@@ -30,7 +30,6 @@ client_app = make_client_app()
 @server_app.main()
 def serve(grid: Grid, context: Context) -> None:
     """Run (or resume) the federation the run config names."""
-    from fed_llama.common.notices import one_line_flower_errors
     from fed_llama.config.adapter import method_label
     from fed_llama.config.run_config import (
         load_scenario,
@@ -38,6 +37,7 @@ def serve(grid: Grid, context: Context) -> None:
         scenario_path,
         with_key_folder,
     )
+    from fed_llama.launch.flower_errors import one_line_flower_errors
     from fed_llama.server.app import prepare_keys, run_federation
     from fed_llama.server.checkpoint import RunStore
 
