@@ -109,11 +109,11 @@ SECTIONS: list[tuple[str, str, str]] = [
      "trained again after a restart, or whose seal does not seal the previous round's "
      "checkpoint), the round-seal chain verified end to end, and the processes' exits. "
      "`overhead` is per round of the `scale` drills (`scale`: 16 SuperNodes on the tiny "
-     "model; `scale-real`: 4 on the default backbone): the round's wall time minus the slowest "
-     "site's training time and its evaluation time (where the sites report it), which leaves "
-     "messaging, each message's ClientApp process start and backbone load, and "
-     "checkpointing; `peak_rss_mb` is the SuperLink's and the ServerApp's peak resident set "
-     "(VmHWM) per `scale` drill."),
+     "model; `scale-real`, once measured: 4 on the default backbone): the round's wall time "
+     "minus the slowest site's training time and its evaluation time (where the sites "
+     "report it), which leaves messaging, each message's ClientApp process start and "
+     "backbone load, and checkpointing; `peak_rss_mb` is the SuperLink's and the "
+     "ServerApp's peak resident set (VmHWM) per `scale` drill."),
     ("methods", "The adapter methods side by side",
      "LoRA, QLoRA (LoRA on the NF4 backbone), LLaMA-Adapter V1, V2, V2's bias-scale-norm "
      "recipe (no prompts) and LLaMA-Excitor on one ICD-10 site, the same backbone and the same "
