@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import drill_evidence as ev
@@ -37,12 +36,6 @@ SECAGG_FED = ("round_timeout = 120\n[security]\nenvelopes = false\nseal_rounds =
 TRAINING_STAGE = 3
 """The victim's ClientApp to kill: SecAgg+'s third message of the round (its update is
 trained and masked then)."""
-
-
-def _adapter(out: Path, server_round: int) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "rounds" / f"round-{server_round:03d}" / "adapter_model.safetensors")
 
 
 def secagg(d: Drill) -> Outcome:
@@ -98,7 +91,9 @@ def _plain_difference(d: Drill, survivors: int) -> float | None:
         subprocess.run([sys.executable, "-m", "fed_llama.cli.main", "-q", "simulate",
                         str(plain), "--out", str(d.folder / "plain")], check=True,
                        stdout=log, stderr=subprocess.STDOUT, timeout=max(60, d.left()))
-    a, b = _adapter(d.out, 1), _adapter(d.folder / "plain", 1)
+    from fed_llama.server.checkpoint import RunStore
+
+    a, b = RunStore(d.out).load_round(1), RunStore(d.folder / "plain").load_round(1)
     if a.keys() != b.keys():
         return None
     return max(float((a[k] - b[k]).abs().max()) for k in a)

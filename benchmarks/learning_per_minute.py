@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -127,10 +128,8 @@ def run_variant(scenario_path: Path, overrides: list[str], work: Path) -> dict[s
         "sample_chapter": round(last["pooled/desc2code/chapter"], 3),
         "sample_questions": int(sum(v for k, v in last.items()
                                     if k.endswith("/desc2code/n") and "pooled" not in k)),
-        "bytes_up_per_site": round(sum(last[k] for k in last if k.endswith("/bytes-up")
-                                       and k != "bytes-up") / max(1, sum(
-                                           1 for k in last if k.endswith("/bytes-up")
-                                           and k != "bytes-up"))),
+        "bytes_up_per_site": round(statistics.mean(
+            v for k, v in last.items() if k.endswith("/bytes-up"))),
     }
     whole, _ = load_scenario(scenario_path, [*overrides, "data.max_heldout_records=0"])
     started = time.monotonic()

@@ -72,17 +72,22 @@ def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path:
     assert list(out)[:len(ev.COLUMNS)] == ev.COLUMNS
 
 
+def passed_end_to_end(work: Path, drill: str, timeout: float) -> None:
+    """Run ``drill`` on four SuperNodes in ``work``: it passes, every round done once."""
+    drills = load_benchmark("drills")
+    drills.prepare(work, 4)
+    result, _ = drills.run_drill(drill, work, timeout=timeout)
+    assert result["result"] == "PASS", result
+    assert (result["rounds done"], result["rounds lost"], result["rounds applied twice"]) == (
+        drills.ROUNDS, 0, 0)
+
+
 @pytest.mark.deployment  # in CI: about 3 minutes on 2 cores (docs/deployment.md)
 def test_a_site_crash_then_an_aggregator_crash_lose_no_round(tmp_path: Path) -> None:
     """CI's drill (``crash-resume``) end to end on a SuperLink with TLS and SuperNode auth and
     four SuperNodes: one SuperNode SIGKILLed while it trains round 2, then the ServerApp while
     round 3 trains; the run submitted again resumes after round 2 and completes."""
-    drills = load_benchmark("drills")
-    drills.prepare(tmp_path, 4)
-    result, _ = drills.run_drill("crash-resume", tmp_path, timeout=600)
-    assert result["result"] == "PASS", result
-    assert (result["rounds done"], result["rounds lost"], result["rounds applied twice"]) == (
-        drills.ROUNDS, 0, 0)
+    passed_end_to_end(tmp_path, "crash-resume", timeout=600)
 
 
 @pytest.mark.deployment
@@ -91,12 +96,7 @@ def test_a_supernode_whose_connection_stalls_is_served_the_round_in_progress(
         tmp_path: Path) -> None:
     """The ``connection-stall`` drill end to end: a SuperLink with TLS and SuperNode auth, four
     SuperNodes, ``flwr run``; one SuperNode stops for 25 s as round 2 is sent, then goes on."""
-    drills = load_benchmark("drills")
-    drills.prepare(tmp_path, 4)
-    result, _ = drills.run_drill("connection-stall", tmp_path, timeout=500)
-    assert result["result"] == "PASS", result
-    assert (result["rounds done"], result["rounds lost"], result["rounds applied twice"]) == (
-        drills.ROUNDS, 0, 0)
+    passed_end_to_end(tmp_path, "connection-stall", timeout=500)
     out = tmp_path / "connection-stall" / "run"
     ok, said, _ = ev.seal_chain(out, out / "keys")
     assert ok, said
