@@ -42,6 +42,9 @@ BASE = ["federation.rounds=3", "train.max_steps=20", "train.warmup_steps=2",
 2 steps with kept moments, the ``30x2+keep`` variant): put before every variant's overrides."""
 CYCLIC = ["federation.participation='cyclic'", "federation.local_optimizer='keep'",
           "federation.rounds=9"]
+SHORT = ["federation.rounds=30", "train.max_steps=2", "train.warmup_steps=1",
+         "federation.local_optimizer='keep'"]
+"""The main job's shape since it took the ``30x2+keep`` variant."""
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "lr-0.01": ["train.lr=0.01"],
@@ -65,10 +68,13 @@ VARIANTS: dict[str, list[str]] = {
     # weight by about the learning rate whatever its gradient, which is most of a 4-step round
     "15x4+keep": ["federation.rounds=15", "train.max_steps=4",
                   "federation.local_optimizer='keep'"],
-    "30x2+keep": ["federation.rounds=30", "train.max_steps=2", "train.warmup_steps=1",
-                  "federation.local_optimizer='keep'"],
+    "30x2+keep": SHORT,
     "60x1+keep": ["federation.rounds=60", "train.max_steps=1",
                   "federation.local_optimizer='keep'"],
+    # the main job's shape (30x2+keep) with one change each: a description -> code answer is
+    # about 5 tokens, an includes/excludes answer dozens, so a token average gives the task
+    # the main job is scored on a small share of each step's gradient
+    "30x2+keep+examples": [*SHORT, "train.loss_average='examples'"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
