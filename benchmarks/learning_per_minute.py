@@ -75,6 +75,11 @@ VARIANTS: dict[str, list[str]] = {
     # about 5 tokens, an includes/excludes answer dozens, so a token average gives the task
     # the main job is scored on a small share of each step's gradient
     "30x2+keep+examples": [*SHORT, "train.loss_average='examples'"],
+    # ... or the batches made of the questions the main job is scored on (held-out sets keep
+    # every kind of question)
+    "30x2+keep+desc2code": [*SHORT, "data.icd10_train_tasks=['desc2code']"],
+    "30x2+keep+desc2code+code2desc": [*SHORT,
+                                      "data.icd10_train_tasks=['desc2code', 'code2desc']"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""

@@ -76,3 +76,23 @@ def test_chapter_code_answers_name_the_chapter_then_the_code_and_score_by_the_co
     assert [ex.answer for ex in loaded.train[:4]] == [ex.answer for ex in named.train[:4]]
     with pytest.raises(DataError, match="unknown ICD-10 answer format 'letters'"):
         icd10.site_split("cardiology", answer="letters")
+
+
+def test_a_site_can_train_on_some_question_kinds_and_still_be_evaluated_on_all() -> None:
+    """``data.icd10_train_tasks`` narrows the training set to the named question kinds; the
+    held-out set is the same as with every kind, so scores stay comparable."""
+    from fed_llama.config import DataConfig
+    from fed_llama.config.train import ICD10_TASKS
+    from fed_llama.data.source import load_examples
+
+    every = load_examples(DataConfig(source="icd10:cardiology", max_heldout_records=0), seed=0)
+    codes_only = load_examples(DataConfig(source="icd10:cardiology", max_heldout_records=0,
+                                          icd10_train_tasks=("desc2code",)), seed=0)
+    assert codes_only.train == [ex for ex in every.train if ex.meta["task"] == "desc2code"]
+    assert 0 < len(codes_only.train) < len(every.train)
+    assert codes_only.heldout == every.heldout
+    assert {ex.meta["task"] for ex in codes_only.heldout} == set(ICD10_TASKS)
+    assert DataConfig(icd10_train_tasks=("desc2code", "diagnoses")).problems() == [
+        "icd10_train_tasks must name one or more of desc2code, code2desc, includes, excludes; "
+        "got ['desc2code', 'diagnoses']"]
+    assert DataConfig(icd10_train_tasks=()).problems()

@@ -10,10 +10,12 @@ from typing import Literal
 
 from fed_llama.config.adapter import ATTENTION_MODULES, MLP_MODULES, LoraConfig, MethodSections
 
-__all__ = ["ATTENTION_MODULES", "ICD10_PREFIX", "MLP_MODULES", "BackboneConfig", "DataConfig",
-           "LoraConfig", "OptimConfig", "TrainConfig"]
+__all__ = ["ATTENTION_MODULES", "ICD10_PREFIX", "ICD10_TASKS", "MLP_MODULES", "BackboneConfig",
+           "DataConfig", "LoraConfig", "OptimConfig", "TrainConfig"]
 
 ICD10_PREFIX = "icd10:"
+ICD10_TASKS = ("desc2code", "code2desc", "includes", "excludes")
+"""The question kinds an ICD-10 code yields (``fed_llama.data.icd10``)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,17 @@ class DataConfig:
     in words far sooner than to its letter, and the letter follows from the title. Scoring
     reads the first code in an answer either way."""
 
+    icd10_train_tasks: tuple[str, ...] = ICD10_TASKS
+    """ICD-10 sites only: the question kinds a site trains on, of ``desc2code``,
+    ``code2desc``, ``includes`` and ``excludes``. The held-out set keeps every kind, so
+    perplexity and task scores stay comparable between settings."""
+
     def problems(self) -> list[str]:
         out = []
+        unknown = [t for t in self.icd10_train_tasks if t not in ICD10_TASKS]
+        if unknown or not self.icd10_train_tasks:
+            out.append(f"icd10_train_tasks must name one or more of {', '.join(ICD10_TASKS)}; "
+                       f"got {list(self.icd10_train_tasks)}")
         if not self.source.strip():
             out.append("source must name a JSONL file or 'icd10:<site>'")
         if not 0.0 < self.val_fraction < 1.0:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from fed_llama.config.train import ICD10_TASKS
 from fed_llama.data.records import Example
 from fed_llama.errors import DataError
 
@@ -35,7 +36,7 @@ SITES: dict[str, tuple[str, str]] = {
     "obstetrics": ("15", "Pregnancy, childbirth and the puerperium (O00-O9A)"),
     "neonatology": ("16", "Certain conditions originating in the perinatal period (P00-P96)"),
 }
-TASKS = ("desc2code", "code2desc", "includes", "excludes")
+TASKS = ICD10_TASKS  # the question kinds, in the order questions() yields them
 MAX_NOTES = 6  # notes per answer: keeps answers within a few dozen tokens
 HELDOUT_FRACTION = 0.1
 

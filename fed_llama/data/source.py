@@ -65,7 +65,8 @@ def load_examples(cfg: DataConfig, seed: int) -> SiteExamples:
     if cfg.source.startswith(ICD10_PREFIX):
         split = icd10.site_split(cfg.source[len(ICD10_PREFIX):], seed=seed,
                                  answer=cfg.icd10_answers)
-        train, heldout = split.train, split.heldout
+        train = [ex for ex in split.train if ex.meta["task"] in cfg.icd10_train_tasks]
+        heldout = split.heldout
         summary.update(site=split.site, codes=split.num_codes,
                        heldout_codes=split.num_heldout_codes, skipped_lines=0)
     else:
