@@ -249,12 +249,13 @@ CRASH_FED = "min_sites = 3\nround_timeout = 90\n"
 REAL_SITES = ["icd10:cardiology", "icd10:oncology", "icd10:psychiatry", "icd10:neurology"]
 REAL_SCENARIO = (
     '[backbone]\nname = "smollm2-135m"\n'
-    "[train]\nmax_steps = 20\nbatch_size = 8\nlr = 0.003\nwarmup_steps = 2\n"
+    "[train]\nmax_steps = 20\nbatch_size = 8\nlr = 0.003\nwarmup_steps = 2\nthreads = 1\n"
     "[data]\nmax_heldout_records = 64\n[evaluation]\nquestions = 0\n"
     f"[federation]\nrounds = {ROUNDS}\nsites = {json.dumps(REAL_SITES)}\n"
     "round_timeout = 1800\n")
-"""``scale-real``: the main job's local work (20 steps of 8 examples a round) on the default
-backbone, four ICD-10 hospitals, held-out perplexity on 64 records per site."""
+"""``scale-real``: 20 local steps of 8 examples a round on the default backbone, four ICD-10
+hospitals, held-out perplexity on 64 records per site. Each site's torch uses one thread: the
+four SuperNodes share this host's cores, where each would have a machine of its own."""
 SCENARIOS = {"scale-real": REAL_SCENARIO}
 
 
