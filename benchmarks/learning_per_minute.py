@@ -80,6 +80,9 @@ VARIANTS: dict[str, list[str]] = {
     "30x2+keep+desc2code": [*SHORT, "data.icd10_train_tasks=['desc2code']"],
     "30x2+keep+desc2code+code2desc": [*SHORT,
                                       "data.icd10_train_tasks=['desc2code', 'code2desc']"],
+    # ... or more of the backbone adapted, or larger steps
+    "30x2+keep+mlp": [*SHORT, "lora.include_mlp=true"],
+    "30x2+keep+lr-0.006": [*SHORT, "train.lr=0.006"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
