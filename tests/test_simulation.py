@@ -419,3 +419,26 @@ def test_a_run_folder_that_cannot_be_written_stops_the_run_in_one_line_and_resum
                    stdout=subprocess.DEVNULL)
     assert [row["round"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
     assert main(["audit", str(out)]) == 0  # no round lost or applied twice, seals chained
+
+
+def test_evaluation_tasks_chooses_the_kinds_of_question_each_site_is_asked(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, tmp_path: Path) -> None:
+    """[evaluation] tasks: the main job asks description -> code questions only."""
+    from fed_llama.client import site as site_ops
+    from fed_llama.training.site_model import initial_state
+
+    path = tmp_path / "scenario.toml"
+    path.write_text(f'[backbone]\nname = "{tiny_backbone}"\n[train]\nmax_steps = 1\n'
+                    "warmup_steps = 0\n[data]\nmax_heldout_records = 40\n"
+                    "[evaluation]\nquestions = 3\nmax_new_tokens = 2\n"
+                    '[federation]\nrounds = 1\nsites = ["icd10:cardiology", "icd10:oncology"]\n')
+    every, _ = load_scenario(path, [])
+    codes, _ = load_scenario(path, ["evaluation.tasks=['desc2code']"])
+    state = initial_state(every)
+    asked = {k.split("/")[1] for k in site_ops.evaluate(every, 0, state) if k.startswith("task/")}
+    only = site_ops.evaluate(codes, 0, state)
+    assert asked == {"desc2code", "code2desc", "includes", "excludes"}
+    assert {k.split("/")[1] for k in only if k.startswith("task/")} == {"desc2code"}
+    assert only["task/desc2code/n"] == 3
+    with pytest.raises(ConfigError, match=r"evaluation.*tasks must name kinds of question"):
+        load_scenario(path, ["evaluation.tasks=['diagnosis']"])

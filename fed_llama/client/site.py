@@ -142,7 +142,8 @@ def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, flo
         loaded.model.eval()
         report = evaluate_tasks(loaded.model, loaded.tokenizer, data.heldout_examples,
                                 max_questions=ev.questions, seed=scenario.train.seed,
-                                batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
+                                batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                tasks=ev.tasks or None)
         metrics.update({f"task/{k}": v for k, v in report.flat().items()})
     metrics[wire.EVALUATE_SECONDS] = time.perf_counter() - start
     return metrics

@@ -15,6 +15,8 @@ from fed_llama.config.security import (
 )
 from fed_llama.config.train import (
     ICD10_PREFIX,
+    ICD10_TASKS,
+    QUESTION_TASK,
     BackboneConfig,
     DataConfig,
     OptimConfig,
@@ -218,6 +220,11 @@ class TaskEvalConfig:
     (ICD-10: description -> code category and exact match, code -> description token F1;
     other data: exact match and token F1). 0: perplexity only."""
 
+    tasks: tuple[str, ...] = ()
+    """The kinds of question asked: of an ICD-10 site's ``desc2code``, ``code2desc``,
+    ``includes`` and ``excludes``, or ``answer`` (a JSONL site's questions). Empty: every
+    kind the held-out data has."""
+
     max_new_tokens: int = 24
     """Longest generated answer, in tokens."""
 
@@ -228,6 +235,10 @@ class TaskEvalConfig:
         out = []
         if self.questions < 0:
             out.append(f"questions must be 0 (off) or more; got {self.questions}")
+        known = (*ICD10_TASKS, QUESTION_TASK)
+        if any(t not in known for t in self.tasks):
+            out.append(f"tasks must name kinds of question of {', '.join(known)} (or be empty: "
+                       f"all); got {list(self.tasks)}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             out.append("max_new_tokens and batch_size must be at least 1")
         return out

@@ -10,12 +10,14 @@ from typing import Literal
 
 from fed_llama.config.adapter import ATTENTION_MODULES, MLP_MODULES, LoraConfig, MethodSections
 
-__all__ = ["ATTENTION_MODULES", "ICD10_PREFIX", "ICD10_TASKS", "MLP_MODULES", "BackboneConfig",
-           "DataConfig", "LoraConfig", "OptimConfig", "TrainConfig"]
+__all__ = ["ATTENTION_MODULES", "ICD10_PREFIX", "ICD10_TASKS", "MLP_MODULES", "QUESTION_TASK",
+           "BackboneConfig", "DataConfig", "LoraConfig", "OptimConfig", "TrainConfig"]
 
 ICD10_PREFIX = "icd10:"
 ICD10_TASKS = ("desc2code", "code2desc", "includes", "excludes")
 """The question kinds an ICD-10 code yields (``fed_llama.data.icd10``)."""
+QUESTION_TASK = "answer"
+"""The kind of question a JSONL record without a task of its own is scored as."""
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from fed_llama.config.train import QUESTION_TASK
 from fed_llama.data.records import Example
 from fed_llama.evaluation.scoring import score
 
-GENERIC = "answer"
+GENERIC = QUESTION_TASK  # a question without a task of its own
 
 
 @dataclass(frozen=True)
