@@ -37,14 +37,17 @@ from category_gap import pooled_se
 from harness import RESULTS, add_scenario_arguments, markdown_table, write_results
 
 BASE = ["federation.rounds=3", "train.max_steps=20", "train.warmup_steps=2",
-        "federation.local_optimizer='restart'"]
+        "federation.local_optimizer='restart'", "lora.include_mlp=false",
+        "evaluation.questions=16", "evaluation.tasks=[]"]
 """The main job's scenario as the variants were measured against (before it took 30 rounds of
-2 steps with kept moments, the ``30x2+keep`` variant): put before every variant's overrides."""
+2 steps with kept moments, the ``30x2+keep`` variant, then MLP adapters and its own evaluation
+sample): put before every variant's overrides, so every row is scored on the same sample (16
+questions per kind per site)."""
 CYCLIC = ["federation.participation='cyclic'", "federation.local_optimizer='keep'",
           "federation.rounds=9"]
 SHORT = ["federation.rounds=30", "train.max_steps=2", "train.warmup_steps=1",
          "federation.local_optimizer='keep'"]
-"""The main job's shape since it took the ``30x2+keep`` variant."""
+"""The ``30x2+keep`` variant's shape, which the main job took."""
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "lr-0.01": ["train.lr=0.01"],
@@ -83,6 +86,7 @@ VARIANTS: dict[str, list[str]] = {
     # ... or more of the backbone adapted, or larger steps
     "30x2+keep+mlp": [*SHORT, "lora.include_mlp=true"],
     "30x2+keep+lr-0.006": [*SHORT, "train.lr=0.006"],
+    "30x2+keep+mlp+lr-0.006": [*SHORT, "lora.include_mlp=true", "train.lr=0.006"],
 }
 """Variant name -> overrides on top of the scenario (and ``--set``). The first is the
 baseline."""
