@@ -80,10 +80,15 @@ def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:
 def overhead(rows: list[Row]) -> list[dict[str, float]]:
     """Per round: its wall time, the slowest site's training and evaluation times, and
     Flower's overhead (the round's time less those two: messaging, ClientApp process starts,
-    loading the backbone in them, checkpoints)."""
-    def slowest(row: Row, suffix: str) -> float:
-        return max((float(v) for k, v in row.items() if k.endswith(suffix)
-                    and isinstance(v, int | float)), default=0.0)
+    loading the backbone in them, checkpoints). Where the sites report their load times, also
+    ``flower_s``: the round's time less the slowest site's load and training and the slowest
+    site's load and evaluation, which leaves Flower's part (messages, ClientApp process starts
+    and FAB installs) and the aggregator's checkpoints."""
+    def slowest(row: Row, *suffixes: str) -> float:
+        sites = {k.rsplit("/", 1)[0] for k in row if k.endswith(suffixes[0])}
+        return max((sum(float(v) for s in suffixes
+                        if isinstance(v := row.get(f"{site}{s}"), int | float))
+                    for site in sites), default=0.0)
 
     out = []
     for row in rows:
@@ -91,11 +96,19 @@ def overhead(rows: list[Row]) -> list[dict[str, float]]:
         if "round-seconds" in row and train:
             wall = float(row["round-seconds"])
             spent = wall - train - evaluate
-            out.append({"round": int(row["round"]), "round_s": round(wall, 2),
-                        "slowest_train_s": round(train, 2),
-                        "slowest_evaluate_s": round(evaluate, 2),
-                        "overhead_s": round(spent, 2),
-                        "overhead_share": round(spent / wall, 3) if wall else 0})
+            entry = {"round": int(row["round"]), "round_s": round(wall, 2),
+                     "slowest_train_s": round(train, 2),
+                     "slowest_evaluate_s": round(evaluate, 2),
+                     "overhead_s": round(spent, 2),
+                     "overhead_share": round(spent / wall, 3) if wall else 0}
+            if any(k.endswith("/train-load-seconds") for k in row):
+                flower = (wall - slowest(row, "/train-seconds", "/train-load-seconds")
+                          - slowest(row, "/evaluate-seconds", "/evaluate-load-seconds"))
+                entry.update({"slowest_train_load_s": round(
+                    slowest(row, "/train-load-seconds"), 2),
+                    "flower_s": round(flower, 2),
+                    "flower_share": round(flower / wall, 3) if wall else 0})
+            out.append(entry)
     return out
 
 

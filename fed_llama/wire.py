@@ -52,4 +52,8 @@ HELDOUT_LOSS = "heldout-loss"
 HELDOUT_TOKENS = "heldout-tokens"
 EVALUATE_SECONDS = "evaluate-seconds"
 """Seconds the site spent evaluating (held-out loss and task questions)."""
+LOAD_SECONDS = "load-seconds"
+"""Seconds the site spent loading the backbone and its data for this message (about 0 where
+its process already holds them, as the Simulation Engine's actors do; on the Deployment Engine
+each message starts a fresh ClientApp process)."""
 BYTES_UP = "bytes-up"

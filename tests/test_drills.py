@@ -62,6 +62,21 @@ def test_flowers_overhead_is_the_round_minus_its_slowest_sites_train_and_evaluat
          "overhead_s": 4.0, "overhead_share": 0.4}]
 
 
+def test_flowers_own_part_also_leaves_out_the_sites_backbone_loads() -> None:
+    """Where sites report load-seconds, ``flower_s`` is the round less the slowest site's load
+    plus training and the slowest site's load plus evaluation (not always the same site)."""
+    timed = row(1, **{"round-seconds": 100.0,
+                      "a/train-seconds": 50.0, "a/train-load-seconds": 5.0,
+                      "b/train-seconds": 40.0, "b/train-load-seconds": 20.0,
+                      "a/evaluate-seconds": 10.0, "a/evaluate-load-seconds": 3.0,
+                      "b/evaluate-seconds": 12.0, "b/evaluate-load-seconds": 4.0})
+    [entry] = ev.overhead([timed])
+    assert entry["overhead_s"] == 100.0 - 50.0 - 12.0
+    assert entry["slowest_train_load_s"] == 20.0
+    assert entry["flower_s"] == 100.0 - (40.0 + 20.0) - (12.0 + 4.0)
+    assert entry["flower_share"] == 0.24
+
+
 def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path: Path) -> None:
     (tmp_path / "history.json").write_text(json.dumps([row(1)]))
     (tmp_path / "rounds" / "round-001").mkdir(parents=True)

@@ -38,6 +38,9 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
         assert row["sites-trained"] == 2 and row["sites-evaluated"] == 2
         assert row["site0/perplexity"] > 0 and row["site1/perplexity"] > 0
         assert row["sites-refused"] == 0
+        # each message's own timings: the backbone and data load, then the work
+        assert row["site0/train-seconds"] > 0 and row["site1/evaluate-seconds"] > 0
+        assert row["site0/train-load-seconds"] >= 0 and row["site1/evaluate-load-seconds"] >= 0
         # each update travels signed and encrypted: its tensors plus the envelope's overhead
         assert row["bytes-down"] < row["bytes-up"] < row["backbone-bytes"]
         assert row["site0/bytes-up"] + row["site1/bytes-up"] == row["bytes-up"]

@@ -69,8 +69,10 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
     if scenario.site_names()[site] in scenario.attack.drop_sites:  # a simulated dropout
         raise RuntimeError(f"site {scenario.site_names()[site]} drops out of round "
                            f"{server_round} ([attack] drop_sites)")
+    start = time.perf_counter()
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
+    load_seconds = time.perf_counter() - start
     rank, lora = scenario.site_rank(site), scenario.lora
     if scenario.method == "lora":
         adapter = use_rank(loaded.model, lora, rank, scenario.train.seed)
@@ -100,7 +102,8 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
                           resume_optimizer=optimizer if keep else None, keep_optimizer=keep)
     tail = stats.losses[-max(1, len(stats.losses) // 4):]
     metrics = {"num-examples": float(len(data.train)), "train-loss": sum(tail) / len(tail),
-               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens)}
+               "train-seconds": stats.seconds, "train-tokens": float(stats.tokens),
+               wire.LOAD_SECONDS: load_seconds}
     if scenario.method == "lora":  # the LoRA rank this site trained
         metrics["rank"] = float(rank)
     if keep:  # how many steps the site's AdamW moments have accumulated, this round included
@@ -125,6 +128,7 @@ def fit(scenario: ScenarioConfig, site: int, state: State, server_round: int,
 
 def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, float]:
     """Held-out answer loss of the adapter ``state`` on site ``site``."""
+    begin = time.perf_counter()
     loaded = loaded_site_model(scenario)
     data = site_data(scenario, site)
     start = time.perf_counter()  # the evaluation itself, as train-seconds is the training
@@ -146,4 +150,5 @@ def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, flo
                                 tasks=ev.tasks or None)
         metrics.update({f"task/{k}": v for k, v in report.flat().items()})
     metrics[wire.EVALUATE_SECONDS] = time.perf_counter() - start
+    metrics[wire.LOAD_SECONDS] = start - begin
     return metrics

@@ -81,6 +81,8 @@ class SecAggFedAvg(LegacyFedAvg):
             name = self.site_names[int(res.metrics["site"])]
             row[f"{name}/train-loss"] = float(res.metrics.get("train-loss", math.nan))
             row[f"{name}/train-seconds"] = float(res.metrics.get("train-seconds", math.nan))
+            if wire.LOAD_SECONDS in res.metrics:
+                row[f"{name}/train-{wire.LOAD_SECONDS}"] = float(res.metrics[wire.LOAD_SECONDS])
             if "optimizer-steps" in res.metrics:  # local_optimizer = "keep": the site's AdamW age
                 row[f"{name}/optimizer-steps"] = float(res.metrics["optimizer-steps"])
             if "bytes-up" in res.metrics:  # the masked update, measured by the site

@@ -132,6 +132,8 @@ class AdapterFedAvg(FedAvg):
         for name, _, m in admitted:
             row[f"{name}/train-loss"] = m.get("train-loss", math.nan)
             row[f"{name}/train-seconds"] = m.get("train-seconds", math.nan)
+            if wire.LOAD_SECONDS in m:  # the site's backbone and data load for the message
+                row[f"{name}/train-{wire.LOAD_SECONDS}"] = m[wire.LOAD_SECONDS]
             if "optimizer-steps" in m:  # local_optimizer = "keep": the site's AdamW age
                 row[f"{name}/optimizer-steps"] = m["optimizer-steps"]
         total = sum(weights)
