@@ -109,10 +109,13 @@ SECTIONS: list[tuple[str, str, str]] = [
      "trained again after a restart, or whose seal does not seal the previous round's "
      "checkpoint), the round-seal chain verified end to end, and the processes' exits. "
      "`overhead` is per round of the `scale` drills (`scale`: 16 SuperNodes on the tiny "
-     "model; `scale-real`, once measured: 4 on the default backbone): the round's wall time "
+     "model; `scale-real`: 4 on the default backbone): the round's wall time "
      "minus the slowest site's training time and its evaluation time (where the sites "
      "report it), which leaves messaging, each message's ClientApp process start and "
-     "backbone load, and checkpointing; `peak_rss_mb` is the SuperLink's and the "
+     "backbone load, and checkpointing; `flower_s` (where the sites report their load "
+     "times) leaves out the sites' backbone and data loads as well: the round less the "
+     "slowest site's load and training and the slowest site's load and evaluation; "
+     "`peak_rss_mb` is the SuperLink's and the "
      "ServerApp's peak resident set (VmHWM) per `scale` drill."),
     ("methods", "The adapter methods side by side",
      "LoRA, QLoRA (LoRA on the NF4 backbone), LLaMA-Adapter V1, V2, V2's bias-scale-norm "
