@@ -74,13 +74,23 @@ def scale(d: Drill) -> Outcome:
     checks = {"flwr run exit 0": code == 0,
               f"every round trained by all {d.sites}": len(rows) == ROUNDS and all(
                   r.get("sites-trained") == d.sites for r in rows)}
-    shown = ", ".join(f"r{o['round']} {o['overhead_s']:.1f}/{o['round_s']:.1f} s "
-                      f"({100 * o['overhead_share']:.0f}%)" for o in per_round)
     peaks = d.peaks_mb()
-    note = (f"Flower overhead per round (round s minus slowest site's train s): {shown}; "
-            f"peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items()))
+    note = overhead_note(per_round, peaks)
     return checks, [], note, {"overhead": [{"drill": d.name, **o} for o in per_round],
                               "peak_rss_mb": peaks}
+
+
+def overhead_note(per_round: list[dict[str, Any]], peaks: dict[str, float]) -> str:
+    """The scale drills' note: overhead per round, Flower's own part where the sites report
+    their load times, and the peak RSS."""
+    shown = ", ".join(f"r{o['round']} {o['overhead_s']:.1f}/{o['round_s']:.1f} s "
+                      f"({100 * o['overhead_share']:.0f}%)" for o in per_round)
+    note = f"overhead per round (round s minus slowest site's train and evaluate s): {shown}"
+    if per_round and all("flower_s" in o for o in per_round):
+        note += ("; less the sites' backbone loads too: " + ", ".join(
+            f"r{o['round']} {o['flower_s']:.1f} s ({100 * o['flower_share']:.0f}%)"
+            for o in per_round))
+    return note + "; peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items())
 
 
 def site_crash(d: Drill, victim: int = 1) -> Outcome:
