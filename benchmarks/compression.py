@@ -51,6 +51,9 @@ def main() -> None:
     add_scenario_arguments(parser, "extra scenario overrides for every variant")
     add_json_argument(parser, "compression.json")
     parser.add_argument("--force", action="store_true", help="run every variant again")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the variants to run, in this order (default: all; `none`, the "
+                             "baseline of the ratios, is measured first whatever the order)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fed_llama.launch.simulate import simulate
@@ -63,7 +66,7 @@ def main() -> None:
         if saved.get("overrides") == overrides:
             done = saved.get("variants", {})
     with tempfile.TemporaryDirectory(prefix="fed-llama-compression-") as tmp:
-        for name in VARIANTS:
+        for name in dict.fromkeys(["none", *args.variants]):
             if name in done:
                 print(f"  {name}: already measured (--force to run again)")
                 continue
@@ -75,6 +78,7 @@ def main() -> None:
             write_results(path, {"scenario": args.scenario, "overrides": overrides,
                                  "variants": done})
     base = done["none"]
+    done = {k: done[k] for k in VARIANTS if k in done}
     for r in done.values():
         r["bytes_x_none"] = round(r["bytes_up_per_site"] / base["bytes_up_per_site"], 4)
         r["ppl_x_none_by_round"] = [round(p / q, 4) for p, q in
