@@ -65,7 +65,7 @@ SERVER_PUB = {"kind": '"fed-llama-server-public-key"', "kem": '"x25519"',
               "hpke": '{"x25519":"' + "A" * 43 + '="}', "ed25519": '"' + "A" * 43 + '="'}
 TRUST_FILE = {"kind": '"fed-llama-trust-store"', "sites": '{"cardiology":"' + "A" * 43 + '="}'}
 MANIFEST_FILE = {"format_version": "1", "files": '{"adapter_config.json":"00"}',
-                 "backbone": '{"sha256":"00"}'}
+                 "backbone": '{"sha256":"00"}', "system_prompt": '"Be brief."'}
 
 
 def render(template: dict[str, str], field: str, value: str) -> str:

@@ -135,6 +135,9 @@ def read_manifest(adapter_dir: Path, *, sealed: bool = False) -> dict[str, Any]:
     except (OSError, BadJson) as exc:
         raise AdapterError(f"adapter {str(adapter_dir)!r}: {MANIFEST} is not a fed-llama "
                            f"manifest ({exc}): copy the adapter again") from None
+    if not isinstance(manifest.get("system_prompt"), str | None):
+        raise AdapterError(f"adapter {str(adapter_dir)!r}: {MANIFEST} has a system_prompt that "
+                           "is no text: copy the adapter again")
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(
             name in (*PEFT_FILES, SEALED_WEIGHTS) and isinstance(digest, str)

@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fed_llama.config.train import DataConfig
-    from fed_llama.data.records import read_jsonl
+    from fed_llama.data.records import read_jsonl, with_system
     from fed_llama.data.source import load_examples, sample
     from fed_llama.data.tokenize import encode_all
     from fed_llama.inference.model import load_model
@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  seed=args.seed).heldout
     else:
         examples = read_jsonl(Path(args.data), skip_bad=args.skip_bad_lines).examples
-    examples = sample(examples, args.max_records, args.seed)
+    examples = with_system(sample(examples, args.max_records, args.seed), loaded.system_prompt)
     items, dropped = encode_all(tok, examples, args.max_length)
     if not items:
         raise ConfigError(f"--data {args.data!r}: no record fits in --max-length "
@@ -122,13 +122,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.backbone, Path(args.adapter) if args.adapter else None)
     return _print_stream(stream_chat(
-        loaded.model, loaded.backbone.tokenizer, _chat_messages(args),
+        loaded.model, loaded.backbone.tokenizer, _chat_messages(args, loaded.system_prompt),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed))
 
 
-def _chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+def _chat_messages(args: argparse.Namespace, trained: str | None) -> list[dict[str, str]]:
+    """The prompt as messages: ``--system``, else the system message the model was trained
+    with (``trained``; None: the chat template's default)."""
+    system = args.system if args.system is not None else trained
+    messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": args.prompt})
     return messages
 
@@ -147,6 +150,7 @@ def _generate_onnx(args: argparse.Namespace) -> int:
     from fed_llama.export.build import EDGE_RUNTIME, require
 
     require(EDGE_RUNTIME, "fed-llama generate --onnx")
+    from fed_llama.export.folder import exported_system_prompt
     from fed_llama.export.runtime import OnnxCausalLM
 
     if args.lora and not args.onnx:
@@ -159,7 +163,8 @@ def _generate_onnx(args: argparse.Namespace) -> int:
         raise ConfigError(f"--onnx {args.onnx!r} is not a folder: give the folder written by "
                           "`fed-llama export`")
     lm = OnnxCausalLM(folder, adapter=args.lora)
-    return _print_stream(lm.chat(_chat_messages(args), max_new_tokens=args.max_new_tokens,
+    messages = _chat_messages(args, exported_system_prompt(folder))
+    return _print_stream(lm.chat(messages, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p,
                                  seed=args.seed))
 

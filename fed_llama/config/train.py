@@ -38,6 +38,10 @@ class BackboneConfig:
         return [] if self.name.strip() else ["name must not be empty: use 'smollm2-135m'"]
 
 
+TEMPLATE_SYSTEM_PROMPT = "template"
+"""``data.system_prompt`` value that leaves the system message to the chat template."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a site's examples come from and how they become tokens."""
@@ -77,6 +81,19 @@ class DataConfig:
     """ICD-10 sites only: the question kinds a site trains on, of ``desc2code``,
     ``code2desc``, ``includes`` and ``excludes``. The held-out set keeps every kind, so
     perplexity and task scores stay comparable between settings."""
+
+    system_prompt: str = TEMPLATE_SYSTEM_PROMPT
+    """The system message put before every example that has none, in training and in task
+    questions alike. ``"template"``: none is added and the backbone's chat template adds its own
+    default (SmolLM2's names the assistant: 16 tokens on every example, a quarter of an ICD-10
+    example). Any other text, the empty string included, is used as the system message; an
+    adapter trained with one answers best when asked with the same one (docs/edge.md)."""
+
+    @property
+    def trained_system_prompt(self) -> str | None:
+        """The system message added to examples, as manifests record it (None: the chat
+        template's default)."""
+        return None if self.system_prompt == TEMPLATE_SYSTEM_PROMPT else self.system_prompt
 
     def problems(self) -> list[str]:
         out = []

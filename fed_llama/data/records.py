@@ -44,11 +44,24 @@ class Example:
         """The final assistant message (the reference answer)."""
         return self.messages[-1]["content"]
 
+    def with_system(self, text: str) -> Example:
+        """This conversation with a system message ``text`` first, unless it has one."""
+        if self.messages and self.messages[0]["role"] == "system":
+            return self
+        return Example(messages=({"role": "system", "content": text}, *self.messages),
+                       meta=self.meta)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"messages": list(self.messages)}
         if self.meta:
             out["meta"] = self.meta
         return out
+
+
+def with_system(examples: list[Example], text: str | None) -> list[Example]:
+    """``examples``, each with the system message ``text`` first unless it has one (None: as
+    they are, for the chat template to add its default)."""
+    return examples if text is None else [ex.with_system(text) for ex in examples]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fed_llama.config.train import ICD10_PREFIX, DataConfig
 from fed_llama.data import icd10
-from fed_llama.data.records import Example, read_jsonl
+from fed_llama.data.records import Example, read_jsonl, with_system
 from fed_llama.data.tokenize import Encoded, encode, encode_all
 from fed_llama.errors import DataError
 
@@ -82,6 +82,9 @@ def load_examples(cfg: DataConfig, seed: int) -> SiteExamples:
         summary["skipped_lines"] += held.skipped
     train = sample(train, cfg.max_train_records, seed)
     heldout = sample(heldout, cfg.max_heldout_records, seed)
+    if cfg.trained_system_prompt is not None:
+        train = with_system(train, cfg.trained_system_prompt)
+        heldout = with_system(heldout, cfg.trained_system_prompt)
     summary.update(train_records=len(train), heldout_records=len(heldout))
     return SiteExamples(train=train, heldout=heldout, summary=summary)
 

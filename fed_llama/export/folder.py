@@ -51,6 +51,8 @@ ROLES = {
     "adapters/slots.json": "the switchable LoRA weights' names and shapes",
 }
 TOKENS_CHECKED = 4
+MAX_MANIFEST_BYTES = 16 << 20
+"""Largest export manifest read (its verification report included)."""
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -168,7 +170,13 @@ def device_readme(folder: Path, manifest: dict[str, Any]) -> str:
     else:
         lines.append("- Not with plain onnxruntime-genai: it could not run this folder at export "
                      f"({genai.get('error', 'not checked')}); use `fed-llama generate --onnx`.")
-    lines += ["", "## Run", "", "```bash",
+    system = manifest.get("system_prompt")
+    lines += ["", "## Run", ""]
+    if isinstance(system, str):
+        lines += [f"The adapter was trained with the system message {json.dumps(system)}: ask "
+                  "with the same one (`fed-llama generate --onnx` adds it to a prompt without "
+                  "one).", ""]
+    lines += ["```bash",
               "fed-llama generate --onnx . 'What is the ICD-10-CM code for \"Essential (primary) "
               "hypertension\"?'"]
     if adapters:
@@ -177,8 +185,10 @@ def device_readme(folder: Path, manifest: dict[str, Any]) -> str:
     if genai.get("loads"):
         lines += ["", "```python", "import json", "import onnxruntime_genai as og", "",
                   "model = og.Model('.')  # this folder", "tokenizer = og.Tokenizer(model)",
-                  "messages = [{'role': 'user', 'content': 'Which code is essential "
-                  "hypertension?'}]",
+                  "messages = ["
+                  + (f"{{'role': 'system', 'content': {system!r}}}, "
+                     if isinstance(system, str) else "")
+                  + "{'role': 'user', 'content': 'Which code is essential hypertension?'}]",
                   "text = tokenizer.apply_chat_template(json.dumps(messages), "
                   "add_generation_prompt=True)",
                   "params = og.GeneratorParams(model)",
@@ -201,6 +211,26 @@ def device_readme(folder: Path, manifest: dict[str, Any]) -> str:
               f"{speed.get('prefill-ms', 0):.0f} ms {host_label(host)} (the export host: "
               "measure on your device, speed depends on its CPU and how busy it is)", ""]
     return "\n".join(lines)
+
+
+def exported_system_prompt(folder: Path) -> str | None:
+    """The system message the exported adapter was trained with, from the folder's manifest
+    (None: none recorded, or no manifest: the chat template's default)."""
+    from fed_llama.common.bounded_json import BadJson, loads
+    from fed_llama.export.build import ExportError
+
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as fh:
+            manifest = loads(fh.read(MAX_MANIFEST_BYTES + 1), max_bytes=MAX_MANIFEST_BYTES)
+    except (OSError, BadJson) as exc:
+        raise ExportError(f"{path}: not an export manifest ({exc}): export again") from None
+    system = manifest.get("system_prompt") if isinstance(manifest, dict) else None
+    if not isinstance(system, str | None):
+        raise ExportError(f"{path}: its system_prompt is no text: export again")
+    return system
 
 
 def write_readme(folder: Path, manifest: dict[str, Any]) -> Path:

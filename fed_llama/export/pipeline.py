@@ -94,7 +94,9 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
                 if adapter is not None else None)
     sources = verification_sources(cfg.verify, manifest_in)
     check_sources(sources)
-    calibration = calibration_set(sources, cfg)  # refuses a source without any, before the work
+    system = manifest_in.get("system_prompt")  # read_manifest checked it is text or None
+    # refuses a source without any, before the work
+    calibration = calibration_set(sources, cfg, system)
     switchable = cfg.runtime_adapters and adapter is not None
     started = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,7 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             write_onnx_adapter(adapter, onnx_dir, name)
             runtime = {"slots": len(slots), "built_in": name, "adapters": [name]}
         lm = OnnxCausalLM(onnx_dir)
-        report = verify_export(merged.model, merged.tokenizer, lm, cfg, sources)
+        report = verify_export(merged.model, merged.tokenizer, lm, cfg, sources, system)
         failures = check_bounds(report, cfg)
         if failures:
             raise ExportError(f"export refused, nothing written to {out}: "
@@ -138,6 +140,7 @@ def export_adapter(adapter: Path | None, out: Path, cfg: ExportConfig, *,
             "profile": dataclasses.asdict(cfg),
             "quant": cfg.quant,
             "source_adapter": _adapter_identity(adapter, manifest_in),
+            "system_prompt": system,
             "method": settings.method if settings is not None else None,
             # what of the adapter is a branch in the graph rather than folded into weights
             "adapter_branches": merged.branches,

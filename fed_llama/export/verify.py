@@ -19,7 +19,7 @@ import numpy as np
 
 from fed_llama.config.export import ExportConfig, VerifyConfig
 from fed_llama.data import icd10
-from fed_llama.data.records import Example, read_jsonl
+from fed_llama.data.records import Example, read_jsonl, with_system
 from fed_llama.data.source import sample
 from fed_llama.data.tokenize import IGNORE, Encoded, encode_all
 from fed_llama.errors import ConfigError
@@ -45,16 +45,19 @@ def verification_sources(cfg: VerifyConfig, adapter_manifest: dict[str, Any]) ->
                       "none; pass --set verify.data=['icd10:cardiology'] or a JSONL file")
 
 
-def heldout_examples(source: str, cfg: VerifyConfig) -> list[Example]:
-    """A seeded sample of ``cfg.records`` held-out examples of ``source``."""
+def heldout_examples(source: str, cfg: VerifyConfig, system: str | None = None
+                     ) -> list[Example]:
+    """A seeded sample of ``cfg.records`` held-out examples of ``source``, with the system
+    message ``system`` (the adapter's; None: the chat template's)."""
     if source.startswith(ICD10):
         examples = icd10.site_split(source[len(ICD10):], seed=cfg.seed).heldout
     else:
         examples = read_jsonl(Path(source)).examples
-    return sample(examples, cfg.records, cfg.seed)
+    return with_system(sample(examples, cfg.records, cfg.seed), system)
 
 
-def calibration_examples(source: str, cfg: ExportConfig) -> list[Example]:
+def calibration_examples(source: str, cfg: ExportConfig, system: str | None = None
+                         ) -> list[Example]:
     """``cfg.calibration_records`` seeded records of ``source`` that verification does not use:
     an ICD-10 site's training split, or a JSONL file's records outside the verification
     sample."""
@@ -69,14 +72,15 @@ def calibration_examples(source: str, cfg: ExportConfig) -> list[Example]:
             raise ConfigError(f"{source}: all {len(examples)} records are used for verification "
                               f"(verify.records = {v.records}), none is left to calibrate "
                               "algorithm = 'gptq' on: lower verify.records or give more data")
-    return sample(pool, cfg.calibration_records, v.seed + 1)
+    return with_system(sample(pool, cfg.calibration_records, v.seed + 1), system)
 
 
-def calibration_set(sources: list[str], cfg: ExportConfig) -> list[Example]:
+def calibration_set(sources: list[str], cfg: ExportConfig, system: str | None = None
+                    ) -> list[Example]:
     """The calibration records of every source for ``algorithm = 'gptq'`` (none otherwise)."""
     if cfg.algorithm != "gptq":
         return []
-    return [ex for source in sources for ex in calibration_examples(source, cfg)]
+    return [ex for source in sources for ex in calibration_examples(source, cfg, system)]
 
 
 @dataclass
@@ -183,7 +187,7 @@ def speed_prompt(items: list[Encoded], length: int) -> list[int]:
 
 
 def verify_export(merged: Any, tokenizer: Any, lm: OnnxCausalLM, cfg: ExportConfig,
-                  sources: list[str]) -> dict[str, Any]:
+                  sources: list[str], system: str | None = None) -> dict[str, Any]:
     """Compare ``lm`` with the PyTorch ``merged`` model; the report for the manifest."""
     from tqdm.auto import tqdm
 
@@ -194,7 +198,7 @@ def verify_export(merged: Any, tokenizer: Any, lm: OnnxCausalLM, cfg: ExportConf
     pooled = Agreement()
     all_items: list[Encoded] = []
     for source in sources:
-        examples = heldout_examples(source, v)
+        examples = heldout_examples(source, v, system)
         items, _ = encode_all(tokenizer, examples, v.max_length)
         all_items += items
         agreement = Agreement()

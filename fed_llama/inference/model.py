@@ -19,6 +19,8 @@ class LoadedModel:
     model: Any
     backbone: Backbone
     adapter: Path | None
+    system_prompt: str | None = None
+    """The system message the adapter was trained with (None: the chat template's default)."""
 
 
 def load_model(backbone: str | None, adapter: Path | None,
@@ -39,4 +41,5 @@ def load_model(backbone: str | None, adapter: Path | None,
     if adapter is not None:
         model = load_adapter(model, adapter, backbone_sha256=loaded.source.sha256)
         model.eval()
-    return LoadedModel(model=model, backbone=loaded, adapter=adapter)
+    return LoadedModel(model=model, backbone=loaded, adapter=adapter,
+                       system_prompt=manifest.get("system_prompt"))

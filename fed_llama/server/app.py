@@ -106,6 +106,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             "backbone": {"id": source.id, "sha256": source.sha256,
                          "quantization": scenario.backbone.quantization,
                          "precision": scenario.backbone.precision},
+            "system_prompt": scenario.data.trained_system_prompt,
             "sites": sites}, encrypt=encrypt)
 
     if scenario.secure_aggregation.enabled:

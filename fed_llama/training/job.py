@@ -67,6 +67,7 @@ def run_training(cfg: TrainConfig, out: Path, *, force: bool = False,
         "adapter": {"method": cfg.method, "settings": cfg.method_settings()},
         "optim": dataclasses.asdict(cfg.train),
         "data": data.summary,
+        "system_prompt": cfg.data.trained_system_prompt,
         "metrics": metrics,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
