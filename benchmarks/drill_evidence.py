@@ -108,8 +108,44 @@ def overhead(rows: list[Row]) -> list[dict[str, float]]:
                     slowest(row, "/train-load-seconds"), 2),
                     "flower_s": round(flower, 2),
                     "flower_share": round(flower / wall, 3) if wall else 0})
+            entry.update(round_path(row, wall))
             out.append(entry)
     return out
+
+
+def phase_path(row: Row, phase: str) -> dict[str, float] | None:
+    """A phase's critical path from the clocks in ``row`` (all on one host in a drill): the
+    aggregator made the messages (``<phase>-sent-at``), the last site to finish got its
+    message (``<site>/<phase>-started-at``) and finished (``-done-at``), the aggregator got the
+    replies (``<phase>-received-at``). Hand-over, the site's own time (load and work) and the
+    reply's way back add up to the phase; None where a time is missing."""
+    sent, received = row.get(f"{phase}-sent-at"), row.get(f"{phase}-received-at")
+    done = {k.rsplit("/", 1)[0]: float(v) for k, v in row.items()
+            if k.endswith(f"/{phase}-done-at") and isinstance(v, int | float)}
+    if not (isinstance(sent, int | float) and isinstance(received, int | float) and done):
+        return None
+    last = max(done, key=lambda site: done[site])
+    started = row.get(f"{last}/{phase}-started-at")
+    if not isinstance(started, int | float):
+        return None
+    return {"handover_s": float(started) - float(sent), "site_s": done[last] - float(started),
+            "reply_s": float(received) - done[last], "phase_s": float(received) - float(sent)}
+
+
+def round_path(row: Row, wall: float) -> dict[str, float]:
+    """Where a round's time went, where its row has the clocks: Flower's hand-over of the
+    messages (poll, ClientApp process start) and the replies' way back, summed over the
+    training and evaluation phases; the last site's own time; the aggregator's own time
+    (aggregation, checkpoint, the next round's messages): the round less its two phases."""
+    paths = [p for p in (phase_path(row, "train"), phase_path(row, "evaluate")) if p]
+    if not paths:
+        return {}
+    moved = sum(p["handover_s"] + p["reply_s"] for p in paths)
+    return {"handover_s": round(sum(p["handover_s"] for p in paths), 2),
+            "reply_s": round(sum(p["reply_s"] for p in paths), 2),
+            "last_site_s": round(sum(p["site_s"] for p in paths), 2),
+            "aggregator_s": round(wall - sum(p["phase_s"] for p in paths), 2),
+            "messaging_share": round(moved / wall, 3) if wall else 0}
 
 
 def refused(rows: list[Row]) -> int:

@@ -90,6 +90,12 @@ def overhead_note(per_round: list[dict[str, Any]], peaks: dict[str, float]) -> s
         note += ("; less the sites' backbone loads too: " + ", ".join(
             f"r{o['round']} {o['flower_s']:.1f} s ({100 * o['flower_share']:.0f}%)"
             for o in per_round))
+    if per_round and all("handover_s" in o for o in per_round):
+        note += ("; of which Flower's hand-over and replies (polls, ClientApp process starts) / "
+                 "the aggregator's own time: " + ", ".join(
+                     f"r{o['round']} {o['handover_s'] + o['reply_s']:.1f} s "
+                     f"({100 * o['messaging_share']:.0f}%) / {o['aggregator_s']:.1f} s"
+                     for o in per_round))
     return note + "; peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items())
 
 

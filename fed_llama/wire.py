@@ -40,6 +40,12 @@ SITES = "fed-sites"
 ASK = "ask"
 """Query: what the aggregator asks (SITE_QUERY)."""
 
+# The aggregator's own times of a phase (history keys "train-sent-at", "evaluate-received-at")
+SENT_AT = "sent-at"
+"""The aggregator's clock when the phase's messages were made (Flower sends them next)."""
+RECEIVED_AT = "received-at"
+"""The aggregator's clock when Flower handed it the phase's replies."""
+
 # Keys of a site's METRICS record
 NUM_EXAMPLES = "num-examples"
 """Examples the site trained on (its aggregation weight, bounded) or evaluated."""
@@ -56,4 +62,10 @@ LOAD_SECONDS = "load-seconds"
 """Seconds the site spent loading the backbone and its data for this message (about 0 where
 its process already holds them, as the Simulation Engine's actors do; on the Deployment Engine
 each message starts a fresh ClientApp process)."""
+STARTED_AT = "started-at"
+"""The site's clock (seconds since the epoch) when its handler got the message: with the
+aggregator's SENT_AT, how long Flower took to hand it over (on the Deployment Engine, the
+SuperNode's poll and a fresh ClientApp process)."""
+DONE_AT = "done-at"
+"""The site's clock when its handler finished: with RECEIVED_AT, how long the reply took."""
 BYTES_UP = "bytes-up"

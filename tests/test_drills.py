@@ -77,6 +77,27 @@ def test_flowers_own_part_also_leaves_out_the_sites_backbone_loads() -> None:
     assert entry["flower_share"] == 0.24
 
 
+def test_the_clocks_split_a_round_into_hand_over_site_reply_and_aggregator_time() -> None:
+    """Each phase's critical path is its last site to finish: Flower's hand-over (sent ->
+    that site started), the site's time, the reply's way back (done -> received); what the
+    round holds beyond its phases is the aggregator's own."""
+    timed = row(1, **{"round-seconds": 100.0, "a/train-seconds": 30.0, "b/train-seconds": 35.0,
+                      "train-sent-at": 1000.0, "train-received-at": 1060.0,
+                      "a/train-started-at": 1004.0, "a/train-done-at": 1050.0,
+                      "b/train-started-at": 1002.0, "b/train-done-at": 1055.0,
+                      "evaluate-sent-at": 1065.0, "evaluate-received-at": 1095.0,
+                      "a/evaluate-started-at": 1070.0, "a/evaluate-done-at": 1090.0})
+    [entry] = ev.overhead([timed])
+    # train: b finished last (1055): hand-over 2, site 53, reply 5; evaluate: 5, 20, 5
+    assert (entry["handover_s"], entry["last_site_s"], entry["reply_s"]) == (7.0, 73.0, 10.0)
+    assert entry["aggregator_s"] == 100.0 - 60.0 - 30.0
+    assert entry["messaging_share"] == 0.17
+    assert "handover_s" not in ev.overhead([row(2, **{"round-seconds": 10.0,
+                                                      "a/train-seconds": 6.0})])[0]
+    note = load_benchmark("drills").overhead_note([entry], {"superlink": 200.0})
+    assert "Flower's hand-over and replies" in note and "r1 17.0 s (17%) / 10.0 s" in note
+
+
 def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path: Path) -> None:
     (tmp_path / "history.json").write_text(json.dumps([row(1)]))
     (tmp_path / "rounds" / "round-001").mkdir(parents=True)

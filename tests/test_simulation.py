@@ -41,6 +41,12 @@ def test_two_sites_two_rounds_then_resume(tiny_backbone: Path, write_jsonl, tmp_
         # each message's own timings: the backbone and data load, then the work
         assert row["site0/train-seconds"] > 0 and row["site1/evaluate-seconds"] > 0
         assert row["site0/train-load-seconds"] >= 0 and row["site1/evaluate-load-seconds"] >= 0
+        # and the clocks of each phase, in order: made, handed to the site, done, received
+        for phase in ("train", "evaluate"):
+            for site in ("site0", "site1"):
+                assert (row[f"{phase}-sent-at"] <= row[f"{site}/{phase}-started-at"]
+                        <= row[f"{site}/{phase}-done-at"] <= row[f"{phase}-received-at"])
+        assert row["train-received-at"] <= row["evaluate-sent-at"]
         # each update travels signed and encrypted: its tensors plus the envelope's overhead
         assert row["bytes-down"] < row["bytes-up"] < row["backbone-bytes"]
         assert row["site0/bytes-up"] + row["site1/bytes-up"] == row["bytes-up"]

@@ -10,6 +10,7 @@ real site, takes the federation's settings from the messages.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -110,6 +111,7 @@ def _legacy_evaluate(msg: Message, sc: ScenarioConfig, site: int) -> Message:
 
 
 def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> Message:
+    started = time.time()
     if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
         from flwr.compat.common import recorddict_compat as compat
 
@@ -124,6 +126,7 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
                               round_number(config),
                               float(mu) if isinstance(mu, (int, float)) else 0.0)
     metrics[wire.SITE] = float(member.index)
+    metrics.update({wire.STARTED_AT: started, wire.DONE_AT: time.time()})
     # plain records: with security.envelopes, envelope_mod puts the update in an envelope
     content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
                           wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
@@ -131,6 +134,7 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
 
 
 def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -> Message:
+    started = time.time()
     if "evaluateins.parameters" in msg.content.array_records:  # a SecAgg+ run
         from flwr.compat.common import recorddict_compat as compat
 
@@ -144,6 +148,7 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
 
     metrics = site_ops.evaluate(member.scenario, member.index, state)
     metrics["site"] = float(member.index)
+    metrics.update({wire.STARTED_AT: started, wire.DONE_AT: time.time()})
     content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 

@@ -39,6 +39,8 @@ class RoundBook:
     """Node -> the reason its update was refused this round."""
     bytes_up: dict[int, int] = field(default_factory=dict)
     """Node -> bytes of the update it sent this round, as it arrived (envelope or arrays)."""
+    times: dict[str, float] = field(default_factory=dict)
+    """This round's phase times (``train-sent-at`` ...), for the history row."""
 
     def real(self, server_round: int) -> int:
         """The run's number of Flower's round ``server_round``."""
@@ -52,7 +54,7 @@ class RoundBook:
         if real != self.real_round or not self.current:
             self.real_round = real
             self.current = dict(arrays.to_torch_state_dict())
-            self.sent, self.refused, self.bytes_up = [], {}, {}
+            self.sent, self.refused, self.bytes_up, self.times = [], {}, {}, {}
         return self.real_round
 
     def refuse(self, node: int, exc: Refused) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -132,14 +133,16 @@ class AdapterFedAvg(FedAvg):
         for name, _, m in admitted:
             row[f"{name}/train-loss"] = m.get("train-loss", math.nan)
             row[f"{name}/train-seconds"] = m.get("train-seconds", math.nan)
-            if wire.LOAD_SECONDS in m:  # the site's backbone and data load for the message
-                row[f"{name}/train-{wire.LOAD_SECONDS}"] = m[wire.LOAD_SECONDS]
+            for key in (wire.LOAD_SECONDS, wire.STARTED_AT, wire.DONE_AT):
+                if key in m:  # the site's load for the message and when it had the message
+                    row[f"{name}/train-{key}"] = m[key]
             if "optimizer-steps" in m:  # local_optimizer = "keep": the site's AdamW age
                 row[f"{name}/optimizer-steps"] = m["optimizer-steps"]
         total = sum(weights)
         row["train-loss"] = sum(w * m.get("train-loss", math.nan) for w, m in
                                 zip(weights, metrics, strict=True)) / total
         row["weight-max-share"] = max(weights) / total
+        row.update({k: v for k, v in book.times.items() if k.startswith("train-")})
         self.on_train(real, row)
         # in the order of the arrays sent: Flower's server optimizers pair old and new arrays
         # by position, not by name
@@ -166,6 +169,7 @@ class AdapterFedAvg(FedAvg):
             return None
         row = evaluation_row(reports, self.book.site_names)
         row["evaluations-refused"] = float(len(good) - len(reports))
+        row.update({k: v for k, v in self.book.times.items() if k.startswith("evaluate-")})
         self.on_evaluate(real, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
 
@@ -261,13 +265,27 @@ class FedLlama(StrategyWrapper):
                         grid: Grid) -> Iterable[Message]:
         for key, value in self.settings.items():
             config[key] = value
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.book.times[f"train-{wire.SENT_AT}"] = time.time()
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.book.times[f"train-{wire.RECEIVED_AT}"] = time.time()
+        return super().aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         for key, value in self.settings.items():
             config[key] = value
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.book.times[f"evaluate-{wire.SENT_AT}"] = time.time()
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        self.book.times[f"evaluate-{wire.RECEIVED_AT}"] = time.time()
+        return super().aggregate_evaluate(server_round, replies)
 
 
 def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
