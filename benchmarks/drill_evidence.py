@@ -128,20 +128,27 @@ def phase_path(row: Row, phase: str) -> dict[str, float] | None:
     started = row.get(f"{last}/{phase}-started-at")
     if not isinstance(started, int | float):
         return None
-    return {"handover_s": float(started) - float(sent), "site_s": done[last] - float(started),
-            "reply_s": float(received) - done[last], "phase_s": float(received) - float(sent)}
+    out = {"handover_s": float(started) - float(sent), "site_s": done[last] - float(started),
+           "reply_s": float(received) - done[last], "phase_s": float(received) - float(sent)}
+    process = row.get(f"{last}/{phase}-process-started-at")
+    if isinstance(process, int | float):  # the hand-over: to the new process, then in it
+        out["process_start_s"] = float(started) - float(process)
+    return out
 
 
 def round_path(row: Row, wall: float) -> dict[str, float]:
     """Where a round's time went, where its row has the clocks: Flower's hand-over of the
-    messages (poll, ClientApp process start) and the replies' way back, summed over the
-    training and evaluation phases; the last site's own time; the aggregator's own time
-    (aggregation, checkpoint, the next round's messages): the round less its two phases."""
+    messages (poll, ClientApp process start; ``process_start_s``: the part after the process
+    started, where the sites report it) and the replies' way back, summed over the training
+    and evaluation phases; the last site's own time; the aggregator's own time (aggregation,
+    checkpoint, the next round's messages): the round less its two phases."""
     paths = [p for p in (phase_path(row, "train"), phase_path(row, "evaluate")) if p]
     if not paths:
         return {}
     moved = sum(p["handover_s"] + p["reply_s"] for p in paths)
-    return {"handover_s": round(sum(p["handover_s"] for p in paths), 2),
+    split = ({"process_start_s": round(sum(p["process_start_s"] for p in paths), 2)}
+             if all("process_start_s" in p for p in paths) else {})
+    return {**split, "handover_s": round(sum(p["handover_s"] for p in paths), 2),
             "reply_s": round(sum(p["reply_s"] for p in paths), 2),
             "last_site_s": round(sum(p["site_s"] for p in paths), 2),
             "aggregator_s": round(wall - sum(p["phase_s"] for p in paths), 2),

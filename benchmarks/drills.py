@@ -96,6 +96,11 @@ def overhead_note(per_round: list[dict[str, Any]], peaks: dict[str, float]) -> s
                      f"r{o['round']} {o['handover_s'] + o['reply_s']:.1f} s "
                      f"({100 * o['messaging_share']:.0f}%) / {o['aggregator_s']:.1f} s"
                      for o in per_round))
+    if per_round and all("process_start_s" in o for o in per_round):
+        note += ("; of the hand-over, inside the new ClientApp process (importing Flower, "
+                 "installing and loading the app): " + ", ".join(
+                     f"r{o['round']} {o['process_start_s']:.1f} of {o['handover_s']:.1f} s"
+                     for o in per_round))
     return note + "; peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items())
 
 

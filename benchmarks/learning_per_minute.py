@@ -38,11 +38,13 @@ from harness import RESULTS, add_scenario_arguments, markdown_table, write_resul
 
 BASE = ["federation.rounds=3", "train.max_steps=20", "train.warmup_steps=2",
         "federation.local_optimizer='restart'", "lora.include_mlp=false",
-        "evaluation.questions=16", "evaluation.tasks=[]"]
+        "evaluation.questions=16", "evaluation.tasks=[]", "train.lr=0.003",
+        "train.batch_size=8", "data.system_prompt='template'", "data.max_heldout_records=128"]
 """The main job's scenario as the variants were measured against (before it took 30 rounds of
-2 steps with kept moments, the ``30x2+keep`` variant, then MLP adapters and its own evaluation
-sample): put before every variant's overrides, so every row is scored on the same sample (16
-questions per kind per site)."""
+2 steps with kept moments, the ``30x2+keep`` variant, then MLP adapters, then the last
+variant's learning rate, system message and batch, and its own evaluation sample): put before
+every variant's overrides, so every row is scored on the same sample (16 questions per kind
+per site of 128 held-out records)."""
 CYCLIC = ["federation.participation='cyclic'", "federation.local_optimizer='keep'",
           "federation.rounds=9"]
 SHORT = ["federation.rounds=30", "train.max_steps=2", "train.warmup_steps=1",

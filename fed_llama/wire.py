@@ -66,6 +66,9 @@ STARTED_AT = "started-at"
 """The site's clock (seconds since the epoch) when its handler got the message: with the
 aggregator's SENT_AT, how long Flower took to hand it over (on the Deployment Engine, the
 SuperNode's poll and a fresh ClientApp process)."""
+PROCESS_STARTED_AT = "process-started-at"
+"""When the site's process started (Linux; to about a second): before STARTED_AT by the time a
+fresh ClientApp process takes to import Flower, install the app and load it."""
 DONE_AT = "done-at"
 """The site's clock when its handler finished: with RECEIVED_AT, how long the reply took."""
 BYTES_UP = "bytes-up"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,11 @@ def test_the_clocks_split_a_round_into_hand_over_site_reply_and_aggregator_time(
                                                       "a/train-seconds": 6.0})])[0]
     note = load_benchmark("drills").overhead_note([entry], {"superlink": 200.0})
     assert "Flower's hand-over and replies" in note and "r1 17.0 s (17%) / 10.0 s" in note
+    # where the sites say when their process started, the hand-over splits at that point
+    timed.update({"b/train-process-started-at": 1001.0, "a/evaluate-process-started-at": 1068.5})
+    [entry] = ev.overhead([timed])
+    assert entry["process_start_s"] == 1.0 + 1.5 and entry["handover_s"] == 7.0
+    assert "r1 2.5 of 7.0 s" in load_benchmark("drills").overhead_note([entry], {})
 
 
 def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path: Path) -> None:
@@ -140,3 +146,11 @@ def test_a_supernode_whose_connection_stalls_is_served_the_round_in_progress(
     shutil.copy(out / "seals" / "round-001.json", out / "seals" / "round-002.json")
     ok, said, _ = ev.seal_chain(out, out / "keys")
     assert not ok and "round-002.json" in said, said
+
+
+def test_a_process_knows_when_it_started() -> None:
+    from fed_llama.client.clock import process_started_at
+
+    started = process_started_at()
+    assert started is not None and 0 <= time.time() - started < 24 * 3600
+    assert process_started_at(Path("/nonexistent")) is None  # no /proc: no figure, no error

@@ -38,7 +38,10 @@ def test_a_short_simulation_prints_no_third_party_warning(tiny_backbone: Path, w
     # the run happened and said so: our progress and our results
     assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["round"] == 1
     assert "fed_llama.launch.simulate: simulating 2 site(s) for 1 round(s)" in printed
-    assert "pooled held-out perplexity" in done.stdout
+    # one evaluated round: its perplexity, and the training loss of the run's rounds
+    assert re.search(r"1 round\(s\) in .*: training loss \d+\.\d{3} in round 1 -> \d+\.\d{3} "
+                     r"in round 1; pooled held-out perplexity \d+\.\d\d after round 1;",
+                     done.stdout), done.stdout
     noise = [line for line in printed.splitlines()
              if THIRD_PARTY.search(line) and not OURS.match(line)]
     assert noise == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -209,10 +210,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     scored = evaluated(rows)  # federation.evaluate_every may skip some rounds
     if scored:
         first, last = scored[0], scored[-1]
-        print(f"{len(rows)} round(s) in {out}: pooled held-out perplexity "
-              f"{first['pooled-perplexity']:.2f} after round {first['round']} -> "
-              f"{last['pooled-perplexity']:.2f} after round {last['round']}; "
-              f"history.csv, perplexity.png, bytes.png, rounds/round-{rows[-1]['round']:03d}/")
+        held = (f"{first['pooled-perplexity']:.2f} after round {first['round']} -> "
+                if len(scored) > 1 else "")
+        print(f"{len(rows)} round(s) in {out}: training loss "
+              f"{rows[0].get('train-loss', math.nan):.3f} in round {rows[0]['round']} -> "
+              f"{rows[-1].get('train-loss', math.nan):.3f} in round {rows[-1]['round']}; "
+              f"pooled held-out perplexity {held}{last['pooled-perplexity']:.2f} after round "
+              f"{last['round']}; history.csv, perplexity.png, bytes.png, "
+              f"rounds/round-{rows[-1]['round']:03d}/")
         tasks = pooled_task_scores(last)
         if tasks:
             print(f"pooled task scores after round {last['round']} (greedy answers to held-out "

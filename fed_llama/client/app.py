@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from fed_llama import wire
 from fed_llama.adapter.state import State
 from fed_llama.client import security
+from fed_llama.client.clock import process_started_at
 from fed_llama.client.compression import compression_mod
 from fed_llama.client.federation import membership, named, queried_site
 from fed_llama.client.records import round_number, torch_state
@@ -110,6 +111,14 @@ def _legacy_evaluate(msg: Message, sc: ScenarioConfig, site: int) -> Message:
     return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
 
 
+def _clocks(started: float) -> dict[str, float]:
+    """When the process started, when the handler got the message and when it finished."""
+    out = {wire.STARTED_AT: started, wire.DONE_AT: time.time()}
+    if (process := process_started_at()) is not None:
+        out[wire.PROCESS_STARTED_AT] = process
+    return out
+
+
 def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> Message:
     started = time.time()
     if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
@@ -126,7 +135,7 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
                               round_number(config),
                               float(mu) if isinstance(mu, (int, float)) else 0.0)
     metrics[wire.SITE] = float(member.index)
-    metrics.update({wire.STARTED_AT: started, wire.DONE_AT: time.time()})
+    metrics.update(_clocks(started))
     # plain records: with security.envelopes, envelope_mod puts the update in an envelope
     content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
                           wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
@@ -148,7 +157,7 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
 
     metrics = site_ops.evaluate(member.scenario, member.index, state)
     metrics["site"] = float(member.index)
-    metrics.update({wire.STARTED_AT: started, wire.DONE_AT: time.time()})
+    metrics.update(_clocks(started))
     content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 

@@ -94,7 +94,8 @@ def evaluation_row(site_metrics: list[dict[str, float]], site_names: list[str]
                 row[f"{name}/{key[5:]}"] = value
         if wire.EVALUATE_SECONDS in met:
             row[f"{name}/{wire.EVALUATE_SECONDS}"] = met[wire.EVALUATE_SECONDS]
-        for key in (wire.LOAD_SECONDS, wire.STARTED_AT, wire.DONE_AT):
+        for key in (wire.LOAD_SECONDS, wire.PROCESS_STARTED_AT, wire.STARTED_AT,
+                    wire.DONE_AT):
             if key in met:
                 row[f"{name}/evaluate-{key}"] = met[key]
         row[f"{name}/loss"] = loss

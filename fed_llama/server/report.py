@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> list[Path]:
-    """Held-out perplexity per round (each site and pooled), bytes per round, and task scores
-    per round (``tasks.png``, when the history has them)."""
+    """Training loss and held-out perplexity per round (each site and pooled:
+    ``perplexity.png``), bytes per round, and task scores per round (``tasks.png``, when the
+    history has them)."""
     try:
         import matplotlib
 
@@ -28,7 +29,17 @@ def plot_history(rows: list[dict[str, Any]], sites: list[str], out: Path) -> lis
     scored = evaluated(rows)
     at = [int(r["round"]) for r in scored]
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (loss_ax, ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for site in sites:  # every round trains, whether or not it is evaluated
+        loss_ax.plot(rounds, [r.get(f"{site}/train-loss", math.nan) for r in rows],
+                     linewidth=1, label=site)
+    loss_ax.plot(rounds, [r.get("train-loss", math.nan) for r in rows], color="black",
+                 linewidth=2.5, label="weighted mean")
+    loss_ax.set(xlabel="round", ylabel="training answer loss (end of the round's steps)",
+                title="Each site's local training")
+    _round_ticks(loss_ax, rounds)
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
     for site in sites:
         ax.plot(at, [r.get(f"{site}/perplexity", math.nan) for r in scored], marker="o",
                 label=site)
