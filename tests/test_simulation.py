@@ -451,3 +451,33 @@ def test_evaluation_tasks_chooses_the_kinds_of_question_each_site_is_asked(  # t
     assert only["task/desc2code/n"] == 3
     with pytest.raises(ConfigError, match=r"evaluation.*tasks must name kinds of question"):
         load_scenario(path, ["evaluation.tasks=['diagnosis']"])
+
+
+def test_perplexity_can_take_a_sample_while_the_questions_use_the_whole_held_out_set(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, tmp_path: Path) -> None:
+    """[evaluation] perplexity_records: the perplexity of a seeded sample of the held-out
+    records (the same records every round), the questions from all of them."""
+    from fed_llama.client import site as site_ops
+    from fed_llama.data.source import sample
+    from fed_llama.training.loss import heldout_loss
+    from fed_llama.training.site_model import initial_state, loaded_site_model
+
+    path = tmp_path / "scenario.toml"
+    path.write_text(f'[backbone]\nname = "{tiny_backbone}"\n[train]\nmax_steps = 1\n'
+                    "warmup_steps = 0\n[data]\nmax_heldout_records = 40\n"
+                    "[evaluation]\nquestions = 50\nmax_new_tokens = 2\ntasks = ['desc2code']\n"
+                    '[federation]\nrounds = 1\nsites = ["icd10:cardiology", "icd10:oncology"]\n')
+    whole, _ = load_scenario(path, [])
+    part, _ = load_scenario(path, ["evaluation.perplexity_records=7"])
+    state = initial_state(whole)
+    full, sampled = site_ops.evaluate(whole, 0, state), site_ops.evaluate(part, 0, state)
+    assert (full["num-examples"], sampled["num-examples"]) == (40, 7)
+    assert sampled["task/desc2code/n"] == full["task/desc2code/n"]  # every desc2code question
+    data = site_ops.site_data(part, 0)
+    seven = sample(data.heldout, 7, part.train.seed)
+    assert seven == sample(data.heldout, 7, part.train.seed)  # the same records each time
+    loaded = loaded_site_model(part)  # holding the state just evaluated
+    expected = heldout_loss(loaded.model, seven, 16, loaded.tokenizer.pad_token_id)
+    assert sampled["heldout-loss"] == pytest.approx(expected.loss, rel=1e-5)
+    with pytest.raises(ConfigError, match="perplexity_records must be 0"):
+        load_scenario(path, ["evaluation.perplexity_records=-1"])

@@ -17,7 +17,7 @@ from fed_llama import wire
 from fed_llama.adapter.rank import change_rank
 from fed_llama.adapter.state import State
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.data.source import SiteData, encode_site, load_examples
+from fed_llama.data.source import SiteData, encode_site, load_examples, sample
 from fed_llama.training.loop import train_adapter
 from fed_llama.training.lora import adapter_state, load_adapter_state, use_rank
 from fed_llama.training.loss import heldout_loss
@@ -135,11 +135,12 @@ def evaluate(scenario: ScenarioConfig, site: int, state: State) -> dict[str, flo
     if scenario.method == "lora":
         use_rank(loaded.model, scenario.lora, scenario.lora.r, scenario.train.seed)
     load_method_state(loaded.model, scenario.method, state)
-    result = heldout_loss(loaded.model, data.heldout, scenario.train.eval_batch_size,
-                          loaded.tokenizer.pad_token_id)
+    ev = scenario.evaluation
+    result = heldout_loss(loaded.model, sample(data.heldout, ev.perplexity_records,
+                                               scenario.train.seed),
+                          scenario.train.eval_batch_size, loaded.tokenizer.pad_token_id)
     metrics = {"num-examples": float(result.examples), "heldout-loss": result.loss,
                "heldout-tokens": float(result.tokens)}
-    ev = scenario.evaluation
     if ev.questions:
         from fed_llama.evaluation.tasks import evaluate_tasks
 

@@ -231,10 +231,19 @@ class TaskEvalConfig:
     batch_size: int = 16
     """Questions generated together."""
 
+    perplexity_records: int = 0
+    """Held-out records per site the perplexity is measured on: a seeded sample of the
+    held-out set (``data.max_heldout_records``), from which the questions are still drawn
+    whole. 0: all of them. A perplexity settles on a few hundred records; a share of a few
+    percent of questions needs every question there is."""
+
     def problems(self) -> list[str]:
         out = []
         if self.questions < 0:
             out.append(f"questions must be 0 (off) or more; got {self.questions}")
+        if self.perplexity_records < 0:
+            out.append(f"perplexity_records must be 0 (all) or more; got "
+                       f"{self.perplexity_records}")
         known = (*ICD10_TASKS, QUESTION_TASK)
         if any(t not in known for t in self.tasks):
             out.append(f"tasks must name kinds of question of {', '.join(known)} (or be empty: "

@@ -6,7 +6,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fed_llama.config.train import ICD10_PREFIX, DataConfig
 from fed_llama.data import icd10
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def seeded_split(items: list[Example], fraction: float, seed: int
             [x for i, x in enumerate(items) if i in held])
 
 
-def sample(items: list[Example], limit: int, seed: int) -> list[Example]:
+def sample(items: list[T], limit: int, seed: int) -> list[T]:
     """A seeded sample of at most ``limit`` items (0: all), in their original order."""
     if not limit or len(items) <= limit:
         return items
