@@ -129,11 +129,12 @@ SECTIONS: list[tuple[str, str, str]] = [
      "target), `category` `fed-llama eval`'s description -> code category accuracy on the "
      "held-out sample. Federation columns appear for methods whose `federation` stage ran."),
     ("compression", "Compressed updates",
-     "The main job's federation (3 hospitals, 3 rounds, envelopes on) once per "
-     "`federation.update_compression` through `fed-llama simulate`, with the overrides shown "
-     "(fewer local steps than the main job, no task questions): bytes each site sent per round "
-     "(the envelope) and pooled held-out perplexity after each round; ratios are to `none` in "
-     "the same run of the script, one run per variant."),
+     "The main job's federation (3 hospitals, 30 rounds of 2 local steps, LoRA on attention "
+     "and MLP, envelopes on) once per `federation.update_compression` through `fed-llama "
+     "simulate`, with the overrides shown (no task questions): bytes each site sent per round "
+     "(the envelope) and pooled held-out perplexity after each evaluated round (the main job "
+     "evaluates after its last); ratios are to `none` in the same run of the script, one run "
+     "per variant."),
     ("learning_per_minute", "What the main job learns of its task",
      "The main job's scenario as it was before this comparison (`simulations/hospitals-3.toml`"
      ": 3 hospitals, 3 rounds of FedAvg of 20 local steps) once per variant through `fed-llama "
