@@ -131,7 +131,9 @@ def phase_path(row: Row, phase: str) -> dict[str, float] | None:
     out = {"handover_s": float(started) - float(sent), "site_s": done[last] - float(started),
            "reply_s": float(received) - done[last], "phase_s": float(received) - float(sent)}
     process = row.get(f"{last}/{phase}-process-started-at")
-    if isinstance(process, int | float):  # the hand-over: to the new process, then in it
+    # the hand-over: to the new process, then in it (a process older than the message, as a
+    # simulation's actor is, started nothing for it)
+    if isinstance(process, int | float) and float(sent) <= process <= float(started):
         out["process_start_s"] = float(started) - float(process)
     return out
 
@@ -142,9 +144,10 @@ def round_path(row: Row, wall: float) -> dict[str, float]:
     started, where the sites report it) and the replies' way back, summed over the training
     and evaluation phases; the last site's own time; the aggregator's own time (aggregation,
     checkpoint, the next round's messages): the round less its two phases."""
-    paths = [p for p in (phase_path(row, "train"), phase_path(row, "evaluate")) if p]
-    if not paths:
-        return {}
+    train, evaluate = phase_path(row, "train"), phase_path(row, "evaluate")
+    if train is None or (evaluate is None and "evaluate-sent-at" in row):
+        return {}  # a phase without its clocks would count as the aggregator's time
+    paths = [p for p in (train, evaluate) if p]
     moved = sum(p["handover_s"] + p["reply_s"] for p in paths)
     split = ({"process_start_s": round(sum(p["process_start_s"] for p in paths), 2)}
              if all("process_start_s" in p for p in paths) else {})

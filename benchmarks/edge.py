@@ -183,9 +183,10 @@ def measure(adapter: Path, names: list[str], args: argparse.Namespace, bandwidth
     verify = {"records": args.records, "questions": args.questions}
     probe = build_config(ExportConfig, {"verify": verify}, source="edge.py")
     sources = verification_sources(probe.verify, merged.adapter_manifest)
+    system = merged.adapter_manifest.get("system_prompt")  # what the adapter was trained with
     data = {}
     for source in sources:
-        examples = heldout_examples(source, probe.verify)
+        examples = heldout_examples(source, probe.verify, system)
         items, _ = encode_all(merged.tokenizer, examples, probe.verify.max_length)
         questions = choose_questions(examples, args.questions, 0, ("desc2code", "code2desc"))
         data[source] = (items, questions)
@@ -220,7 +221,7 @@ def measure(adapter: Path, names: list[str], args: argparse.Namespace, bandwidth
             cfg = build_config(ExportConfig, {**VARIANTS[name], "verify": verify}, source=name)
             out = Path(tmp) / name
             started = time.monotonic()
-            build_graph(merged, hf_dir, out, cfg, calibration_set(sources, cfg),
+            build_graph(merged, hf_dir, out, cfg, calibration_set(sources, cfg, system),
                         cache=Path(tmp) / "cache")
             build_s = time.monotonic() - started
             lm = OnnxCausalLM(out)

@@ -102,6 +102,12 @@ def test_the_clocks_split_a_round_into_hand_over_site_reply_and_aggregator_time(
     [entry] = ev.overhead([timed])
     assert entry["process_start_s"] == 1.0 + 1.5 and entry["handover_s"] == 7.0
     assert "r1 2.5 of 7.0 s" in load_benchmark("drills").overhead_note([entry], {})
+    # a process older than the message (a simulation's actor) started nothing for it
+    timed["b/train-process-started-at"] = 900.0
+    assert "process_start_s" not in ev.overhead([timed])[0]
+    # an evaluated round without the evaluation's clocks is not split at all
+    del timed["a/evaluate-done-at"]
+    assert "handover_s" not in ev.overhead([timed])[0]
 
 
 def test_a_drill_row_fails_on_a_lost_round_whatever_its_own_checks_say(tmp_path: Path) -> None:

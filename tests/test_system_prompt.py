@@ -132,3 +132,27 @@ def test_an_export_tells_its_user_the_system_prompt_and_its_runtime_adds_it(
         (tmp_path / MANIFEST).write_text(bad)
         with pytest.raises(ExportError, match="export again"):
             exported_system_prompt(tmp_path)
+
+
+def test_a_runtime_adapter_trained_with_another_system_message_is_refused(
+        tmp_path: Path) -> None:
+    """``fed-llama export-adapter``: the runtime asks every adapter of an export with the
+    export's system message, so an adapter trained with another one is refused, naming both."""
+    from fed_llama.adapter import MANIFEST as ADAPTER_MANIFEST
+    from fed_llama.errors import AdapterError
+    from fed_llama.export.folder import MANIFEST, exported_system_prompt
+    from fed_llama.export.switchable import add_adapter
+
+    export, adapter = tmp_path / "export", tmp_path / "site-2"
+    export.mkdir()
+    adapter.mkdir()
+    (export / MANIFEST).write_text('{"method": "lora", "system_prompt": null, '
+                                   '"verification": {"max-logit-diff": NaN}}')
+    assert exported_system_prompt(export) is None  # our own manifest, NaN and all
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / name).write_bytes(b"{}")
+    (adapter / ADAPTER_MANIFEST).write_text(json.dumps({"method": "lora", "system_prompt": ""}))
+    with pytest.raises(AdapterError, match="trained with the system message \"\"; this export "
+                                           "asks with the chat template's default"):
+        add_adapter(adapter, export)
+    assert sorted(p.name for p in export.iterdir()) == [MANIFEST]  # nothing written

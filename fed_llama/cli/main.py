@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the user's message")
     gen.add_argument("--adapter", help="adapter folder (from fed-llama train)")
     gen.add_argument("--backbone", help="backbone (default: the adapter's, else smollm2-135m)")
-    gen.add_argument("--system", help="system message (default: the template's)")
+    gen.add_argument("--system", help="system message (default: the one the adapter was "
+                     "trained with, else the chat template's; '' for an empty one)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")

@@ -224,7 +224,8 @@ def exported_system_prompt(folder: Path) -> str | None:
         return None
     try:
         with path.open("rb") as fh:
-            manifest = loads(fh.read(MAX_MANIFEST_BYTES + 1), max_bytes=MAX_MANIFEST_BYTES)
+            manifest = loads(fh.read(MAX_MANIFEST_BYTES + 1), max_bytes=MAX_MANIFEST_BYTES,
+                             constants=True)  # ours, written by json.dumps (NaN allowed)
     except (OSError, BadJson) as exc:
         raise ExportError(f"{path}: not an export manifest ({exc}): export again") from None
     system = manifest.get("system_prompt") if isinstance(manifest, dict) else None

@@ -255,6 +255,14 @@ def add_adapter(adapter: Path, export_dir: Path, name: str | None = None) -> Pat
         raise AdapterError(f"adapter {str(adapter)!r} was trained on another backbone "
                            f"(sha256 {trained_on[:12]}...) than this export's "
                            f"({exported[:12]}...): export that backbone instead")
+    trained, asked = adapter_manifest.get("system_prompt"), export.get("system_prompt")
+    if trained != asked:  # the runtime asks every adapter with the export's system message
+        def said(text: object) -> str:
+            return "the chat template's default" if text is None else json.dumps(text)
+        raise AdapterError(f"adapter {str(adapter)!r} was trained with the system message "
+                           f"{said(trained)}; this export asks with {said(asked)}: export "
+                           "this adapter on its own, or train it with the same data."
+                           "system_prompt")
     name = name or adapter.resolve().name
     out = write_onnx_adapter(adapter, export_dir, name)
     runtime = export.setdefault("runtime_adapters", {})

@@ -74,11 +74,10 @@ def heldout_loss(model: Any, items: list[Encoded], batch_size: int, pad_id: int)
     model.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad():  # a site's training model keeps its adapter trainable
-            for chunk in fixed_batches(items, batch_size):
-                nll, n = answer_nll(model, collate(chunk, pad_id))
-                total += float(nll)
-                count += n
+        for chunk in fixed_batches(items, batch_size):
+            nll, n = answer_nll(model, collate(chunk, pad_id))
+            total += float(nll)
+            count += n
     finally:
         model.train(was_training)
     loss = total / max(count, 1)
