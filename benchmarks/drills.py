@@ -86,21 +86,19 @@ def overhead_note(per_round: list[dict[str, Any]], peaks: dict[str, float]) -> s
     shown = ", ".join(f"r{o['round']} {o['overhead_s']:.1f}/{o['round_s']:.1f} s "
                       f"({100 * o['overhead_share']:.0f}%)" for o in per_round)
     note = f"overhead per round (round s minus slowest site's train and evaluate s): {shown}"
-    if per_round and all("flower_s" in o for o in per_round):
-        note += ("; less the sites' backbone loads too: " + ", ".join(
-            f"r{o['round']} {o['flower_s']:.1f} s ({100 * o['flower_share']:.0f}%)"
-            for o in per_round))
-    if per_round and all("handover_s" in o for o in per_round):
-        note += ("; of which Flower's hand-over and replies (polls, ClientApp process starts) / "
-                 "the aggregator's own time: " + ", ".join(
-                     f"r{o['round']} {o['handover_s'] + o['reply_s']:.1f} s "
-                     f"({100 * o['messaging_share']:.0f}%) / {o['aggregator_s']:.1f} s"
-                     for o in per_round))
-    if per_round and all("process_start_s" in o for o in per_round):
-        note += ("; of the hand-over, inside the new ClientApp process (importing Flower, "
-                 "installing and loading the app): " + ", ".join(
-                     f"r{o['round']} {o['process_start_s']:.1f} of {o['handover_s']:.1f} s"
-                     for o in per_round))
+    parts = [  # (the key every round needs, what it is, each round's figure)
+        ("flower_s", "less the sites' backbone loads too",
+         lambda o: f"{o['flower_s']:.1f} s ({100 * o['flower_share']:.0f}%)"),
+        ("handover_s", "of which Flower's hand-over and replies (polls, ClientApp process "
+         "starts) / the aggregator's own time",
+         lambda o: f"{o['handover_s'] + o['reply_s']:.1f} s ({100 * o['messaging_share']:.0f}%)"
+                   f" / {o['aggregator_s']:.1f} s"),
+        ("process_start_s", "of the hand-over, inside the new ClientApp process (importing "
+         "Flower, installing and loading the app)",
+         lambda o: f"{o['process_start_s']:.1f} of {o['handover_s']:.1f} s")]
+    for key, what, figure in parts:
+        if per_round and all(key in o for o in per_round):
+            note += f"; {what}: " + ", ".join(f"r{o['round']} {figure(o)}" for o in per_round)
     return note + "; peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items())
 
 

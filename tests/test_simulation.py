@@ -430,17 +430,24 @@ def test_a_run_folder_that_cannot_be_written_stops_the_run_in_one_line_and_resum
     assert main(["audit", str(out)]) == 0  # no round lost or applied twice, seals chained
 
 
+def _two_icd10_sites(tmp_path: Path, backbone: Path, evaluation: str) -> Path:
+    """A one-round scenario of two ICD-10 sites (40 held-out records each) on ``backbone``,
+    with ``evaluation`` as its [evaluation] section (answers of at most 2 tokens)."""
+    path = tmp_path / "scenario.toml"
+    path.write_text(f'[backbone]\nname = "{backbone}"\n[train]\nmax_steps = 1\n'
+                    "warmup_steps = 0\n[data]\nmax_heldout_records = 40\n"
+                    f"[evaluation]\n{evaluation}\nmax_new_tokens = 2\n"
+                    '[federation]\nrounds = 1\nsites = ["icd10:cardiology", "icd10:oncology"]\n')
+    return path
+
+
 def test_evaluation_tasks_chooses_the_kinds_of_question_each_site_is_asked(  # type: ignore[no-untyped-def]
         tiny_backbone: Path, tmp_path: Path) -> None:
     """[evaluation] tasks: the main job asks description -> code questions only."""
     from fed_llama.client import site as site_ops
     from fed_llama.training.site_model import initial_state
 
-    path = tmp_path / "scenario.toml"
-    path.write_text(f'[backbone]\nname = "{tiny_backbone}"\n[train]\nmax_steps = 1\n'
-                    "warmup_steps = 0\n[data]\nmax_heldout_records = 40\n"
-                    "[evaluation]\nquestions = 3\nmax_new_tokens = 2\n"
-                    '[federation]\nrounds = 1\nsites = ["icd10:cardiology", "icd10:oncology"]\n')
+    path = _two_icd10_sites(tmp_path, tiny_backbone, "questions = 3")
     every, _ = load_scenario(path, [])
     codes, _ = load_scenario(path, ["evaluation.tasks=['desc2code']"])
     state = initial_state(every)
@@ -462,11 +469,7 @@ def test_perplexity_can_take_a_sample_while_the_questions_use_the_whole_held_out
     from fed_llama.training.loss import heldout_loss
     from fed_llama.training.site_model import initial_state, loaded_site_model
 
-    path = tmp_path / "scenario.toml"
-    path.write_text(f'[backbone]\nname = "{tiny_backbone}"\n[train]\nmax_steps = 1\n'
-                    "warmup_steps = 0\n[data]\nmax_heldout_records = 40\n"
-                    "[evaluation]\nquestions = 50\nmax_new_tokens = 2\ntasks = ['desc2code']\n"
-                    '[federation]\nrounds = 1\nsites = ["icd10:cardiology", "icd10:oncology"]\n')
+    path = _two_icd10_sites(tmp_path, tiny_backbone, "questions = 50\ntasks = ['desc2code']")
     whole, _ = load_scenario(path, [])
     part, _ = load_scenario(path, ["evaluation.perplexity_records=7"])
     state = initial_state(whole)
