@@ -71,4 +71,7 @@ PROCESS_STARTED_AT = "process-started-at"
 fresh ClientApp process takes to import Flower, install the app and load it."""
 DONE_AT = "done-at"
 """The site's clock when its handler finished: with RECEIVED_AT, how long the reply took."""
+SITE_TIMINGS = (LOAD_SECONDS, PROCESS_STARTED_AT, STARTED_AT, DONE_AT)
+"""What a site reports of each message's timing, kept per phase in the history
+(``<site>/train-started-at``, ``<site>/evaluate-load-seconds`` ...)."""
 BYTES_UP = "bytes-up"

@@ -83,9 +83,8 @@ def load_examples(cfg: DataConfig, seed: int) -> SiteExamples:
         summary["skipped_lines"] += held.skipped
     train = sample(train, cfg.max_train_records, seed)
     heldout = sample(heldout, cfg.max_heldout_records, seed)
-    if cfg.trained_system_prompt is not None:
-        train = with_system(train, cfg.trained_system_prompt)
-        heldout = with_system(heldout, cfg.trained_system_prompt)
+    train = with_system(train, cfg.trained_system_prompt)
+    heldout = with_system(heldout, cfg.trained_system_prompt)
     summary.update(train_records=len(train), heldout_records=len(heldout))
     return SiteExamples(train=train, heldout=heldout, summary=summary)
 

@@ -94,8 +94,7 @@ def evaluation_row(site_metrics: list[dict[str, float]], site_names: list[str]
                 row[f"{name}/{key[5:]}"] = value
         if wire.EVALUATE_SECONDS in met:
             row[f"{name}/{wire.EVALUATE_SECONDS}"] = met[wire.EVALUATE_SECONDS]
-        for key in (wire.LOAD_SECONDS, wire.PROCESS_STARTED_AT, wire.STARTED_AT,
-                    wire.DONE_AT):
+        for key in wire.SITE_TIMINGS:
             if key in met:
                 row[f"{name}/evaluate-{key}"] = met[key]
         row[f"{name}/loss"] = loss

@@ -133,8 +133,7 @@ class AdapterFedAvg(FedAvg):
         for name, _, m in admitted:
             row[f"{name}/train-loss"] = m.get("train-loss", math.nan)
             row[f"{name}/train-seconds"] = m.get("train-seconds", math.nan)
-            for key in (wire.LOAD_SECONDS, wire.PROCESS_STARTED_AT, wire.STARTED_AT,
-                        wire.DONE_AT):
+            for key in wire.SITE_TIMINGS:
                 if key in m:  # the site's load for the message and when it had the message
                     row[f"{name}/train-{key}"] = m[key]
             if "optimizer-steps" in m:  # local_optimizer = "keep": the site's AdamW age
