@@ -2,13 +2,14 @@
 
 Each filter names one library, one logger or warning category, and the start of one message:
 nothing else from that library is hidden, and nothing is filtered process-wide by category.
-This module imports no heavy library. peft is imported through
-:func:`fed_llama.adapter.peft_import.peft_module`, which applies :func:`quiet_bitsandbytes`.
+This module imports no heavy library at import time. peft is imported through
+:func:`fed_llama.adapter.peft_import.peft_module`, which calls :func:`quiet_bitsandbytes` first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
@@ -18,6 +19,10 @@ BNB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"
 """That message's start: bitsandbytes falls back to its own CPU path, which is the one used
 here (QLoRA on CPU), and a LoRA run never calls it at all."""
+TORCH_SCRIPT_METHOD_NOTICE = r".*torch\.jit\.script_method"
+"""torch's DeprecationWarning "``torch.jit.script_method`` is deprecated", raised about torch's
+own ``torch.utils.mkldnn`` when bitsandbytes' ``torch.compile`` decorators first load torch's
+compiler at import (torch 2.13)."""
 
 
 ORT_QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
@@ -56,10 +61,22 @@ def quiet_flower_actor() -> None:
 
 
 def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' missing-kernel notice, in this process, before bitsandbytes is
-    imported (importing peft imports it whenever it is installed, even for plain LoRA). Safe
-    to call more than once: the filter is added once."""
+    """Import bitsandbytes now, if it is installed, without its two import-time notices: its
+    missing-kernel log line (:data:`BNB_KERNEL_NOTICE`, dropped from its logger for the rest of
+    the process) and torch's ``script_method`` warning (:data:`TORCH_SCRIPT_METHOD_NOTICE`,
+    ignored during this import only). peft imports bitsandbytes on its own (0.21 when peft is
+    imported, 0.22 when it first wraps a layer, even for plain LoRA), as does transformers for
+    NF4 weights; importing it here first, before either, keeps the notices out whichever
+    version is installed. Flower's simulation puts a "once" filter for all DeprecationWarnings
+    in front of any set at start-up, so the warning is silenced here, where it is raised.
+    Safe to call more than once."""
     drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TORCH_SCRIPT_METHOD_NOTICE,
+                                category=DeprecationWarning)
+        import bitsandbytes  # noqa: F401
 
 
 @contextlib.contextmanager
