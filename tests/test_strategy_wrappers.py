@@ -139,6 +139,6 @@ def test_build_strategy_stacks_the_scenarios_wrappers_around_a_plain_strategy_cl
     while strategy is not innermost(strategy):
         chain.append(type(strategy).__name__)
         strategy = strategy.strategy  # type: ignore[attr-defined]
-    assert chain == ["FedLlama", "EvaluateEvery", "Admission"]
+    assert chain == ["FedLlama", "PackedArrays", "EvaluateEvery", "Admission"]
     assert type(strategy).__name__ == "AdapterFedYogi"
     assert type(strategy).__mro__[1].__name__ == "RunRound"

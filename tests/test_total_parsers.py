@@ -4,8 +4,8 @@ Structured hostile values (integers of hundreds of digits, ``1e999``, the ``NaN`
 ``Infinity`` literals, nesting thousands deep, lone UTF-16 surrogates, lookalike and
 control characters in names) are put in each field of each format (the update envelope's
 header, the decrypted update's safetensors header, round seals, key files, the trust store,
-adapter manifests, the run history and run id), and random bytes are fed to each reader. Only
-the parser's own refusal may come out, in bounded time.
+adapter manifests, the run history and run id, the layout of packed arrays), and random bytes
+are fed to each reader. Only the parser's own refusal may come out, in bounded time.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fed_llama.adapter.packed_arrays import DIMS, DTYPES, NAMES, NDIMS, PACKED, unpack
 from fed_llama.adapter.store import MANIFEST, read_manifest
 from fed_llama.common.bounded_json import BadJson, loads
 from fed_llama.crypto import (
@@ -195,6 +198,25 @@ def test_every_reader_only_refuses_random_bytes(data: bytes) -> None:
     only_refused(lambda: RoundSeal.parse(data))
     only_refused(lambda: safetensors_manifest(struct.pack("<Q", len(data)) + data))
     only_refused(lambda: loads(data), BadJson)
+
+
+small_ints = st.integers(min_value=-(1 << 62), max_value=1 << 62) | st.integers(-3, 12)
+layouts = st.fixed_dictionaries({
+    NAMES: st.lists(st.sampled_from(["a", "b", "", "a\u0000"]), max_size=4),
+    DTYPES: st.lists(st.sampled_from(["<f4", "|u1", "|b1", "O", ">f4", "<U3", ""]), max_size=4),
+    NDIMS: st.lists(small_ints, max_size=4), DIMS: st.lists(small_ints, max_size=10)})
+
+
+@settings(max_examples=400, deadline=None)
+@given(layouts, st.binary(max_size=300), st.booleans())
+def test_packed_arrays_only_refuse_a_hostile_layout_or_array(layout: dict[str, list[object]],
+                                                             data: bytes, raw: bool) -> None:
+    """The adapter a site receives (and a reply the aggregator unpacks): any layout, and an
+    array of any bytes (as numpy's format or as the raw bytes Flower deserialised)."""
+    array = (Array(dtype="uint8", shape=(len(data),), stype="numpy.ndarray", data=data) if raw
+             else Array(np.frombuffer(data, dtype=np.uint8)))
+    only_refused(lambda: unpack(ArrayRecord({PACKED: array}),
+                                ConfigRecord(layout)))  # type: ignore[arg-type]
 
 
 @settings(max_examples=100, deadline=None,

@@ -23,6 +23,7 @@ from fed_llama.client import security
 from fed_llama.client.clock import process_started_at
 from fed_llama.client.compression import compression_mod
 from fed_llama.client.federation import membership, named, queried_site
+from fed_llama.client.packing import packing_mod
 from fed_llama.client.records import round_number, torch_state
 from fed_llama.common.notices import quiet_flower_actor
 from fed_llama.config.scenario import ScenarioConfig
@@ -164,8 +165,8 @@ def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -
 
 def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     """A ClientApp for ``scenario`` (None: read it from the run config)."""
-    app = ClientApp(mods=[quiet_worker, secagg_when_asked, security.envelope_mod(scenario),
-                                  compression_mod(scenario)])
+    app = ClientApp(mods=[quiet_worker, secagg_when_asked, packing_mod,
+                          security.envelope_mod(scenario), compression_mod(scenario)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -52,6 +52,7 @@ from fed_llama.server.evaluation import (
     evaluation_row,
 )
 from fed_llama.server.outcome import split_replies
+from fed_llama.server.packing import PackedArrays
 from fed_llama.server.privacy import add_noise, epsilon
 from fed_llama.server.round_book import RoundBook
 from fed_llama.server.security import ServerGuard
@@ -310,4 +311,4 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
         strategy = UpdateEnvelopes(strategy, book, security)
     strategy = EvaluateEvery(strategy, book, every=fed.evaluate_every, rounds=fed.rounds,
                              skipped=on_evaluate)
-    return FedLlama(strategy, book, settings or {})
+    return FedLlama(PackedArrays(strategy, book), book, settings or {})

@@ -8,6 +8,7 @@ each in its own module and each with its site-side mod where it has one:
 =============================================  ===============================================
 wrapper                                        client side
 =============================================  ===============================================
+:class:`~fed_llama.server.packing.PackedArrays`  :func:`fed_llama.client.packing.packing_mod`
 :class:`~fed_llama.server.cyclic.CyclicTurns`  (the site answers Flower's query message)
 :class:`~fed_llama.server.envelopes.UpdateEnvelopes`  :func:`fed_llama.client.security.envelope_mod`
 :class:`~fed_llama.server.admission.Admission`        none
