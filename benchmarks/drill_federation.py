@@ -49,6 +49,8 @@ class Drill:
         self.fed = Loopback(self.folder, work / "keys")
         self.peak_kb: dict[str, int] = {}
         self.submissions = 0
+        self.stream_ended_early = 0
+        """How many times ``flwr run --stream`` ended before its run (:meth:`finish`)."""
 
     @property
     def run_config(self) -> str:
@@ -141,8 +143,22 @@ class Drill:
             time.sleep(poll)
 
     def finish(self, run: subprocess.Popen[bytes]) -> int:
+        """``flwr run --stream``'s exit code once it has ended and, as its operator would
+        check with ``flwr ls``, the run has too. Under load, Flower 1.41's log stream can end
+        while the run goes on (the SuperLink's SQLite state answered the stream's request
+        with "database is locked" in a 16-site drill): the drill then waits for the run,
+        and says so in its notes (:attr:`stream_ended_early`)."""
         self.wait("the run to end", lambda: run.poll() is not None, poll=1)
+        if self.unfinished():
+            self.stream_ended_early += 1
+            self.wait("the run to end after its log stream did",
+                      lambda: not self.unfinished(), poll=5)
         return int(run.returncode)
+
+    def unfinished(self) -> bool:
+        """``flwr ls`` lists a run that is not finished (False when it cannot answer)."""
+        return any(str(r.get("status", "")).startswith(("running", "starting", "pending"))
+                   for r in self.fed.runs())
 
     def abandon(self, run: subprocess.Popen[bytes], grace: float) -> str:
         """After a crash: let ``flwr run`` end by itself for ``grace`` s, else stop it as its

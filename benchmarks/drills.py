@@ -309,6 +309,9 @@ def run_drill(name: str, work: Path, timeout: float) -> tuple[ev.Row, dict[str, 
         d.fed.close()
     wall = time.monotonic() - start
     keys = d.out / "keys"
+    if d.stream_ended_early:
+        note += (f"; flwr run's log stream ended {d.stream_ended_early} time(s) before its run "
+                 "(the drill waited for the run, as flwr ls showed it)")
     row = ev.drill_row(name, sites, d.out, ROUNDS, wall, checks, twice,
                        keys=keys if keys.is_dir() else None, note=note)
     return row, extra
