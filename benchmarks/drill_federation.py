@@ -155,10 +155,10 @@ class Drill:
                       lambda: not self.unfinished(), poll=5)
         return int(run.returncode)
 
-    def unfinished(self) -> bool:
-        """``flwr ls`` lists a run that is not finished (False when it cannot answer)."""
-        return any(str(r.get("status", "")).startswith(("running", "starting", "pending"))
-                   for r in self.fed.runs())
+    def unfinished(self) -> list[dict[str, object]]:
+        """The runs ``flwr ls`` lists as not finished ([] when it cannot answer)."""
+        return [r for r in self.fed.runs()
+                if str(r.get("status", "")).startswith(("running", "starting", "pending"))]
 
     def abandon(self, run: subprocess.Popen[bytes], grace: float) -> str:
         """After a crash: let ``flwr run`` end by itself for ``grace`` s, else stop it as its
@@ -176,10 +176,9 @@ class Drill:
             except subprocess.TimeoutExpired:
                 run.kill()
                 run.wait()
-        for r in self.fed.runs():
-            if str(r.get("status", "")).startswith(("running", "starting", "pending")):
-                self.fed.flwr("stop", str(r["run-id"]), "loopback", timeout=60)
-                said += f"; flwr stop {r['run-id']} (was {r['status']})"
+        for r in self.unfinished():
+            self.fed.flwr("stop", str(r["run-id"]), "loopback", timeout=60)
+            said += f"; flwr stop {r['run-id']} (was {r['status']})"
         return said
 
     def peaks_mb(self) -> dict[str, float]:
