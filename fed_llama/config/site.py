@@ -58,9 +58,10 @@ class SiteConfig:
     ``.gguf`` file. Its hash must equal the aggregator's, or the site refuses the run."""
 
     backbone_cache: str = field(default="", metadata={"path": True})
-    """Where converted backbones are cached (``FED_LLAMA_CACHE``; empty: the environment's
-    setting, else ``~/.cache/fed-llama``). Each round starts a fresh ClientApp process: a cache
-    on local disk keeps the conversion to the first round."""
+    """Where converted backbones and this site's encoded data are cached (``FED_LLAMA_CACHE``;
+    empty: the environment's setting, else ``~/.cache/fed-llama``). Each message starts a fresh
+    ClientApp process: a cache on local disk keeps the conversion and the tokenization to the
+    first. The data entries hold the site's records, readable by their owner only."""
 
     method: Literal["lora", "qlora", "llama-adapter", "llama-adapter-v2", "excitor"] = "lora"
     """The method the site agreed to train: ``lora`` (full-precision backbone), ``qlora``

@@ -49,7 +49,8 @@ def answer_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[
         if msg["role"] != "assistant":
             continue
         before = render(tokenizer, msgs[:i], generation_prompt=True) if i else ""
-        upto = render(tokenizer, msgs[: i + 1], generation_prompt=False)
+        upto = (full if i == len(msgs) - 1  # the same call: render the template once
+                else render(tokenizer, msgs[: i + 1], generation_prompt=False))
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(
                 "the backbone's chat template does not render conversations incrementally, so "
