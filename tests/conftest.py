@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,27 @@ def load_benchmark(name: str) -> ModuleType:
     if "harness" not in sys.modules:
         sys.modules["harness"] = _exec_benchmark("harness")
     return _exec_benchmark(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A fed-llama cache of this test session's own (``FED_LLAMA_CACHE``, inherited by the
+    Ray workers and Flower processes the tests start), so no test reads a site's encoded data
+    that an earlier session kept; its ``backbones/`` is the user's, so the default backbone is
+    converted once, not once per session."""
+    from fed_llama.backbone.cache import cache_root
+
+    shared = cache_root() / "backbones"
+    shared.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("fed-llama-cache")
+    (root / "backbones").symlink_to(shared, target_is_directory=True)
+    before = os.environ.get("FED_LLAMA_CACHE")
+    os.environ["FED_LLAMA_CACHE"] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop("FED_LLAMA_CACHE", None)
+    else:
+        os.environ["FED_LLAMA_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,16 @@ the encoding depends on, or any damage to the file, means encoding again, never 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import qa_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +24,6 @@ from fed_llama.data import encoded_cache
 from fed_llama.data.source import SiteData
 from fed_llama.data.tokenize import Encoded
 from fed_llama.training import site_model
-from tests.conftest import qa_records
 
 
 @pytest.fixture
@@ -76,6 +80,62 @@ def test_a_changed_file_or_setting_is_another_entry(  # type: ignore[no-untyped-
     assert max(len(e.input_ids) for e in shorter.train) <= 48
 
 
+def test_an_edit_that_keeps_the_size_and_the_time_is_still_seen(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, cache: Path) -> None:
+    path = write_jsonl(qa_records(20))
+    fresh_process()
+    before = site_ops.site_data(scenario_for(tiny_backbone, path), 0)
+    times = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("Essential", "Ezzential"))  # a same-size redaction
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    fresh_process()
+    after = site_ops.site_data(scenario_for(tiny_backbone, path), 0)
+    assert after != before  # the file's bytes are hashed, not its size and time
+
+
+def test_every_input_of_the_encoding_is_in_the_key(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    path = write_jsonl(qa_records(20))
+    base = scenario_for(tiny_backbone, path)
+    heldout = write_jsonl(qa_records(4), name="held.jsonl")
+    tokenizer = [tiny_backbone / "tokenizer.json"]
+
+    def key(sc: ScenarioConfig = base, site: int = 0, seed: int = 0,
+            files: list[Path] = tokenizer) -> str | None:
+        ident = encoded_cache.identity(sc.data, sc.federation, site, seed, files)
+        return None if ident is None else encoded_cache.cache_key(ident)
+
+    other_tokenizer = tmp_path / "tokenizer.json"
+    other_tokenizer.write_text("{}")
+    keys = [key(), key(site=1), key(seed=1), key(files=[other_tokenizer]),
+            key(dataclasses.replace(base, data=dataclasses.replace(base.data,
+                                                                   heldout=str(heldout)))),
+            key(dataclasses.replace(base, data=dataclasses.replace(base.data,
+                                                                   system_prompt="Be brief.")))]
+    assert None not in keys and len(set(keys)) == len(keys)
+    assert key() == key()
+    missing = dataclasses.replace(base, data=dataclasses.replace(
+        base.data, heldout=str(tmp_path / "gone.jsonl")))
+    assert key(missing) is None  # not cached: reading the data says what is missing
+
+
+def test_a_dirichlet_share_is_kept_too(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = write_jsonl(qa_records(30), name="a.jsonl")
+    b = write_jsonl(qa_records(20), name="b.jsonl")
+    scenario = build_config(ScenarioConfig, {
+        "backbone": {"name": str(tiny_backbone)},
+        "federation": {"sites": [str(a), str(b)], "partition": "dirichlet",
+                       "num_partitions": 3, "dirichlet_alpha": 1.0}}, source="test")
+    fresh_process()
+    first = [site_ops.site_data(scenario, i) for i in range(3)]
+    fresh_process()
+    monkeypatch.setattr(site_ops, "encode_site", None)  # calling it would fail
+    assert [site_ops.site_data(scenario, i) for i in range(3)] == first
+    assert (cache / ".gitignore").read_text() == "*\n"
+
+
 def test_a_damaged_entry_is_encoded_again_and_replaced(  # type: ignore[no-untyped-def]
         tiny_backbone: Path, write_jsonl, cache: Path) -> None:
     scenario = scenario_for(tiny_backbone, write_jsonl(qa_records(20)))
@@ -116,7 +176,10 @@ def test_a_valid_entry_reads_back(tmp_path: Path) -> None:
 @pytest.mark.parametrize("field, value", [
     ("key", "another"), ("format", encoded_cache.FORMAT + 1), ("train", [[[1, 2], [2]]]),
     ("train", [[[1.0], [1]]]), ("train", [[[True], [1]]]), ("train", {"a": 1}),
-    ("heldout", []), ("summary", []), ("heldout_examples", [{"messages": []}]),
+    ("train", [[[1, 2], [-100, 5]]]), ("train", [[[1, 2], [-100, -100]]]), ("train", []),
+    ("train", [[[-1], [-1]]]), ("heldout", []), ("summary", []),
+    ("heldout_examples", [{"messages": []}]),
+    ("heldout_examples", [{"messages": [{"role": "robot", "content": "a"}]}]),
 ])
 def test_an_entry_with_a_wrong_value_is_a_miss(tmp_path: Path, field: str,
                                               value: object) -> None:
@@ -130,3 +193,11 @@ def test_an_entry_with_a_wrong_value_is_a_miss(tmp_path: Path, field: str,
 def test_any_bytes_are_an_entry_or_a_miss(tmp_path: Path, data: bytes) -> None:
     (tmp_path / "k.json").write_bytes(data)
     assert encoded_cache.read(tmp_path, "k") is None
+
+
+def test_the_icd10_list_is_found_without_importing_its_package() -> None:
+    """simple_icd_10_cm's import parses every code (seconds in each fresh process)."""
+    script = ("import sys; from fed_llama.data.icd10 import tabular_xml; "
+              "assert tabular_xml().name.endswith('.xml'); "
+              "assert 'simple_icd_10_cm' not in sys.modules")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

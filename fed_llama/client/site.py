@@ -11,18 +11,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from fed_llama import wire
 from fed_llama.adapter.rank import change_rank
 from fed_llama.adapter.state import State
-from fed_llama.backbone.cache import cache_root, sha256_file
+from fed_llama.backbone.cache import cache_root
+from fed_llama.backbone.load import WEIGHT_SUFFIXES
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.config.train import ICD10_PREFIX
 from fed_llama.data import encoded_cache
-from fed_llama.data.source import SiteData, SiteExamples, encode_site, load_examples, sample
-from fed_llama.errors import DataError
+from fed_llama.data.site_examples import site_examples
+from fed_llama.data.source import SiteData, encode_site, sample
 from fed_llama.training.loop import train_adapter
 from fed_llama.training.lora import adapter_state, load_adapter_state, use_rank
 from fed_llama.training.loss import heldout_loss
@@ -34,63 +33,29 @@ log = logging.getLogger(__name__)
 
 def site_data(scenario: ScenarioConfig, site: int) -> SiteData:
     """Site ``site``'s encoded data (its source, or its share of a Dirichlet partition), from
-    this process's memory, else from the encoded-data cache on disk, else read and encoded
-    (and then kept in both)."""
+    this process's memory, else from the encoded-data cache on disk
+    (:mod:`fed_llama.data.encoded_cache`), else read and encoded (and then kept in both)."""
     loaded = loaded_site_model(scenario)
     if site not in loaded.data:
-        identity = _data_identity(scenario, site, loaded.backbone.source.model_dir)
-        folder = cache_root() / "data"
-        key = encoded_cache.cache_key(identity) if identity is not None else None
-        cached = encoded_cache.read(folder, key) if key is not None else None
-        if cached is None:
-            cached = encode_site(_site_examples(scenario, site), scenario.data, loaded.tokenizer)
-            if key is not None:
-                encoded_cache.write(folder, key, cached)
-        loaded.data[site] = cached
+        data, fed, seed = scenario.data, scenario.federation, scenario.train.seed
+        model_dir = loaded.backbone.source.model_dir
+        tokenizer_files = [p for p in model_dir.iterdir()
+                           if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)]
+
+        def current_key() -> str | None:
+            ident = encoded_cache.identity(data, fed, site, seed, tokenizer_files)
+            return None if ident is None else encoded_cache.cache_key(ident)
+
+        folder, key = cache_root() / "data", current_key()
+        encoded = encoded_cache.read(folder, key) if key is not None else None
+        if encoded is None:
+            encoded = encode_site(site_examples(data, fed, site, seed), data, loaded.tokenizer)
+            if key is not None and current_key() == key:  # no file changed while reading
+                encoded_cache.write(folder, key, encoded)
+        if "categories" in encoded.summary:  # a Dirichlet partition's share
+            log.info("site %s: %s", scenario.site_names()[site], encoded.summary["categories"])
+        loaded.data[site] = encoded
     return loaded.data[site]
-
-
-def _site_examples(scenario: ScenarioConfig, site: int) -> SiteExamples:
-    fed, seed = scenario.federation, scenario.train.seed
-    if fed.partition == "dirichlet":
-        from fed_llama.data.partition import partition_sites
-
-        pools = [load_examples(dataclasses.replace(scenario.data, source=s), seed)
-                 for s in fed.sites]
-        raw = partition_sites(pools, fed.num_partitions, fed.dirichlet_alpha, seed)[site]
-        log.info("site %s: %s", scenario.site_names()[site], raw.summary["categories"])
-        return raw
-    return load_examples(dataclasses.replace(scenario.data, source=fed.sites[site]), seed)
-
-
-def _data_identity(scenario: ScenarioConfig, site: int, model_dir: Path
-                   ) -> dict[str, Any] | None:
-    """What site ``site``'s encoded data depends on, for its cache key; None where a file it
-    names cannot be read (no caching: reading the data then says what is wrong)."""
-    import tokenizers
-    import transformers
-
-    from fed_llama.backbone.load import WEIGHT_SUFFIXES
-    from fed_llama.data.icd10 import tabular_xml
-
-    fed = scenario.federation
-    sources = list(fed.sites) if fed.partition == "dirichlet" else [fed.sites[site]]
-    try:
-        files = {name: sha256_file(Path(name)) for name in [*sources, scenario.data.heldout]
-                 if name and not name.startswith(ICD10_PREFIX)}
-        if any(name.startswith(ICD10_PREFIX) for name in sources):
-            xml = tabular_xml()
-            files[xml.name] = sha256_file(xml)
-        tokenizer = {p.name: sha256_file(p) for p in sorted(model_dir.iterdir())
-                     if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)}
-    except (OSError, DataError):
-        return None
-    partition = ([fed.partition, fed.num_partitions, fed.dirichlet_alpha]
-                 if fed.partition == "dirichlet" else fed.partition)
-    return {"data": dataclasses.asdict(scenario.data), "sources": sources, "site": site,
-            "partition": partition, "seed": scenario.train.seed, "files": files,
-            "tokenizer": tokenizer,
-            "libraries": [transformers.__version__, tokenizers.__version__]}
 
 
 def proximal_term(model: Any, mu: float) -> Callable[[Any], Any]:
