@@ -85,8 +85,8 @@ def scale(d: Drill) -> Outcome:
                   r.get("sites-trained") == d.sites for r in rows)}
     peaks = d.peaks_mb()
     note = overhead_note(per_round, peaks) + resubmitted
-    return checks, ev.rerun_rounds(before, rows), note, {"overhead": [{"drill": d.name, **o} for o in per_round],
-                              "peak_rss_mb": peaks}
+    extra = {"overhead": [{"drill": d.name, **o} for o in per_round], "peak_rss_mb": peaks}
+    return checks, ev.rerun_rounds(before, rows), note, extra
 
 
 def overhead_note(per_round: list[dict[str, Any]], peaks: dict[str, float]) -> str:
