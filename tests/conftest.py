@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,20 @@ def qa_records(n: int) -> list[dict[str, str]]:
     return [{"instruction": f"What does ICD-10-CM code I{10 + i % 7} describe?",
              "output": "Essential (primary) hypertension" if i % 2 else "acute myocardial"}
             for i in range(n)]
+
+
+def dirichlet_scenario(backbone: Path, write: Any) -> Any:
+    """Two JSONL sources (30 and 20 records, written with the ``write_jsonl`` fixture's
+    function) pooled and dealt to 3 sites by a Dirichlet(1.0) partition, on ``backbone``."""
+    from fed_llama.config.loader import build_config
+    from fed_llama.config.scenario import ScenarioConfig
+
+    a = write(qa_records(30), name="a.jsonl")
+    b = write(qa_records(20), name="b.jsonl")
+    return build_config(ScenarioConfig, {
+        "backbone": {"name": str(backbone)},
+        "federation": {"sites": [str(a), str(b)], "partition": "dirichlet",
+                       "num_partitions": 3, "dirichlet_alpha": 1.0}}, source="test")
 
 
 @pytest.fixture

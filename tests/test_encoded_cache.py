@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import qa_records
+from conftest import dirichlet_scenario, qa_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -122,12 +122,7 @@ def test_every_input_of_the_encoding_is_in_the_key(  # type: ignore[no-untyped-d
 
 def test_a_dirichlet_share_is_kept_too(  # type: ignore[no-untyped-def]
         tiny_backbone: Path, write_jsonl, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a = write_jsonl(qa_records(30), name="a.jsonl")
-    b = write_jsonl(qa_records(20), name="b.jsonl")
-    scenario = build_config(ScenarioConfig, {
-        "backbone": {"name": str(tiny_backbone)},
-        "federation": {"sites": [str(a), str(b)], "partition": "dirichlet",
-                       "num_partitions": 3, "dirichlet_alpha": 1.0}}, source="test")
+    scenario = dirichlet_scenario(tiny_backbone, write_jsonl)
     fresh_process()
     first = [site_ops.site_data(scenario, i) for i in range(3)]
     fresh_process()

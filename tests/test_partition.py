@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import qa_records
+from conftest import dirichlet_scenario
 
-from fed_llama.config.loader import build_config
-from fed_llama.config.scenario import ScenarioConfig
 from fed_llama.data.partition import dirichlet_partition, dirichlet_proportions
 from fed_llama.errors import ConfigError
 
@@ -53,12 +51,7 @@ def test_a_dirichlet_scenario_deals_pooled_sources_to_its_sites(  # type: ignore
         tiny_backbone: Path, write_jsonl) -> None:
     from fed_llama.client.site import site_data
 
-    a = write_jsonl(qa_records(30), name="a.jsonl")
-    b = write_jsonl(qa_records(20), name="b.jsonl")
-    scenario = build_config(ScenarioConfig, {
-        "backbone": {"name": str(tiny_backbone)},
-        "federation": {"sites": [str(a), str(b)], "partition": "dirichlet",
-                       "num_partitions": 3, "dirichlet_alpha": 1.0}}, source="test")
+    scenario = dirichlet_scenario(tiny_backbone, write_jsonl)
     assert scenario.site_names() == ["part-00", "part-01", "part-02"]
     data = [site_data(scenario, i) for i in range(3)]
     # 30 + 20 records, 10% of each held out: every record lands at exactly one site
