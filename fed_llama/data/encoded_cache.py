@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -73,12 +74,18 @@ def identity(data: DataConfig, fed: FederationConfig, site: int, seed: int,
             "libraries": [lib.__version__ for lib in (transformers, tokenizers, jinja2, numpy)]}
 
 
-def cache_key(ident: dict[str, Any]) -> str:
-    """The sha256 of ``ident`` with this format and the code of :mod:`fed_llama.data`."""
+@functools.cache
+def _code_digest() -> str:
+    """The sha256 of :mod:`fed_llama.data`'s code, read once per process."""
     code = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         code.update(path.name.encode() + b"\0" + path.read_bytes())
-    text = json.dumps({"format": FORMAT, "code": code.hexdigest(), **ident},
+    return code.hexdigest()
+
+
+def cache_key(ident: dict[str, Any]) -> str:
+    """The sha256 of ``ident`` with this format and the code of :mod:`fed_llama.data`."""
+    text = json.dumps({"format": FORMAT, "code": _code_digest(), **ident},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
