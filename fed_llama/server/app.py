@@ -23,6 +23,7 @@ from fed_llama.server.checkpoint import (
 )
 from fed_llama.server.optimizer_state import export_state, restore_state, uses_server_state
 from fed_llama.server.outcome import RoundFailed
+from fed_llama.server.pull_retry import retry_pulls
 from fed_llama.server.report import plot_history
 from fed_llama.server.security import ServerGuard
 from fed_llama.server.strategy import build_strategy
@@ -44,6 +45,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     if done >= total:
         log.info("all %d rounds are already complete in %s", total, store.out)
         return
+    grid = retry_pulls(grid)
     source = resolve_backbone(scenario.backbone.name)
     guard = None
     if scenario.security.envelopes:
