@@ -252,3 +252,37 @@ def test_wrong_shapes_are_refused_with_a_clear_error(tiny_backbone: Path, tmp_pa
     fresh = load_backbone(BackboneConfig(name=str(tiny_backbone)))
     with pytest.raises(AdapterError, match="does not fit this backbone"):
         load_adapter(fresh.model, out)
+
+
+BNB_PROBE = """
+import sys
+from fed_llama.backbone import load_backbone
+from fed_llama.config import BackboneConfig, LoraConfig
+from fed_llama.training.lora import adapter_state, attach_lora, use_rank
+
+plain = attach_lora(load_backbone(BackboneConfig(name=sys.argv[1])).model, LoraConfig(r=8), 0)
+use_rank(plain, LoraConfig(r=8), 4, seed=0)
+print("after plain:", "bitsandbytes" in sys.modules, len(adapter_state(plain)))
+nf4 = load_backbone(BackboneConfig(name=sys.argv[1], quantization="nf4")).model
+nf4 = attach_lora(nf4, LoraConfig(r=8), 0)
+import bitsandbytes as bnb
+print("nf4 layers:", sum(isinstance(m.base_layer, bnb.nn.Linear4bit)
+                         for m in nf4.modules() if hasattr(m, "lora_A")))
+"""
+
+
+def test_lora_on_a_plain_backbone_does_not_import_bitsandbytes_and_nf4_still_gets_it(
+        tiny_backbone: Path) -> None:
+    """peft imports bitsandbytes on its first wrap whenever it is installed (1.3 s in every
+    ClientApp process); an unquantized backbone needs none of it, and an NF4 backbone loaded
+    later in the same process still has its LoRA layers wrap bitsandbytes' Linear4bit."""
+    pytest.importorskip("bitsandbytes")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", BNB_PROBE, str(tiny_backbone)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "after plain: False 16" in lines  # q_proj, v_proj in 4 layers: A and B each
+    assert "nf4 layers: 8" in lines

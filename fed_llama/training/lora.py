@@ -6,9 +6,15 @@ from typing import Any
 
 import torch
 
-from fed_llama.adapter.peft_import import peft_module as _peft
+from fed_llama.adapter.peft_import import bitsandbytes_unless_loaded, peft_module
 from fed_llama.common.notices import without_checkpointing_notice
 from fed_llama.config.train import LoraConfig
+
+
+def _peft() -> Any:
+    """peft, without importing bitsandbytes (an NF4 backbone's loading has imported it; for
+    any other, :func:`bitsandbytes_unless_loaded` keeps peft from importing it)."""
+    return peft_module(bitsandbytes=False)
 
 
 def peft_config(spec: LoraConfig) -> Any:
@@ -28,7 +34,7 @@ def attach_lora(model: Any, spec: LoraConfig, seed: int) -> Any:
     """
     peft = _peft()
     torch.manual_seed(seed)
-    with without_checkpointing_notice():
+    with without_checkpointing_notice(), bitsandbytes_unless_loaded():
         return peft.get_peft_model(model, peft_config(spec))
 
 
@@ -65,6 +71,7 @@ def use_rank(model: Any, spec: LoraConfig, rank: int, seed: int) -> str:
     name = "default" if rank == spec.r else f"rank-{rank}"
     if name not in model.peft_config:
         torch.manual_seed(seed)
-        model.add_adapter(name, peft_config(dataclasses.replace(spec, r=rank)))
+        with bitsandbytes_unless_loaded():
+            model.add_adapter(name, peft_config(dataclasses.replace(spec, r=rank)))
     model.set_adapter(name)
     return name
