@@ -8,6 +8,12 @@ exception ended the ServerApp and the round with it (1.42 is the same: the same
 SuperLink (a reply is deleted there only once it is confirmed received), so a pull that got a
 500 is tried again a few times, with a growing pause, before the error is let through. Nothing
 else is retried: pushing messages again could send a site the same round twice.
+
+One case a retry cannot mend: Flower's pull confirms each reply as it reads it, so a 500 on a
+later reply's confirmation drops the replies already confirmed in the same pull. Those sites
+count as not having replied: the round waits for them until ``round_timeout`` and goes on with
+the others (``federation.min_sites`` decides whether it completes), where without the retry the
+ServerApp would have exited.
 """
 
 from __future__ import annotations
