@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
 from fed_llama.common.notices import (
     BNB_KERNEL_LOGGER,
     BNB_KERNEL_NOTICE,
+    TORCH_SCRIPT_METHOD_NOTICE,
     drop_log_message,
     quiet_bitsandbytes,
 )
@@ -28,9 +30,11 @@ def peft_module(bitsandbytes: bool = True) -> ModuleType:
     for callers that wrap layers inside :func:`bitsandbytes_unless_loaded`."""
     if bitsandbytes:
         quiet_bitsandbytes()
-    else:
-        drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
-    import peft
+    drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
+    with warnings.catch_warnings():  # peft <= 0.21 imports bitsandbytes here
+        warnings.filterwarnings("ignore", message=TORCH_SCRIPT_METHOD_NOTICE,
+                                category=DeprecationWarning)
+        import peft
 
     return peft
 
@@ -45,14 +49,19 @@ def bitsandbytes_unless_loaded() -> Iterator[None]:
     A backbone loaded without it has none of those, so the import changes nothing there but
     costs 1.3 s, in every process Flower starts for a message. Hidden as Python's import system
     marks a module it must not import (``sys.modules[name] = None``: ``find_spec`` answers
-    None, ``import`` raises ImportError), with peft's remembered answers cleared on the way in
-    and out, so that a later NF4 backbone in the same process sees bitsandbytes again."""
+    None, ``import`` raises ImportError), with peft's and transformers' remembered answers
+    cleared on the way in and out, so that a later NF4 backbone in the same process sees
+    bitsandbytes again."""
     if BNB in sys.modules:
         yield
         return
     from peft import import_utils
 
-    remembered = (import_utils.is_bnb_available, import_utils.is_bnb_4bit_available)
+    remembered = [import_utils.is_bnb_available, import_utils.is_bnb_4bit_available]
+    with contextlib.suppress(ImportError, AttributeError):  # transformers remembers it too
+        from transformers.utils import import_utils as transformers_imports
+
+        remembered.append(transformers_imports.is_bitsandbytes_available)
     sys.modules[BNB] = None  # type: ignore[assignment]
     for answer in remembered:
         answer.cache_clear()

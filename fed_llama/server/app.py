@@ -45,7 +45,6 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     if done >= total:
         log.info("all %d rounds are already complete in %s", total, store.out)
         return
-    grid = retry_pulls(grid)
     source = resolve_backbone(scenario.backbone.name)
     guard = None
     if scenario.security.envelopes:
@@ -130,6 +129,9 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
             store.save_optimizer(done + server_round, export_state(strategy), encrypt)
         return None
 
+    # not on the SecAgg+ path above: its evaluation waits for replies without a timeout, where
+    # a reply a retried pull lost would hold the run for Flower's message TTL (12 h)
+    grid = retry_pulls(grid)
     nodes = None
     if scenario.federation.participation == "cyclic":
         from fed_llama.server.cyclic import site_nodes

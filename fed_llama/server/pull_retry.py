@@ -2,18 +2,22 @@
 
 Under load, Flower 1.41's SuperLink can hold its SQLite state locked longer than it waits for
 it (a fixed 5 s ``busy_timeout``) and answer the ServerApp's request for replies with a 500
-("database is locked"). Flower's ServerApp client retries 502, 503 and 504 but not 500, so the
-exception ended the ServerApp and the round with it (1.42 is the same: the same
-``busy_timeout``, the same retryable codes). Asking for the replies again changes nothing at the
-SuperLink (a reply is deleted there only once it is confirmed received), so a pull that got a
-500 is tried again a few times, with a growing pause, before the error is let through. Nothing
-else is retried: pushing messages again could send a site the same round twice.
+(its body says only "Internal server error."; its log says "database is locked"). Flower's
+ServerApp client retries 502, 503 and 504 but not 500, so the exception ended the ServerApp
+and the round with it (1.42 is the same: the same ``busy_timeout``, the same retryable codes).
+Here a pull that got a 500 is tried again a few times, with a growing pause, before the error
+is let through. Pushes are never retried: that could send a site the same round twice.
 
-One case a retry cannot mend: Flower's pull confirms each reply as it reads it, so a 500 on a
-later reply's confirmation drops the replies already confirmed in the same pull. Those sites
-count as not having replied: the round waits for them until ``round_timeout`` and goes on with
-the others (``federation.min_sites`` decides whether it completes), where without the retry the
-ServerApp would have exited.
+What a retry can and cannot mend. The SuperLink answers a pull in three writes: it marks the
+replies delivered, takes any instruction addressed to the ServerApp itself, deletes the answered
+instructions; the ServerApp then fetches each reply's objects and confirms them. A lock on the
+first write changes nothing, and asking again returns the replies. A 500 from any later step
+comes after the replies were marked delivered, and the SuperLink never hands those out again:
+those sites count as not having replied in this round, which waits for them until
+``federation.round_timeout`` and then goes on with the others (``federation.min_sites``
+decides whether it completes). Without the retry the ServerApp would have exited, and the run
+would wait for its operator to submit it again. Each retry is logged as a warning that says
+so. Not used on the SecAgg+ path (``server.app``), whose evaluation waits without a timeout.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ def retrying_pull(pull: Callable[[Iterable[str]], Iterable[Message]],
                 if not _server_error(exc) or attempt == TRIES:
                     raise
                 log.warning("the SuperLink answered a request for the sites' replies with a "
-                            "server error (%s); asking again in %.0f s (try %d of %d)",
+                            "server error (%s; its log says why); asking again in %.0f s "
+                            "(try %d of %d). A site whose reply this request had already "
+                            "taken misses this round: it waits for it until round_timeout",
                             _reason(exc), pause, attempt + 1, TRIES)
                 (sleep or time.sleep)(pause)
                 pause = min(2 * pause, MAX_PAUSE)
