@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
 from fed_llama.common.notices import (
     BNB_KERNEL_LOGGER,
     BNB_KERNEL_NOTICE,
-    TORCH_SCRIPT_METHOD_NOTICE,
     drop_log_message,
     quiet_bitsandbytes,
+    without_script_method_notice,
 )
 
 BNB = "bitsandbytes"
@@ -30,10 +29,9 @@ def peft_module(bitsandbytes: bool = True) -> ModuleType:
     for callers that wrap layers inside :func:`bitsandbytes_unless_loaded`."""
     if bitsandbytes:
         quiet_bitsandbytes()
-    drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
-    with warnings.catch_warnings():  # peft <= 0.21 imports bitsandbytes here
-        warnings.filterwarnings("ignore", message=TORCH_SCRIPT_METHOD_NOTICE,
-                                category=DeprecationWarning)
+    else:
+        drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
+    with without_script_method_notice():  # peft <= 0.21 imports bitsandbytes here
         import peft
 
     return peft

@@ -73,10 +73,18 @@ def quiet_bitsandbytes() -> None:
     drop_log_message(BNB_KERNEL_LOGGER, BNB_KERNEL_NOTICE)
     if importlib.util.find_spec("bitsandbytes") is None:
         return
+    with without_script_method_notice():
+        import bitsandbytes  # noqa: F401
+
+
+@contextlib.contextmanager
+def without_script_method_notice() -> Iterator[None]:
+    """Inside: torch's ``script_method`` DeprecationWarning (:data:`TORCH_SCRIPT_METHOD_NOTICE`,
+    raised while bitsandbytes is imported) is not shown; every other warning is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=TORCH_SCRIPT_METHOD_NOTICE,
                                 category=DeprecationWarning)
-        import bitsandbytes  # noqa: F401
+        yield
 
 
 @contextlib.contextmanager

@@ -73,9 +73,9 @@ def retrying_pull(pull: Callable[[Iterable[str]], Iterable[Message]],
     return pull_messages
 
 
-def _reason(exc: Exception) -> str:
-    text = getattr(getattr(exc, "response", None), "text", "") or ""
-    return " ".join(str(text).split())[:120] or str(exc)
+def _reason(exc: Any) -> str:
+    """The start of a 500's body, on one line (``exc``: an ``httpx.HTTPStatusError``)."""
+    return " ".join(exc.response.text.split())[:120] or str(exc)
 
 
 def retry_pulls(grid: Any) -> Any:
