@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fed_llama import wire
+
 Row = dict[str, Any]
 
 COLUMNS = ["drill", "sites", "rounds done", "rounds lost", "rounds applied twice",
@@ -78,7 +80,8 @@ def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:
 
 
 def overhead(rows: list[Row]) -> list[dict[str, float]]:
-    """Per round: its wall time, the slowest site's training and evaluation times, and
+    """Per round: its wall time, the slowest site's training (with the previous round's
+    evaluation, where its training message carried it) and evaluation times, and
     Flower's overhead (the round's time less those two: messaging, ClientApp process starts,
     loading the backbone in them, checkpoints). Where the sites report their load times, also
     ``flower_s``: the round's time less the slowest site's load and training and the slowest
@@ -90,9 +93,12 @@ def overhead(rows: list[Row]) -> list[dict[str, float]]:
                         if isinstance(v := row.get(f"{site}{s}"), int | float))
                     for site in sites), default=0.0)
 
+    # a training message that carried the previous round's evaluation did both in a row
+    carried = "/" + wire.CARRIED_EVALUATE_SECONDS
     out = []
     for row in rows:
-        train, evaluate = slowest(row, "/train-seconds"), slowest(row, "/evaluate-seconds")
+        train = slowest(row, "/train-seconds", carried)
+        evaluate = slowest(row, "/evaluate-seconds")
         if "round-seconds" in row and train:
             wall = float(row["round-seconds"])
             spent = wall - train - evaluate
@@ -102,7 +108,7 @@ def overhead(rows: list[Row]) -> list[dict[str, float]]:
                      "overhead_s": round(spent, 2),
                      "overhead_share": round(spent / wall, 3) if wall else 0}
             if any(k.endswith("/train-load-seconds") for k in row):
-                flower = (wall - slowest(row, "/train-seconds", "/train-load-seconds")
+                flower = (wall - slowest(row, "/train-seconds", "/train-load-seconds", carried)
                           - slowest(row, "/evaluate-seconds", "/evaluate-load-seconds"))
                 entry.update({"slowest_train_load_s": round(
                     slowest(row, "/train-load-seconds"), 2),

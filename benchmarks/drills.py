@@ -5,7 +5,10 @@ would, faults injected with process signals.
 Drills (tiny random LLaMA; ``--only`` picks some, in this order):
 
 - ``scale``: 16 SuperNodes, 3 rounds; Flower's overhead per round (round wall time minus the
-  slowest site's training) and the SuperLink's and ServerApp's peak RSS. A run that fails
+  slowest site's training and evaluation) and the SuperLink's and ServerApp's peak RSS. Both
+  scale drills run as a deployment should, with ``federation.carry_evaluation``: a round's
+  evaluation rides on the next round's training messages, one ClientApp process per site per
+  round (the last round evaluates in messages of its own). A run that fails
   (under this load Flower 1.41's SuperLink can answer the ServerApp with "database is
   locked") is submitted again once, as its operator would, and resumes; the note says so.
 - ``scale-real``: 4 SuperNodes on the default backbone (SmolLM2-135M), four ICD-10 hospitals
@@ -280,7 +283,7 @@ REAL_SCENARIO = (
     "[train]\nmax_steps = 20\nbatch_size = 8\nlr = 0.003\nwarmup_steps = 2\nthreads = 1\n"
     "[data]\nmax_heldout_records = 64\n[evaluation]\nquestions = 0\n"
     f"[federation]\nrounds = {ROUNDS}\nsites = {json.dumps(REAL_SITES)}\n"
-    "round_timeout = 1800\n")
+    "round_timeout = 1800\ncarry_evaluation = true\n")
 """``scale-real``: 20 local steps of 8 examples a round on the default backbone, four ICD-10
 hospitals, held-out perplexity on 64 records per site. Each site's torch uses one thread: the
 four SuperNodes share this host's cores, where each would have a machine of its own."""
@@ -288,7 +291,7 @@ SCENARIOS = {"scale-real": REAL_SCENARIO}
 
 
 DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
-    "scale": (16, "round_timeout = 900\n", scale),
+    "scale": (16, "round_timeout = 900\ncarry_evaluation = true\n", scale),
     "scale-real": (len(REAL_SITES), "", scale),
     "site-crash": (4, CRASH_FED, site_crash),
     "serverapp-crash": (4, CRASH_FED, lambda d: aggregator_crash(d, "serverapp")),

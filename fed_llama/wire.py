@@ -20,6 +20,9 @@ ARRAYS_LAYOUT = "arrays-layout"
 and shapes: fed_llama.adapter.packed_arrays)."""
 ENVELOPE = "envelope"
 """ConfigRecord: a site's update envelope (signed, encrypted: fed_llama.crypto.envelope)."""
+CARRIED_EVALUATION = "carried-evaluation"
+"""MetricRecord of a training reply: the site's evaluation of the adapter it received
+(EVALUATE_FIRST), the same numbers an evaluation reply's METRICS holds, without its times."""
 ENVELOPE_BYTES = "bytes"
 """In the ENVELOPE record: the envelope's bytes."""
 
@@ -32,6 +35,9 @@ RUN_ID = "run-id"
 """The run id envelopes are bound to."""
 ROUND_SEAL = "round-seal"
 """The aggregator's signed, hash-chained seal of the adapter it sends (JSON)."""
+EVALUATE_FIRST = "evaluate-first"
+"""Training config (``federation.carry_evaluation``): the round whose global adapter this
+message carries, which the site evaluates before it trains on it (0: none)."""
 PROXIMAL_MU = "proximal-mu"
 """FedProx's proximal weight (sent by Flower's FedProx)."""
 SETTINGS = "fed-settings"
@@ -61,6 +67,8 @@ HELDOUT_LOSS = "heldout-loss"
 HELDOUT_TOKENS = "heldout-tokens"
 EVALUATE_SECONDS = "evaluate-seconds"
 """Seconds the site spent evaluating (held-out loss and task questions)."""
+CARRIED_EVALUATE_SECONDS = "carried-evaluate-seconds"
+"""In a training reply's METRICS: seconds the site spent on the evaluation it carried."""
 LOAD_SECONDS = "load-seconds"
 """Seconds the site spent loading the backbone and its data for this message (about 0 where
 its process already holds them, as the Simulation Engine's actors do; on the Deployment Engine

@@ -160,3 +160,17 @@ def test_a_process_knows_when_it_started() -> None:
     started = process_started_at()
     assert started is not None and 0 <= time.time() - started < 24 * 3600
     assert process_started_at(Path("/nonexistent")) is None  # no /proc: no figure, no error
+
+
+def test_a_carried_evaluation_counts_with_the_training_message_that_did_it() -> None:
+    """With ``federation.carry_evaluation`` a site evaluates the previous round's adapter and
+    then trains in one message: the phase's slowest site is the slowest at both together."""
+    carried = row(2, **{"round-seconds": 100.0,
+                        "a/train-seconds": 50.0, "a/carried-evaluate-seconds": 20.0,
+                        "a/train-load-seconds": 4.0,
+                        "b/train-seconds": 60.0, "b/carried-evaluate-seconds": 5.0,
+                        "b/train-load-seconds": 6.0})
+    [entry] = ev.overhead([carried])
+    assert (entry["slowest_train_s"], entry["slowest_evaluate_s"]) == (70.0, 0.0)
+    assert entry["overhead_s"] == 30.0
+    assert entry["flower_s"] == 100.0 - (50.0 + 20.0 + 4.0)

@@ -360,6 +360,47 @@ def test_evaluate_every_skips_held_out_evaluation_between_rounds_but_loses_no_ro
         assert torch.allclose(resumed[key], value, atol=1e-6), key
 
 
+def test_a_carried_evaluation_changes_when_a_round_is_evaluated_not_what_it_measures(  # type: ignore[no-untyped-def]
+        tiny_backbone: Path, write_jsonl, tmp_path: Path) -> None:
+    import shutil
+
+    from fed_llama.launch.simulate import simulate
+    from fed_llama.server.checkpoint import RunStore
+
+    scenario = _scenario(tmp_path, tiny_backbone, write_jsonl, rounds=3)
+    base = ["evaluation.questions=0"]
+    plain = simulate(scenario, tmp_path / "plain", overrides=base).history()
+    out = tmp_path / "carried"
+    carry = [*base, "federation.carry_evaluation=true"]
+    carried = simulate(scenario, out, overrides=carry).history()
+    # every round's row holds its own adapter's evaluation: the same held-out loss per site
+    # and the same training, though rounds 1 and 2 were evaluated by the next round's
+    # training messages (signed, encrypted updates, the evaluation beside each envelope)
+    assert [row["round"] for row in carried] == [1, 2, 3]
+    for mine, theirs in zip(carried, plain, strict=True):
+        assert mine["sites-evaluated"] == theirs["sites-evaluated"] == 2
+        for key in ("pooled-loss", "site0/loss", "site1/loss", "train-loss"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["round"], key)
+    # the time went where it was spent: in the training messages of rounds 2 and 3, and in
+    # round 3's own evaluation messages (no next round carries it)
+    assert [("site0/carried-evaluate-seconds" in row) for row in carried] == [False, True, True]
+    assert [("site0/evaluate-seconds" in row) for row in carried] == [False, False, True]
+    assert all(row["site1/carried-evaluate-seconds"] > 0 for row in carried[1:])
+    # a crash after round 2's checkpoint, before round 3 carried its evaluation back: round 2
+    # counts as complete, and --resume's first training messages evaluate its adapter
+    (out / "history.json").write_text(json.dumps(
+        [carried[0], {k: v for k, v in carried[1].items()
+                      if not k.startswith(("pooled", "sites-evaluated")) and
+                      not k.endswith(("/loss", "/perplexity"))}]))
+    shutil.rmtree(out / "rounds" / "round-003")
+    assert RunStore(out).completed_rounds() == 2
+    simulate(scenario, out, resume=True, overrides=carry)
+    resumed = RunStore(out).history()
+    assert [row["round"] for row in resumed] == [1, 2, 3]
+    assert resumed[1]["pooled-loss"] == pytest.approx(plain[1]["pooled-loss"], rel=1e-5)
+    assert resumed[2]["pooled-loss"] == pytest.approx(plain[2]["pooled-loss"], rel=1e-5)
+
+
 def test_evaluate_every_is_checked_at_load(tmp_path: Path) -> None:
     path = tmp_path / "every.toml"
     path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
@@ -372,6 +413,14 @@ def test_evaluate_every_is_checked_at_load(tmp_path: Path) -> None:
                     "[secure_aggregation]\nenabled = true\n")
     with pytest.raises(ConfigError, match=r"SecAgg\+ workflow\) evaluate every round: set "
                        r"federation.evaluate_every = 1 \(got 3\)"):
+        load_scenario(path, [])
+    with pytest.raises(ConfigError, match=r"evaluate in messages of their own: set "
+                       r"federation.carry_evaluation = false"):
+        load_scenario(path, ["federation.evaluate_every=1", "federation.carry_evaluation=true"])
+    path.write_text('[federation]\nsites = ["icd10:cardiology", "icd10:oncology"]\n'
+                    "participation = 'cyclic'\ncarry_evaluation = true\n")
+    with pytest.raises(ConfigError, match=r"carry_evaluation has the next round's training "
+                       r"messages evaluate, but a cyclic round trains one site"):
         load_scenario(path, [])
 
 

@@ -142,3 +142,57 @@ def test_build_strategy_stacks_the_scenarios_wrappers_around_a_plain_strategy_cl
     assert chain == ["FedLlama", "PackedArrays", "EvaluateEvery", "Admission"]
     assert type(strategy).__name__ == "AdapterFedYogi"
     assert type(strategy).__mro__[1].__name__ == "RunRound"
+
+
+def test_a_carried_evaluation_rides_on_the_next_rounds_training_and_is_pooled_from_it() -> None:
+    import math
+
+    from fed_llama.server.evaluation import EvaluateEvery
+
+    book = RoundBook(NAMES)
+    carried: list[tuple[int, dict[str, float]]] = []
+    skipped: list[int] = []
+    strategy = EvaluateEvery(FedAvg(), book, every=2, rounds=4,
+                             skipped=lambda r, _: skipped.append(r),
+                             carried=lambda r, row: carried.append((r, row)))
+    config = ConfigRecord()  # Flower hands every round the same record
+    asked = []
+    for server_round in (1, 2, 3, 4):
+        sent = list(strategy.configure_train(server_round, ArrayRecord(CURRENT), config,
+                                             FakeGrid(3)))  # type: ignore[arg-type]
+        asked.append(sent[0].content.config_records[wire.CONFIG][wire.EVALUATE_FIRST])
+        own = list(strategy.configure_evaluate(server_round, ArrayRecord(CURRENT),
+                                               ConfigRecord(), FakeGrid(3)))  # type: ignore[arg-type]
+        assert bool(own) == (server_round == 4)  # only the last round has messages of its own
+    # round 2 (every 2nd) is evaluated by round 3's training messages; 1 and 3 are not due
+    assert asked == [0, 0, 2, 0]
+    losses, tokens = [2.0, 1.0, 4.0], [100.0, 300.0, 50.0]
+    replies = []
+    for site, msg in enumerate(sent):
+        reply = _plain_reply(msg, site, SITES[site])
+        reply.content[wire.CARRIED_EVALUATION] = MetricRecord({
+            wire.SITE: float(site if site < 2 else 7),  # the third names no site: refused
+            wire.HELDOUT_LOSS: losses[site], wire.HELDOUT_TOKENS: tokens[site]})
+        replies.append(reply)
+    strategy.configure_train(3, ArrayRecord(CURRENT), config, FakeGrid(3))  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(3, replies)
+    # the updates aggregate as ever: Flower's FedAvg never sees the evaluations beside them
+    assert arrays is not None
+    expected = _mean(SITES, EXAMPLES)
+    for key, value in arrays.to_torch_state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+    [(evaluated, row)] = carried
+    assert evaluated == 2 and row["sites-evaluated"] == 2 and row["evaluations-refused"] == 1
+    assert row["pooled-loss"] == pytest.approx((2.0 * 100 + 1.0 * 300) / 400)
+    assert row["cardiology/perplexity"] == pytest.approx(math.exp(2.0))
+    # a round whose evaluation rides on the next ends with its training row only
+    strategy.aggregate_evaluate(2, [])
+    assert skipped == [2]
+
+
+def test_carried_evaluations_need_a_hook_to_go_to() -> None:
+    scenario = build_config(ScenarioConfig, {"federation": {
+        "sites": [f"icd10:{n}" for n in NAMES], "carry_evaluation": True}}, source="test")
+    with pytest.raises(ValueError, match="carry_evaluation needs a hook"):
+        build_strategy(scenario, NAMES, round_offset=0, on_train=lambda *_: None,
+                       on_evaluate=lambda *_: None)

@@ -131,6 +131,7 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
     config = msg.content.config_records[wire.CONFIG]
     member = membership(config, context.node_config, context.run_config, scenario)
     state = torch_state(msg.content.array_records[wire.ARRAYS])
+    carried = _carried_evaluation(config, member.scenario, member.index, state)
     mu = config.get(wire.PROXIMAL_MU, 0.0)  # sent by Flower's FedProx
     new_state, metrics = _fit(context, member.scenario, member.index, state,
                               round_number(config),
@@ -140,7 +141,26 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
     # plain records: with security.envelopes, envelope_mod puts the update in an envelope
     content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
                           wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+    if carried is not None:  # the evaluation's numbers beside the update, its time in it
+        metrics[wire.CARRIED_EVALUATE_SECONDS] = carried.pop(wire.EVALUATE_SECONDS)
+        metrics[wire.LOAD_SECONDS] += carried.pop(wire.LOAD_SECONDS)
+        content[wire.METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
+        content[wire.CARRIED_EVALUATION] = MetricRecord(carried)  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
+
+
+def _carried_evaluation(config: Mapping[str, Any], sc: ScenarioConfig, site: int,
+                        state: State) -> dict[str, float] | None:
+    """With ``federation.carry_evaluation``: the held-out evaluation of the adapter this
+    training message carries (the previous round's global adapter), done before training on
+    it; None when the aggregator asked for none."""
+    if not config.get(wire.EVALUATE_FIRST):
+        return None
+    from fed_llama.client import site as site_ops
+
+    metrics = site_ops.evaluate(sc, site, state)
+    metrics[wire.SITE] = float(site)
+    return metrics
 
 
 def _evaluate(msg: Message, context: Context, scenario: ScenarioConfig | None) -> Message:

@@ -118,10 +118,13 @@ def envelope_mod(scenario: ScenarioConfig | None) -> Mod:
         sealed = envelope_update(key, server, run=run, server_round=server_round,
                                  state=torch_state(reply.content.array_records[wire.ARRAYS]),
                                  metrics=metrics)
+        carried = reply.content.metric_records.get(wire.CARRIED_EVALUATION)
         reply.content = RecordDict({
             wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: metrics[wire.NUM_EXAMPLES],
                                         wire.SITE: metrics[wire.SITE]}),
             wire.ENVELOPE: ConfigRecord({wire.ENVELOPE_BYTES: sealed})})
+        if carried is not None:  # beside the envelope, as an evaluation reply sends it
+            reply.content[wire.CARRIED_EVALUATION] = carried
         return reply
 
     return mod

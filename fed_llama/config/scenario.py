@@ -81,6 +81,15 @@ class FederationConfig:
     evaluates all of them): ``evaluate_every`` = the number of sites evaluates a cyclic run
     once per cycle."""
 
+    carry_evaluation: bool = False
+    """Evaluate a round's global adapter at the start of the next round's training message,
+    instead of in evaluation messages of its own (the last round still evaluates in its own).
+    On the Deployment Engine every message starts a fresh ClientApp process that imports
+    torch and loads the backbone: carrying needs one process per site per round instead of
+    two. The round's row gets its evaluation when the next round's updates arrive; its
+    numbers are the same. Not with cyclic participation (a round trains one site) or
+    secure aggregation."""
+
     proximal_mu: float = 0.01
     """FedProx's proximal weight μ (``strategy = "fedprox"`` only)."""
 
@@ -187,6 +196,10 @@ class FederationConfig:
                        f"factors it trained, but {what} re-factorizes A and B between rounds: "
                        "set local_optimizer = 'restart', or use aggregation = 'factors' or "
                        "'ffa' with one rank")
+        if self.carry_evaluation and self.participation == "cyclic":
+            out.append("carry_evaluation has the next round's training messages evaluate, but "
+                       "a cyclic round trains one site: set carry_evaluation = false, or "
+                       "participation = 'all'")
         if self.evaluate_every < 1:
             out.append(f"evaluate_every must be at least 1 (1: every round); got "
                        f"{self.evaluate_every}")
@@ -341,6 +354,9 @@ class ScenarioConfig(MethodSections):
                        "server optimizer's per-site view cannot be computed from a sum)")
         if fed.site_ranks:
             out.append("secure_aggregation sums factors of one shape: leave site_ranks empty")
+        if fed.carry_evaluation:
+            out.append("secure_aggregation's rounds (Flower's SecAgg+ workflow) evaluate in "
+                       "messages of their own: set federation.carry_evaluation = false")
         if fed.evaluate_every != 1:
             out.append(f"secure_aggregation's rounds (Flower's SecAgg+ workflow) evaluate every "
                        f"round: set federation.evaluate_every = 1 (got {fed.evaluate_every})")

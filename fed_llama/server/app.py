@@ -83,10 +83,27 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         mark[0] = now
         store.record(full)
         plot_history(store.history(), sites, store.out)
-        if EVALUATED not in row:  # federation.evaluate_every skips this round
-            log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
-                     "after the last)", server_round, total, scenario.federation.evaluate_every)
+        fed = scenario.federation
+        if EVALUATED not in row:
+            if fed.carry_evaluation and server_round % fed.evaluate_every == 0:
+                log.info("round %d/%d: its held-out evaluation comes back with round %d's "
+                         "updates (federation.carry_evaluation)", server_round, total,
+                         server_round + 1)
+            else:
+                log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
+                         "after the last)", server_round, total, fed.evaluate_every)
             return
+        said_evaluation(server_round, row)
+
+    def on_carried_evaluation(server_round: int, row: dict[str, float]) -> None:
+        """Round ``server_round``'s evaluation, back with the next round's updates: into
+        its row, which was recorded when the round ended."""
+        past = [r for r in store.history() if r["round"] == server_round]
+        store.record({**(past[0] if past else {"round": server_round}), **row})
+        plot_history(store.history(), sites, store.out)
+        said_evaluation(server_round, row)
+
+    def said_evaluation(server_round: int, row: dict[str, float]) -> None:
         per_site = ", ".join(f"{s} {row.get(f'{s}/perplexity', float('nan')):.2f}"
                              for s in sites)
         log.info("round %d/%d: pooled held-out perplexity %.2f (%s)", server_round, total,
@@ -141,8 +158,9 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
     # own machine reads no file of the aggregator's (fed_llama.config.run_settings)
     settings = {SETTINGS: federation_settings(scenario), BACKBONE_SHA256: source.sha256}
     strategy = build_strategy(scenario, sites, round_offset=done, on_train=on_train,
-                              on_evaluate=on_evaluate, security=guard, site_nodes=nodes,
-                              settings=settings)
+                              on_evaluate=on_evaluate,
+                              on_carried_evaluation=on_carried_evaluation, security=guard,
+                              site_nodes=nodes, settings=settings)
     if done and uses_server_state(strategy):
         saved = store.load_optimizer(done, decrypt)
         if saved is None:

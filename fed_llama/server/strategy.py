@@ -39,18 +39,12 @@ from flwr.serverapp.strategy import (
 from fed_llama import wire
 from fed_llama.adapter.state import state_bytes
 from fed_llama.config.scenario import ScenarioConfig
-from fed_llama.crypto.refusal import Refused
 from fed_llama.server.admission import Admission, admitted_replies
 from fed_llama.server.aggregation import A_TAG, combine
 from fed_llama.server.compression import CompressedUpdates
 from fed_llama.server.cyclic import CyclicTurns
 from fed_llama.server.envelopes import UpdateEnvelopes
-from fed_llama.server.evaluation import (
-    EvaluateEvery,
-    RowHook,
-    evaluation_report,
-    evaluation_row,
-)
+from fed_llama.server.evaluation import EvaluateEvery, RowHook, pooled_evaluation
 from fed_llama.server.outcome import split_replies
 from fed_llama.server.packing import PackedArrays
 from fed_llama.server.privacy import add_noise, epsilon
@@ -137,6 +131,8 @@ class AdapterFedAvg(FedAvg):
             for key in wire.SITE_TIMINGS:
                 if key in m:  # the site's load for the message and when it had the message
                     row[f"{name}/train-{key}"] = m[key]
+            if wire.CARRIED_EVALUATE_SECONDS in m:  # the last round's evaluation, before it
+                row[f"{name}/{wire.CARRIED_EVALUATE_SECONDS}"] = m[wire.CARRIED_EVALUATE_SECONDS]
             if "optimizer-steps" in m:  # local_optimizer = "keep": the site's AdamW age
                 row[f"{name}/optimizer-steps"] = m["optimizer-steps"]
         total = sum(weights)
@@ -153,23 +149,9 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         real = self.book.real(server_round)
-        replies = list(replies)
-        good = [m for m in replies if not m.has_error()]
-        if len(good) < len(replies):
-            log.warning("round %d evaluate: %d of %d site(s) failed or dropped out; going on "
-                        "with %d", real, len(replies) - len(good), len(replies), len(good))
-        reports: list[dict[str, float]] = []
-        for reply in good:
-            try:
-                reports.append(evaluation_report(reply, len(self.book.site_names), reports))
-            except Refused as exc:
-                log.warning("round %d: the evaluation from node %s was %s", real,
-                            reply.metadata.src_node_id, exc)
-        if not reports:
-            log.error("round %d: no site's evaluation could be used", real)
+        row = pooled_evaluation(real, list(replies), self.book.site_names)
+        if row is None:
             return None
-        row = evaluation_row(reports, self.book.site_names)
-        row["evaluations-refused"] = float(len(good) - len(reports))
         row.update({k: v for k, v in self.book.times.items() if k.startswith("evaluate-")})
         self.on_evaluate(real, row)
         return MetricRecord({"pooled-loss": row["pooled-loss"]})
@@ -291,13 +273,16 @@ class FedLlama(StrategyWrapper):
 
 def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_offset: int,
                    on_train: RowHook, on_evaluate: RowHook,
+                   on_carried_evaluation: RowHook | None = None,
                    security: ServerGuard | None = None,
                    site_nodes: dict[str, int] | None = None,
                    settings: dict[str, str] | None = None) -> Strategy:
     """The strategy named by ``federation.strategy`` on the adapter-aware mean, wrapped in
     the scenario's concerns (``site_nodes``: which node holds each site, for cyclic
     participation; ``security``: the aggregator's keys, for update envelopes; ``settings``:
-    the config entries every message carries to the sites)."""
+    the config entries every message carries to the sites; ``on_carried_evaluation``: a
+    round's evaluation that came back with the next round's updates, with
+    ``federation.carry_evaluation``)."""
     fed = scenario.federation
     book = RoundBook(list(site_names), round_offset)
     core = STRATEGIES[fed.strategy](**flower_arguments(scenario, len(site_names)))
@@ -309,6 +294,9 @@ def build_strategy(scenario: ScenarioConfig, site_names: list[str], *, round_off
         strategy = CompressedUpdates(strategy, book, fed.update_compression)
     if security is not None:
         strategy = UpdateEnvelopes(strategy, book, security)
+    if fed.carry_evaluation and on_carried_evaluation is None:
+        raise ValueError("federation.carry_evaluation needs a hook for the carried evaluations")
     strategy = EvaluateEvery(strategy, book, every=fed.evaluate_every, rounds=fed.rounds,
-                             skipped=on_evaluate)
+                             skipped=on_evaluate,
+                             carried=on_carried_evaluation if fed.carry_evaluation else None)
     return FedLlama(PackedArrays(strategy, book), book, settings or {})
