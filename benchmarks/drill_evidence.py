@@ -50,7 +50,9 @@ def rounds_lost(done: list[int], expected: int) -> int:
 
 def rerun_rounds(before: list[Row], after: list[Row]) -> list[int]:
     """Rounds complete in ``before`` (a snapshot taken before a restart) whose row in
-    ``after`` differs, or that appear twice in ``after``: rounds trained again."""
+    ``after`` differs in anything ``before`` held, or that appear twice in ``after``: rounds
+    trained again. (A round's evaluation carried by the next round's training adds to its row
+    afterwards, and changes nothing it held.)"""
     seen: dict[int, int] = {}
     for row in after:
         seen[int(row["round"])] = seen.get(int(row["round"]), 0) + 1
@@ -58,7 +60,8 @@ def rerun_rounds(before: list[Row], after: list[Row]) -> list[int]:
     now = {int(r["round"]): r for r in after}
     for row in before:
         r = int(row["round"])
-        if "failed" not in row and r in now and now[r] != row:
+        if "failed" not in row and r in now and any(now[r].get(k) != v
+                                                    for k, v in row.items()):
             twice.add(r)
     return sorted(twice)
 

@@ -13,6 +13,8 @@ Drills (tiny random LLaMA; ``--only`` picks some, in this order):
   locked") is submitted again once, as its operator would, and resumes; the note says so.
 - ``scale-real``: 4 SuperNodes on the default backbone (SmolLM2-135M), four ICD-10 hospitals
   doing the main job's local work, 3 rounds: the same figures as ``scale``.
+- ``scale-real-no-carry``: the same without ``carry_evaluation``, as the baseline: each round
+  evaluates in messages of its own, two ClientApp processes per site per round.
 - ``site-crash``: 4 sites, ``min_sites = 3``; SIGKILL one SuperNode while it trains round 2
   and start it again: round 2 completes with the others, nothing of the killed site is
   admitted, and it trains round 3.
@@ -287,12 +289,15 @@ REAL_SCENARIO = (
 """``scale-real``: 20 local steps of 8 examples a round on the default backbone, four ICD-10
 hospitals, held-out perplexity on 64 records per site. Each site's torch uses one thread: the
 four SuperNodes share this host's cores, where each would have a machine of its own."""
-SCENARIOS = {"scale-real": REAL_SCENARIO}
+SCENARIOS = {"scale-real": REAL_SCENARIO,
+             "scale-real-no-carry": REAL_SCENARIO.replace("carry_evaluation = true",
+                                                          "carry_evaluation = false")}
 
 
 DRILLS: dict[str, tuple[int, str, Callable[[Drill], Outcome]]] = {
     "scale": (16, "round_timeout = 900\ncarry_evaluation = true\n", scale),
     "scale-real": (len(REAL_SITES), "", scale),
+    "scale-real-no-carry": (len(REAL_SITES), "", scale),
     "site-crash": (4, CRASH_FED, site_crash),
     "serverapp-crash": (4, CRASH_FED, lambda d: aggregator_crash(d, "serverapp")),
     "superlink-crash": (4, CRASH_FED, lambda d: aggregator_crash(d, "superlink")),
@@ -361,6 +366,7 @@ def main() -> int:
             print(f"{name}: in {path.name} already (--force runs it again)")
             continue
         timeout = args.timeout or {"scale": 2400, "scale-real": 2400,
+                                   "scale-real-no-carry": 2400,
                                    "straggler": 900}.get(name, 600)
         print(f"{name}: running (at most {timeout:.0f} s)", flush=True)
         row, extra = run_drill(name, work, timeout)

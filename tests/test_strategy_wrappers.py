@@ -196,3 +196,26 @@ def test_carried_evaluations_need_a_hook_to_go_to() -> None:
     with pytest.raises(ValueError, match="carry_evaluation needs a hook"):
         build_strategy(scenario, NAMES, round_offset=0, on_train=lambda *_: None,
                        on_evaluate=lambda *_: None)
+
+
+def test_a_site_whose_carried_evaluation_fails_still_trains(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from fed_llama.client import app as client_app
+    from fed_llama.client import site as site_ops
+
+    scenario = _scenario()
+    asked: list[int] = []
+
+    def broken(sc: ScenarioConfig, site: int, state: dict[str, torch.Tensor]) -> None:
+        asked.append(site)
+        raise MemoryError("no room for the held-out batch")
+
+    monkeypatch.setattr(site_ops, "evaluate", broken)
+    # not asked: nothing evaluated
+    assert client_app._carried_evaluation(ConfigRecord({wire.EVALUATE_FIRST: 0}), scenario, 1,
+                                           CURRENT) is None and asked == []
+    # asked, and it fails: no report, one warning, and the caller goes on to train
+    assert client_app._carried_evaluation(ConfigRecord({wire.EVALUATE_FIRST: 4}), scenario, 1,
+                                          CURRENT) is None and asked == [1]
+    assert ("site oncology: the held-out evaluation of round 4's adapter failed (MemoryError: "
+            "no room for the held-out batch); training goes on without it") in caplog.text

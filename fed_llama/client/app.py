@@ -10,6 +10,7 @@ real site, takes the federation's settings from the messages.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +28,8 @@ from fed_llama.client.packing import packing_mod
 from fed_llama.client.records import round_number, torch_state
 from fed_llama.common.notices import quiet_flower_actor
 from fed_llama.config.scenario import ScenarioConfig
+
+log = logging.getLogger(__name__)
 
 
 def quiet_worker(msg: Message, context: Context,
@@ -138,13 +141,13 @@ def _train(msg: Message, context: Context, scenario: ScenarioConfig | None) -> M
                               float(mu) if isinstance(mu, (int, float)) else 0.0)
     metrics[wire.SITE] = float(member.index)
     metrics.update(_clocks(started))
+    if carried is not None:  # its time counts in this message's, its numbers go beside
+        metrics[wire.CARRIED_EVALUATE_SECONDS] = carried.pop(wire.EVALUATE_SECONDS)
+        metrics[wire.LOAD_SECONDS] += carried.pop(wire.LOAD_SECONDS)
     # plain records: with security.envelopes, envelope_mod puts the update in an envelope
     content = RecordDict({wire.ARRAYS: ArrayRecord(new_state),
                           wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
-    if carried is not None:  # the evaluation's numbers beside the update, its time in it
-        metrics[wire.CARRIED_EVALUATE_SECONDS] = carried.pop(wire.EVALUATE_SECONDS)
-        metrics[wire.LOAD_SECONDS] += carried.pop(wire.LOAD_SECONDS)
-        content[wire.METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
+    if carried is not None:
         content[wire.CARRIED_EVALUATION] = MetricRecord(carried)  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
@@ -153,12 +156,20 @@ def _carried_evaluation(config: Mapping[str, Any], sc: ScenarioConfig, site: int
                         state: State) -> dict[str, float] | None:
     """With ``federation.carry_evaluation``: the held-out evaluation of the adapter this
     training message carries (the previous round's global adapter), done before training on
-    it; None when the aggregator asked for none."""
-    if not config.get(wire.EVALUATE_FIRST):
+    it; None when the aggregator asked for none, or when it failed (the site still trains:
+    an evaluation never costs a round its update)."""
+    previous = config.get(wire.EVALUATE_FIRST)
+    if not previous:
         return None
     from fed_llama.client import site as site_ops
 
-    metrics = site_ops.evaluate(sc, site, state)
+    try:
+        metrics = site_ops.evaluate(sc, site, state)
+    except Exception as exc:
+        log.warning("site %s: the held-out evaluation of round %s's adapter failed (%s: %s); "
+                    "training goes on without it", sc.site_names()[site], previous,
+                    type(exc).__name__, str(exc)[:200])
+        return None
     metrics[wire.SITE] = float(site)
     return metrics
 

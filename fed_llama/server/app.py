@@ -93,7 +93,7 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
                 log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
                          "after the last)", server_round, total, fed.evaluate_every)
             return
-        said_evaluation(server_round, row)
+        log_evaluation(server_round, row)
 
     def on_carried_evaluation(server_round: int, row: dict[str, float]) -> None:
         """Round ``server_round``'s evaluation, back with the next round's updates: into
@@ -101,9 +101,9 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         past = [r for r in store.history() if r["round"] == server_round]
         store.record({**(past[0] if past else {"round": server_round}), **row})
         plot_history(store.history(), sites, store.out)
-        said_evaluation(server_round, row)
+        log_evaluation(server_round, row)
 
-    def said_evaluation(server_round: int, row: dict[str, float]) -> None:
+    def log_evaluation(server_round: int, row: dict[str, float]) -> None:
         per_site = ", ".join(f"{s} {row.get(f'{s}/perplexity', float('nan')):.2f}"
                              for s in sites)
         log.info("round %d/%d: pooled held-out perplexity %.2f (%s)", server_round, total,
