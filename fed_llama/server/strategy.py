@@ -131,7 +131,7 @@ class AdapterFedAvg(FedAvg):
             for key in wire.SITE_TIMINGS:
                 if key in m:  # the site's load for the message and when it had the message
                     row[f"{name}/train-{key}"] = m[key]
-            if wire.CARRIED_EVALUATE_SECONDS in m:  # the last round's evaluation, before it
+            if wire.CARRIED_EVALUATE_SECONDS in m:  # the previous round's, done before training
                 row[f"{name}/{wire.CARRIED_EVALUATE_SECONDS}"] = m[wire.CARRIED_EVALUATE_SECONDS]
             if "optimizer-steps" in m:  # local_optimizer = "keep": the site's AdamW age
                 row[f"{name}/optimizer-steps"] = m["optimizer-steps"]
