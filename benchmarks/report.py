@@ -109,17 +109,22 @@ SECTIONS: list[tuple[str, str, str]] = [
      "trained again after a restart, or whose seal does not seal the previous round's "
      "checkpoint), the round-seal chain verified end to end, and the processes' exits. "
      "`overhead` is per round of the `scale` drills (`scale`: 16 SuperNodes on the tiny "
-     "model; `scale-real`: 4 on the default backbone; both with "
-     "`federation.carry_evaluation`, so a round's training messages also evaluate the "
-     "previous round's adapter, and the last round evaluates in messages of its own): the "
-     "round's wall time minus the slowest site's training time (with the evaluation its "
-     "training message carried) and its evaluation time (where the sites report it), which "
-     "leaves messaging, each message's ClientApp process start and "
+     "model; `scale-real`: 4 on the default backbone): the round's wall time "
+     "minus the slowest site's training time and its evaluation time (where the sites "
+     "report it), which leaves messaging, each message's ClientApp process start and "
      "backbone load, and checkpointing; `flower_s` (where the sites report their load "
      "times) leaves out the sites' backbone and data loads as well: the round less the "
      "slowest site's load and training and the slowest site's load and evaluation; "
      "`peak_rss_mb` is the SuperLink's and the "
      "ServerApp's peak resident set (VmHWM) per `scale` drill."),
+    ("drills_carry", "The Deployment Engine: evaluation carried by the next round's training",
+     "The `scale-real` drill (4 SuperNodes on the default backbone, 3 rounds) with "
+     "`federation.carry_evaluation` (`scale-real`: a round's training messages first evaluate "
+     "the previous round's adapter, so a site starts one ClientApp process a round; the last "
+     "round still evaluates in messages of its own) and without it (`scale-real-no-carry`: "
+     "every round evaluates in messages of its own, two processes per site per round), one "
+     "after the other in one run of `drills.py` on one host. `overhead` as in the section "
+     "above, with a carried evaluation counted in the training phase that did it."),
     ("methods", "The adapter methods side by side",
      "LoRA, QLoRA (LoRA on the NF4 backbone), LLaMA-Adapter V1, V2, V2's bias-scale-norm "
      "recipe (no prompts) and LLaMA-Excitor on one ICD-10 site, the same backbone and the same "
