@@ -60,10 +60,15 @@ def rerun_rounds(before: list[Row], after: list[Row]) -> list[int]:
     now = {int(r["round"]): r for r in after}
     for row in before:
         r = int(row["round"])
-        if "failed" not in row and r in now and any(now[r].get(k) != v
+        if "failed" not in row and r in now and any(not _same(now[r].get(k), v)
                                                     for k, v in row.items()):
             twice.add(r)
     return sorted(twice)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, a NaN (a metric a row may hold, read twice from JSON) equal to a NaN."""
+    return bool(a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b))
 
 
 def seal_chain(out: Path, keys: Path) -> tuple[bool, str, list[int]]:

@@ -41,7 +41,11 @@ def test_a_completed_round_run_again_after_a_restart_counts_as_applied_twice() -
     assert ev.rerun_rounds([], [row(1), row(2), row(2)]) == [2]
     # a round that had failed before the restart may run again
     assert ev.rerun_rounds([row(1, failed="x")], [row(1)]) == []
-    # a round whose carried evaluation came back after the snapshot was not run again
+    # a NaN metric read twice is the same row; a round whose carried evaluation came back
+    # after the snapshot was not run again
+    nan = row(1, **{"round-seconds": 10.0, "dp-epsilon": float("nan")})
+    assert ev.rerun_rounds([nan], [row(1, **{"round-seconds": 10.0,
+                                             "dp-epsilon": float("nan")})]) == []
     assert ev.rerun_rounds(before, [row(1, **{"round-seconds": 10.0,
                                               "pooled-perplexity": 5.0})]) == []
 
