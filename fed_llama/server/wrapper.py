@@ -12,7 +12,7 @@ wrapper                                        client side
 :class:`~fed_llama.server.cyclic.CyclicTurns`  (the site answers Flower's query message)
 :class:`~fed_llama.server.envelopes.UpdateEnvelopes`  :func:`fed_llama.client.security.envelope_mod`
 :class:`~fed_llama.server.admission.Admission`        none
-:class:`~fed_llama.server.evaluation.EvaluateEvery`   none
+:class:`~fed_llama.server.evaluation.EvaluateEvery`   the training handler (``carry_evaluation``)
 =============================================  ===============================================
 
 A wrapper passes replies that carry an error through untouched (the core strategy counts
