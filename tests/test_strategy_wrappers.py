@@ -144,7 +144,8 @@ def test_build_strategy_stacks_the_scenarios_wrappers_around_a_plain_strategy_cl
     assert type(strategy).__mro__[1].__name__ == "RunRound"
 
 
-def test_a_carried_evaluation_rides_on_the_next_rounds_training_and_is_pooled_from_it() -> None:
+def test_a_carried_evaluation_rides_on_the_next_rounds_training_and_is_pooled_from_it(
+        caplog: pytest.LogCaptureFixture) -> None:
     import math
 
     from fed_llama.server.evaluation import EvaluateEvery
@@ -186,8 +187,14 @@ def test_a_carried_evaluation_rides_on_the_next_rounds_training_and_is_pooled_fr
     assert row["pooled-loss"] == pytest.approx((2.0 * 100 + 1.0 * 300) / 400)
     assert row["cardiology/perplexity"] == pytest.approx(math.exp(2.0))
     # a round whose evaluation rides on the next ends with its training row only
+    caplog.set_level("INFO", logger="fed_llama.server.evaluation")
     strategy.aggregate_evaluate(2, [])
-    assert skipped == [2]
+    strategy.aggregate_evaluate(3, [])
+    assert skipped == [2, 3]
+    assert ("round 2/4: its held-out evaluation comes back with round 3's updates "
+            "(federation.carry_evaluation)") in caplog.text
+    assert ("round 3/4: not evaluated (held-out evaluation every 2 rounds and after the "
+            "last)") in caplog.text
 
 
 def test_carried_evaluations_need_a_hook_to_go_to() -> None:

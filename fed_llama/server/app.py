@@ -83,17 +83,8 @@ def run_federation(grid: Grid, scenario: ScenarioConfig, store: RunStore, done: 
         mark[0] = now
         store.record(full)
         plot_history(store.history(), sites, store.out)
-        fed = scenario.federation
-        if EVALUATED not in row:
-            if fed.carry_evaluation and server_round % fed.evaluate_every == 0:
-                log.info("round %d/%d: its held-out evaluation comes back with round %d's "
-                         "updates (federation.carry_evaluation)", server_round, total,
-                         server_round + 1)
-            else:
-                log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
-                         "after the last)", server_round, total, fed.evaluate_every)
-            return
-        log_evaluation(server_round, row)
+        if EVALUATED in row:  # else EvaluateEvery said why not, or when it comes
+            log_evaluation(server_round, row)
 
     def on_carried_evaluation(server_round: int, row: dict[str, float]) -> None:
         """Round ``server_round``'s evaluation, back with the next round's updates: into

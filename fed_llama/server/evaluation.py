@@ -59,8 +59,7 @@ class EvaluateEvery(StrategyWrapper):
 
     def own_messages(self, real_round: int) -> bool:
         """Whether round ``real_round``'s evaluation goes in evaluation messages of its own."""
-        return self.evaluates(real_round) and (self.carried is None
-                                               or real_round >= self.rounds)
+        return self.evaluates(real_round) and not self.carries(real_round)
 
     def carries(self, real_round: int) -> bool:
         """Whether round ``real_round``'s evaluation rides on the next round's training."""
@@ -100,6 +99,12 @@ class EvaluateEvery(StrategyWrapper):
                            ) -> MetricRecord | None:
         real = self.book.real(server_round)
         if not self.own_messages(real):  # the round's row, with its training metrics only
+            if self.carries(real):
+                log.info("round %d/%d: its held-out evaluation comes back with round %d's "
+                         "updates (federation.carry_evaluation)", real, self.rounds, real + 1)
+            else:
+                log.info("round %d/%d: not evaluated (held-out evaluation every %d rounds and "
+                         "after the last)", real, self.rounds, self.every)
             self.skipped(real, {})
             return None
         return self.strategy.aggregate_evaluate(server_round, replies)
